@@ -1,0 +1,145 @@
+//! [`CachingAllocator`]: the cheaply clonable handle users hold.
+
+use core::fmt;
+
+use allocator_api2::alloc::{Allocator, Global};
+
+use crate::cache::Cache;
+use crate::stats::Stats;
+use crate::sync::Arc;
+
+/// A caching allocator: freed blocks stay on free lists, keyed by size and
+/// alignment class, and are handed out again to the next request of that size
+/// instead of going back to the backing allocator.
+///
+/// The trade-off first: memory is held, not returned. A cache holds as many
+/// blocks of each size as were ever live at once, until
+/// [`release_cached`](Self::release_cached) or the last handle drops. In
+/// exchange, a workload that allocates the same sizes again and again (an
+/// inference loop's tensor buffers) stops paying for `malloc`, page faults and
+/// `munmap` after its first pass: a hit is one uncontended lock and a pop.
+///
+/// `CachingAllocator` is a handle: `Clone` is an `Arc` clone, and every clone
+/// shares one cache. Collections take a clone (`Vec::new_in(cache.clone())`),
+/// so the cache lives as long as any block it handed out, and a block may be
+/// freed through any clone. When the last handle drops, every cached block
+/// goes back to the backing allocator `A`.
+///
+/// It implements [`allocator_api2::alloc::Allocator`] (allocator-api2 0.2,
+/// the version hashbrown uses), and with the `nightly` feature also
+/// `core::alloc::Allocator`.
+///
+/// # Examples
+///
+/// ```
+/// use allocator_api2::vec::Vec;
+/// use caching_allocator::CachingAllocator;
+///
+/// let cache = CachingAllocator::new();
+/// for _pass in 0..3 {
+///     let mut activations: Vec<f32, _> = Vec::with_capacity_in(1 << 16, cache.clone());
+///     activations.extend((0..1 << 16).map(|i| i as f32));
+/// }
+/// // The first pass took a block from the system; the next two reused it.
+/// let stats = cache.stats();
+/// assert_eq!((stats.misses, stats.hits), (1, 2));
+/// assert_eq!(stats.bytes_cached, 4 << 16);
+/// assert_eq!(cache.release_cached(), 4 << 16);
+/// ```
+pub struct CachingAllocator<A: Allocator = Global> {
+    pub(crate) cache: Arc<Cache<A>>,
+}
+
+impl CachingAllocator {
+    /// A new, empty cache backed by the global allocator.
+    pub fn new() -> Self {
+        Self::new_in(Global)
+    }
+}
+
+impl Default for CachingAllocator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<A: Allocator> CachingAllocator<A> {
+    /// A new, empty cache that takes its blocks from `backing` and gives them
+    /// back to it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use allocator_api2::alloc::Global;
+    /// use caching_allocator::CachingAllocator;
+    ///
+    /// let cache = CachingAllocator::new_in(Global);
+    /// assert_eq!(cache.stats().bytes_reserved, 0);
+    /// ```
+    pub fn new_in(backing: A) -> Self {
+        Self {
+            cache: Arc::new(Cache::new(backing)),
+        }
+    }
+
+    /// Gives every cached block back to the backing allocator and returns the
+    /// bytes given back. Blocks in use are not affected.
+    ///
+    /// Call it when a workload ends (a model is unloaded) or memory is tight.
+    /// The cache also does it by itself when the backing allocator fails,
+    /// before retrying once.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use allocator_api2::boxed::Box;
+    /// use caching_allocator::CachingAllocator;
+    ///
+    /// let cache = CachingAllocator::new();
+    /// drop(Box::new_in([0u8; 1000], cache.clone()));
+    /// assert_eq!(cache.release_cached(), 1000);
+    /// assert_eq!(cache.stats().bytes_reserved, 0);
+    /// ```
+    pub fn release_cached(&self) -> usize {
+        self.cache.release_cached()
+    }
+
+    /// A snapshot of the counters, consistent with each other (taken under
+    /// the cache's lock).
+    pub fn stats(&self) -> Stats {
+        self.cache.stats()
+    }
+
+    /// The allocator blocks are taken from.
+    pub fn backing(&self) -> &A {
+        self.cache.backing()
+    }
+
+    /// Whether `self` and `other` are handles of the same cache.
+    ///
+    /// ```
+    /// let cache = caching_allocator::CachingAllocator::new();
+    /// assert!(cache.same_cache(&cache.clone()));
+    /// assert!(!cache.same_cache(&caching_allocator::CachingAllocator::new()));
+    /// ```
+    pub fn same_cache(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.cache, &other.cache)
+    }
+}
+
+impl<A: Allocator> Clone for CachingAllocator<A> {
+    /// Another handle of the same cache.
+    fn clone(&self) -> Self {
+        Self {
+            cache: Arc::clone(&self.cache),
+        }
+    }
+}
+
+impl<A: Allocator> fmt::Debug for CachingAllocator<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachingAllocator")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}

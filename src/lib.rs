@@ -1,0 +1,64 @@
+//! A caching memory allocator: freed blocks are kept on free lists and handed
+//! out again instead of going back to the system, so a loop that allocates the
+//! same buffers every pass stops paying for `malloc`, page faults and `munmap`
+//! after the first pass. A Rust port of PyTorch's
+//! `c10/mobile/CPUCachingAllocator`.
+//!
+//! [`CachingAllocator`] is a cheaply clonable handle over one shared,
+//! lock-protected cache. It implements [`allocator_api2::alloc::Allocator`],
+//! so allocator-api2's `Vec`/`Box` and hashbrown's `HashMap` take it on
+//! stable; with the `nightly` feature it also implements
+//! `core::alloc::Allocator`, so std's own `Vec::new_in` and `Box::new_in` do.
+//!
+//! ```
+//! use allocator_api2::vec::Vec;
+//! use caching_allocator::CachingAllocator;
+//!
+//! let cache = CachingAllocator::new();
+//! for _ in 0..10 {
+//!     let tensor: Vec<f32, _> = Vec::with_capacity_in(224 * 224 * 3, cache.clone());
+//!     drop(tensor);
+//! }
+//! assert_eq!(cache.stats().misses, 1);
+//! assert_eq!(cache.stats().hits, 9);
+//! ```
+//!
+#![cfg_attr(
+    feature = "nightly",
+    doc = r#"
+With the `nightly` feature, std's collections take the cache too:
+
+```
+#![feature(allocator_api)]
+use caching_allocator::CachingAllocator;
+
+let cache = CachingAllocator::new();
+let first = Box::new_in([1u64; 512], cache.clone());
+drop(first);
+let mut again: Vec<u64, _> = Vec::with_capacity_in(512, cache.clone());
+again.push(7);
+assert_eq!(cache.stats().hits, 1);
+```
+"#
+)]
+//! See the README for the feature table, how the crate maps onto c10's
+//! allocator, and measured figures.
+#![cfg_attr(feature = "nightly", feature(allocator_api))]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod api;
+mod cache;
+mod handle;
+mod policy;
+mod stats;
+mod sync;
+
+pub use allocator_api2::alloc::{AllocError, Allocator, Global};
+pub use handle::CachingAllocator;
+pub use policy::MIN_ALIGN;
+pub use stats::Stats;
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,0 +1,229 @@
+//! [`Stats`]: a snapshot of a cache's counters, and how they are updated.
+
+use core::fmt;
+
+/// A snapshot of a cache's counters, taken under its lock (so the fields agree
+/// with each other).
+///
+/// Byte counts are the sizes of the `Layout`s users asked for; with the
+/// default exact-size policy that is also what the backing allocator holds.
+/// The fields follow the questions a person tuning memory asks first, in the
+/// spirit of PyTorch's `torch.cuda.memory_stats`: how often the cache helped
+/// (`hits`, `misses`), how much memory is in use and held (`bytes_in_use`,
+/// `bytes_cached`, `bytes_reserved` and their peaks), and how much traffic
+/// reached the backing allocator (`backing_allocs`, `backing_frees`,
+/// `retries`, `failures`).
+///
+/// # Examples
+///
+/// ```
+/// use allocator_api2::vec::Vec;
+/// use caching_allocator::CachingAllocator;
+///
+/// let cache = CachingAllocator::new();
+/// drop(Vec::<u8, _>::with_capacity_in(4096, cache.clone()));
+/// let buffer = Vec::<u8, _>::with_capacity_in(4096, cache.clone());
+///
+/// let stats = cache.stats();
+/// assert_eq!((stats.hits, stats.misses), (1, 1));
+/// assert_eq!(stats.bytes_in_use, 4096);
+/// assert_eq!(stats.hit_ratio(), 0.5);
+/// drop(buffer);
+/// assert_eq!(cache.stats().bytes_cached, 4096);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Allocations served from a free list.
+    pub hits: u64,
+    /// Allocations served by the backing allocator (a new block).
+    pub misses: u64,
+    /// Deallocations (each puts a block on a free list).
+    pub frees: u64,
+    /// Bytes handed out and not yet freed.
+    pub bytes_in_use: usize,
+    /// Bytes held on free lists, ready to be handed out again.
+    pub bytes_cached: usize,
+    /// Bytes taken from the backing allocator and not given back: in use plus
+    /// cached. This is the cache's memory footprint.
+    pub bytes_reserved: usize,
+    /// Blocks handed out and not yet freed.
+    pub blocks_in_use: usize,
+    /// Blocks held on free lists.
+    pub blocks_cached: usize,
+    /// Highest `bytes_in_use` seen.
+    pub peak_bytes_in_use: usize,
+    /// Highest `bytes_cached` seen.
+    pub peak_bytes_cached: usize,
+    /// Highest `bytes_reserved` seen.
+    pub peak_bytes_reserved: usize,
+    /// Blocks taken from the backing allocator.
+    pub backing_allocs: u64,
+    /// Blocks given back to the backing allocator.
+    pub backing_frees: u64,
+    /// Times the free lists were emptied: `release_cached` calls, and flushes
+    /// after a failed backing allocation.
+    pub releases: u64,
+    /// Bytes given back by those releases, in total.
+    pub bytes_released: u64,
+    /// Backing allocations that failed and were retried after releasing the
+    /// cache (the seed's out-of-memory path).
+    pub retries: u64,
+    /// Requests answered with `AllocError`: absurd sizes, or a backing
+    /// allocation that failed again after the retry.
+    pub failures: u64,
+}
+
+impl Stats {
+    /// Fraction of allocations served from the cache, `0.0` before any.
+    pub fn hit_ratio(&self) -> f64 {
+        let total = self.hits + self.misses;
+        if total == 0 {
+            0.0
+        } else {
+            self.hits as f64 / total as f64
+        }
+    }
+
+    pub(crate) fn on_hit(&mut self, bytes: usize) {
+        self.hits += 1;
+        self.bytes_cached -= bytes;
+        self.blocks_cached -= 1;
+        self.add_in_use(bytes);
+    }
+
+    pub(crate) fn on_miss(&mut self, bytes: usize) {
+        self.misses += 1;
+        self.backing_allocs += 1;
+        self.bytes_reserved += bytes;
+        self.peak_bytes_reserved = self.peak_bytes_reserved.max(self.bytes_reserved);
+        self.add_in_use(bytes);
+    }
+
+    pub(crate) fn on_free(&mut self, bytes: usize) {
+        self.frees += 1;
+        self.bytes_in_use -= bytes;
+        self.blocks_in_use -= 1;
+        self.bytes_cached += bytes;
+        self.blocks_cached += 1;
+        self.peak_bytes_cached = self.peak_bytes_cached.max(self.bytes_cached);
+    }
+
+    /// A block of `bytes` changed size in place (`grow`/`shrink` within one
+    /// free list).
+    pub(crate) fn on_resize_in_place(&mut self, old_bytes: usize, new_bytes: usize) {
+        self.bytes_in_use = self.bytes_in_use - old_bytes + new_bytes;
+        self.peak_bytes_in_use = self.peak_bytes_in_use.max(self.bytes_in_use);
+    }
+
+    /// `blocks` cached blocks holding `bytes` went back to the backing
+    /// allocator.
+    pub(crate) fn on_release(&mut self, blocks: usize, bytes: usize) {
+        self.releases += 1;
+        self.bytes_released += bytes as u64;
+        self.backing_frees += blocks as u64;
+        self.bytes_cached -= bytes;
+        self.blocks_cached -= blocks;
+        self.bytes_reserved -= bytes;
+    }
+
+    fn add_in_use(&mut self, bytes: usize) {
+        self.bytes_in_use += bytes;
+        self.blocks_in_use += 1;
+        self.peak_bytes_in_use = self.peak_bytes_in_use.max(self.bytes_in_use);
+    }
+}
+
+/// A short human summary: the numbers a person tuning memory reads first.
+///
+/// ```
+/// let cache = caching_allocator::CachingAllocator::new();
+/// let text = cache.stats().to_string();
+/// assert!(text.starts_with("hits 0 / misses 0"));
+/// ```
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "hits {} / misses {} ({:.1}% hit), frees {}",
+            self.hits,
+            self.misses,
+            100.0 * self.hit_ratio(),
+            self.frees
+        )?;
+        writeln!(
+            f,
+            "in use {} in {} blocks (peak {}), cached {} in {} blocks (peak {})",
+            Bytes(self.bytes_in_use),
+            self.blocks_in_use,
+            Bytes(self.peak_bytes_in_use),
+            Bytes(self.bytes_cached),
+            self.blocks_cached,
+            Bytes(self.peak_bytes_cached)
+        )?;
+        write!(
+            f,
+            "reserved {} (peak {}); backing allocs {}, frees {}; releases {} ({}), retries {}, failures {}",
+            Bytes(self.bytes_reserved),
+            Bytes(self.peak_bytes_reserved),
+            self.backing_allocs,
+            self.backing_frees,
+            self.releases,
+            Bytes(self.bytes_released.try_into().unwrap_or(usize::MAX)),
+            self.retries,
+            self.failures
+        )
+    }
+}
+
+/// A byte count printed with a binary unit (`9.58 MiB`).
+struct Bytes(usize);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut value = self.0 as f64;
+        let mut unit = 0;
+        while value >= 1024.0 && unit + 1 < UNITS.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        if unit == 0 {
+            write!(f, "{} B", self.0)
+        } else {
+            write!(f, "{value:.2} {}", UNITS[unit])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_follow_a_block_through_its_life() {
+        let mut stats = Stats::default();
+        stats.on_miss(100);
+        stats.on_free(100);
+        stats.on_hit(100);
+        stats.on_free(100);
+        stats.on_release(1, 100);
+        assert_eq!((stats.hits, stats.misses, stats.frees), (1, 1, 2));
+        assert_eq!(
+            (stats.bytes_in_use, stats.bytes_cached, stats.bytes_reserved),
+            (0, 0, 0)
+        );
+        assert_eq!(
+            (stats.peak_bytes_in_use, stats.peak_bytes_cached),
+            (100, 100)
+        );
+        assert_eq!((stats.backing_allocs, stats.backing_frees), (1, 1));
+        assert_eq!((stats.releases, stats.bytes_released), (1, 100));
+    }
+
+    #[test]
+    fn byte_counts_print_with_binary_units() {
+        assert_eq!(Bytes(512).to_string(), "512 B");
+        assert_eq!(Bytes(3 << 20).to_string(), "3.00 MiB");
+    }
+}

@@ -16,12 +16,33 @@ use foldhash::fast::FixedState;
 use hashbrown::HashMap;
 
 use crate::policy::Key;
+use crate::reentry;
 use crate::stats::Stats;
 use crate::sync::Mutex;
 
-/// Where the cache's own bookkeeping (free-list vectors, the map) lives. Never
-/// the backing allocator: that one sees exactly the blocks handed to users.
-type Bookkeeping = Global;
+/// Where the cache's own bookkeeping (free-list vectors, the map) lives: the
+/// global allocator, marked as "inside the allocator" so that a scoped global
+/// allocator serves it from its inner allocator, never from a cache (this
+/// cache's lock may be held). Never the backing allocator: that one sees
+/// exactly the blocks handed to users.
+#[derive(Clone, Copy, Default)]
+struct Bookkeeping;
+
+// SAFETY: every method forwards to `Global` unchanged; marking the thread
+// does not touch the memory.
+unsafe impl Allocator for Bookkeeping {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        let _inside = reentry::inside();
+        Global.allocate(layout)
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        let _inside = reentry::inside();
+        // SAFETY: the caller's contract: `ptr` came from `allocate` above,
+        // that is from `Global`, with `layout`.
+        unsafe { Global.deallocate(ptr, layout) }
+    }
+}
 
 /// Cached blocks of one key, most recently freed last (handed out first: its
 /// cache lines and pages are the warmest).
@@ -149,6 +170,7 @@ impl<A: Allocator> Cache<A> {
     /// out-of-memory path).
     fn allocate_block(&self, key: Key, zeroed: bool) -> Result<NonNull<u8>, AllocError> {
         let layout = key.block_layout();
+        let _inside = reentry::inside();
         let attempt = || {
             if zeroed {
                 self.backing.allocate_zeroed(layout)
@@ -198,6 +220,7 @@ impl<A: Allocator> Cache<A> {
             listed
         };
         if listed.is_err() {
+            let _inside = reentry::inside();
             // SAFETY: per this function's contract the block is ours, unused,
             // and was taken from the backing allocator with `key`'s layout.
             unsafe { self.backing.deallocate(block, key.block_layout()) };
@@ -298,6 +321,7 @@ impl<A: Allocator> Cache<A> {
         };
         // The blocks left the free lists under the lock, so no other thread
         // can hand them out; give them back without holding it.
+        let _inside = reentry::inside();
         for (key, list) in lists {
             for block in list {
                 // SAFETY: every listed block was taken from the backing

@@ -127,6 +127,48 @@ impl<A: Allocator> CachingAllocator<A> {
     }
 }
 
+#[cfg(not(loom))]
+impl<A: Allocator + Send + Sync + 'static> CachingAllocator<A> {
+    /// Makes this cache the current thread's until the returned guard drops:
+    /// with [`ScopedGlobal`](crate::ScopedGlobal) installed as the
+    /// `#[global_allocator]`, this thread's allocations of at least its minimum
+    /// size (plain `Vec`s, `Box`es, anyone's buffers) come from this cache.
+    ///
+    /// Scopes nest: the innermost wins, and dropping it makes the one before
+    /// current again (c10's `WithCPUCachingAllocatorGuard`). A guard is
+    /// `!Send`. Dropping guards out of order is safe and ends every scope on
+    /// the thread. Blocks allocated in a scope may be freed anywhere, at any
+    /// time: they go back to this cache, which lives until its last block is
+    /// freed.
+    ///
+    /// Without `ScopedGlobal` installed, a scope has no effect.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use caching_allocator::{CachingAllocator, ScopedGlobal};
+    ///
+    /// #[global_allocator]
+    /// static GLOBAL: ScopedGlobal = ScopedGlobal::new();
+    ///
+    /// let model_a = CachingAllocator::new();
+    /// let model_b = CachingAllocator::new();
+    /// let _a = model_a.enter();
+    /// let tensor = vec![1u8; 8192];
+    /// {
+    ///     let _b = model_b.enter(); // inner scope wins
+    ///     drop(vec![2u8; 8192]);
+    ///     drop(tensor); // still goes back to model_a
+    /// }
+    /// assert_eq!(model_a.stats().bytes_cached, 8192);
+    /// assert_eq!(model_b.stats().bytes_cached, 8192);
+    /// ```
+    pub fn enter(&self) -> crate::Scope {
+        crate::global::prepare();
+        crate::scope::enter(self.cache.clone())
+    }
+}
+
 impl<A: Allocator> Clone for CachingAllocator<A> {
     /// Another handle of the same cache.
     fn clone(&self) -> Self {

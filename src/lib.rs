@@ -49,14 +49,23 @@ assert_eq!(cache.stats().hits, 1);
 
 mod api;
 mod cache;
+#[cfg(not(loom))]
+mod global;
 mod handle;
 mod policy;
+mod reentry;
+#[cfg(not(loom))]
+mod scope;
 mod stats;
 mod sync;
 
 pub use allocator_api2::alloc::{AllocError, Allocator, Global};
+#[cfg(not(loom))]
+pub use global::{DEFAULT_MIN_SIZE, ScopedGlobal};
 pub use handle::CachingAllocator;
 pub use policy::MIN_ALIGN;
+#[cfg(not(loom))]
+pub use scope::Scope;
 pub use stats::Stats;
 
 #[cfg(doctest)]

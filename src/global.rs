@@ -1,0 +1,238 @@
+//! [`ScopedGlobal`]: a `#[global_allocator]` that sends a thread's large
+//! allocations to its current cache, and the registry that sends every free
+//! of a cache block back to its owner, wherever it happens.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::ptr::{self, NonNull};
+use core::sync::atomic::{AtomicUsize, Ordering};
+use std::alloc::System;
+use std::sync::{Arc, OnceLock};
+
+use dashmap::DashMap;
+use foldhash::fast::FixedState;
+
+use crate::reentry;
+use crate::scope::{self, Owner};
+
+/// Allocations smaller than this stay with the inner allocator by default:
+/// tensors, not strings.
+pub const DEFAULT_MIN_SIZE: usize = 4096;
+
+/// A global allocator that serves a thread's allocations of at least
+/// `min_size` bytes from the cache made current by
+/// [`CachingAllocator::enter`](crate::CachingAllocator::enter), and everything
+/// else from an inner allocator (`System` by default).
+///
+/// This is how code that only knows `Vec::new()` (ndarray, image buffers,
+/// anyone's tensors) caches its big buffers inside a scope without being
+/// changed: the Rust form of c10's thread-local caching allocator.
+///
+/// What it costs: an allocation below `min_size`, or on a thread with no
+/// current cache, reads two thread-local flags and goes to the inner allocator.
+/// A free below `min_size` goes straight to the inner allocator (the layout
+/// tells the size); a larger one is looked up in a concurrent registry of
+/// cache blocks, unless no cache block is live at all.
+///
+/// Frees go to the block's owner wherever they happen: on another thread,
+/// after the scope ended, inside another cache's scope, or after every handle
+/// of the cache was dropped (a live block keeps its cache alive; the cache is
+/// freed with its last block).
+///
+/// # Examples
+///
+/// ```
+/// use caching_allocator::{CachingAllocator, ScopedGlobal};
+///
+/// #[global_allocator]
+/// static GLOBAL: ScopedGlobal = ScopedGlobal::new();
+///
+/// let cache = CachingAllocator::new();
+/// {
+///     let _scope = cache.enter();
+///     for _pass in 0..3 {
+///         let activations = vec![0.0f32; 1 << 16]; // a plain Vec, 256 KiB
+///         drop(activations);
+///     }
+/// }
+/// assert_eq!((cache.stats().misses, cache.stats().hits), (1, 2));
+/// ```
+pub struct ScopedGlobal<G = System> {
+    inner: G,
+    min_size: usize,
+}
+
+impl ScopedGlobal<System> {
+    /// Over the system allocator, with the default minimum size
+    /// ([`DEFAULT_MIN_SIZE`]).
+    pub const fn new() -> Self {
+        Self::new_in(System, DEFAULT_MIN_SIZE)
+    }
+}
+
+impl Default for ScopedGlobal<System> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<G> ScopedGlobal<G> {
+    /// Over `inner` (mimalloc's, say): allocations of at least `min_size`
+    /// bytes made inside a scope go to the scope's cache, all others to
+    /// `inner`. A `min_size` of 0 is taken as 1.
+    pub const fn new_in(inner: G, min_size: usize) -> Self {
+        Self {
+            inner,
+            min_size: if min_size == 0 { 1 } else { min_size },
+        }
+    }
+
+    /// The smallest allocation a scope's cache serves.
+    pub fn min_size(&self) -> usize {
+        self.min_size
+    }
+
+    /// The allocator everything else goes to.
+    pub fn inner(&self) -> &G {
+        &self.inner
+    }
+
+    /// The current cache's block for `layout`, registered to it; `None` if
+    /// this thread has no current cache or is inside the allocator.
+    fn allocate_scoped(&self, layout: Layout, zeroed: bool) -> Option<*mut u8> {
+        if layout.size() < self.min_size || reentry::is_inside() {
+            return None;
+        }
+        let _inside = reentry::inside();
+        scope::with_current(|owner| {
+            let Ok(block) = owner.allocate(layout, zeroed) else {
+                return ptr::null_mut();
+            };
+            let block = block.cast::<u8>();
+            registry().insert(block.as_ptr() as usize, Arc::clone(owner));
+            REGISTERED.fetch_add(1, Ordering::Relaxed);
+            block.as_ptr()
+        })
+    }
+
+    /// Takes `ptr`'s owner out of the registry, if a cache owns it.
+    fn take_owner(&self, ptr: *mut u8, layout: Layout) -> Option<Arc<dyn Owner>> {
+        // A relaxed load suffices: whoever frees a block got it through some
+        // synchronisation after it was registered, and so sees the count.
+        if layout.size() < self.min_size
+            || REGISTERED.load(Ordering::Relaxed) == 0
+            || reentry::is_inside()
+        {
+            return None;
+        }
+        let _inside = reentry::inside();
+        let (_, owner) = REGISTRY.get()?.remove(&(ptr as usize))?;
+        REGISTERED.fetch_sub(1, Ordering::Relaxed);
+        Some(owner)
+    }
+
+    fn is_owned(&self, ptr: *mut u8, layout: Layout) -> bool {
+        if layout.size() < self.min_size
+            || REGISTERED.load(Ordering::Relaxed) == 0
+            || reentry::is_inside()
+        {
+            return false;
+        }
+        let _inside = reentry::inside();
+        REGISTRY
+            .get()
+            .is_some_and(|registry| registry.contains_key(&(ptr as usize)))
+    }
+}
+
+// SAFETY: every block comes either from `inner` (and goes back to it, with the
+// layout it was allocated with) or from a cache, which hands out blocks valid
+// for their layout and never twice; a cache block is registered before it is
+// returned and freed through its owner exactly once (`remove` hands the entry
+// to one caller). Nothing here unwinds: the cache returns errors as null.
+unsafe impl<G: GlobalAlloc> GlobalAlloc for ScopedGlobal<G> {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        match self.allocate_scoped(layout, false) {
+            Some(block) => block,
+            // SAFETY: the caller's contract (non-zero size) is `inner`'s.
+            None => unsafe { self.inner.alloc(layout) },
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        match self.allocate_scoped(layout, true) {
+            Some(block) => block,
+            // SAFETY: as for `alloc`.
+            None => unsafe { self.inner.alloc_zeroed(layout) },
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        match self.take_owner(ptr, layout) {
+            Some(owner) => {
+                let _inside = reentry::inside();
+                // SAFETY: the registry entry proves `owner` handed out `ptr`
+                // (for `layout`, the caller's contract) and it is live; the
+                // entry is gone, so this is the one free of it. `ptr` is not
+                // null: it was registered.
+                unsafe { owner.deallocate(NonNull::new_unchecked(ptr), layout) };
+                // If this was the last count of an orphaned cache, it is freed
+                // here, still inside the allocator.
+                drop(owner);
+            }
+            // SAFETY: not a cache block, so `inner` allocated it with `layout`.
+            None => unsafe { self.inner.dealloc(ptr, layout) },
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let owned = self.is_owned(ptr, layout);
+        let to_cache = new_size >= self.min_size && !reentry::is_inside() && scope::has_current();
+        if !owned && !to_cache {
+            // SAFETY: not a cache block and not going to one: `inner`'s
+            // block, and the caller's contract is `inner`'s.
+            return unsafe { self.inner.realloc(ptr, layout, new_size) };
+        }
+        // SAFETY: the caller guarantees `new_size`, rounded up to
+        // `layout.align()`, does not overflow `isize`.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        // SAFETY: `new_size` is non-zero (caller's contract).
+        let moved = unsafe { self.alloc(new_layout) };
+        if !moved.is_null() {
+            // SAFETY: `ptr` is live with `layout.size()` bytes, `moved` is a
+            // distinct new block of `new_size` bytes.
+            unsafe { ptr::copy_nonoverlapping(ptr, moved, layout.size().min(new_size)) };
+            // SAFETY: `ptr` was allocated by this allocator with `layout`, and
+            // the caller uses `moved` from now on.
+            unsafe { self.dealloc(ptr, layout) };
+        }
+        moved
+    }
+}
+
+/// Number of registered (live) cache blocks: lets frees skip the registry
+/// when no cache block exists.
+static REGISTERED: AtomicUsize = AtomicUsize::new(0);
+
+/// Every live block a scope's cache handed out, by address, with its owner
+/// (which the entry keeps alive). A fixed-seed hasher that mixes the low bits
+/// (block addresses are aligned) and a fixed shard count: nothing here is
+/// lazily random, and nothing asks the OS for the core count.
+static REGISTRY: OnceLock<DashMap<usize, Arc<dyn Owner>, FixedState>> = OnceLock::new();
+
+/// The registry, created on first use; callers are inside the allocator, so
+/// its allocations go to the inner allocator.
+fn registry() -> &'static DashMap<usize, Arc<dyn Owner>, FixedState> {
+    REGISTRY.get_or_init(|| {
+        DashMap::with_capacity_and_hasher_and_shard_amount(0, FixedState::default(), 16)
+    })
+}
+
+/// Creates the registry outside the allocator (called by `enter`), so its
+/// first use never happens inside an allocation.
+pub(crate) fn prepare() {
+    let _inside = reentry::inside();
+    registry();
+}

@@ -1,0 +1,181 @@
+//! [`Scope`]: the guard of [`CachingAllocator::enter`](crate::CachingAllocator::enter),
+//! and the thread-local "current cache" that [`ScopedGlobal`](crate::ScopedGlobal)
+//! serves large allocations from (c10's `WithCPUCachingAllocatorGuard`).
+//!
+//! The thread-local holds one strong count of the current cache, so no order
+//! of guard drops can leave it pointing at a freed cache. Guards nest: the
+//! innermost wins and its drop restores the one before. A guard dropped out of
+//! order (safe code can: `let a = x.enter(); let b = y.enter(); drop(a);`)
+//! ends every scope on the thread; the other guards of that time become inert.
+
+use core::alloc::Layout;
+use core::cell::Cell;
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+use std::sync::Arc;
+
+use allocator_api2::alloc::{AllocError, Allocator};
+
+use crate::cache::Cache;
+
+/// What a scope and the global allocator need of a cache, type-erased so one
+/// thread-local and one registry serve caches over any backing allocator.
+pub(crate) trait Owner: Send + Sync {
+    fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError>;
+
+    /// # Safety
+    ///
+    /// `ptr` is a live block this owner handed out for `layout`, unused after
+    /// the call.
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout);
+}
+
+impl<A: Allocator + Send + Sync> Owner for Cache<A> {
+    fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
+        Cache::allocate(self, layout, zeroed)
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        // SAFETY: forwarded from the trait method's contract.
+        unsafe { Cache::deallocate(self, ptr, layout) }
+    }
+}
+
+/// A strong count of an owner, as a raw pointer (from `Arc::into_raw`).
+type OwnerPtr = NonNull<dyn Owner>;
+
+struct ThreadScopes {
+    /// The current owner; holds one strong count.
+    current: Cell<Option<OwnerPtr>>,
+    /// Serial of the innermost live guard, 0 when none.
+    top: Cell<u64>,
+    next_serial: Cell<u64>,
+    /// Bumped when an out-of-order drop ends every scope: guards of an older
+    /// epoch are inert.
+    epoch: Cell<u64>,
+}
+
+std::thread_local! {
+    static SCOPES: ThreadScopes = const {
+        ThreadScopes {
+            current: Cell::new(None),
+            top: Cell::new(0),
+            next_serial: Cell::new(1),
+            epoch: Cell::new(0),
+        }
+    };
+}
+
+/// Makes a cache current for this thread until dropped. Created by
+/// [`CachingAllocator::enter`](crate::CachingAllocator::enter).
+///
+/// `!Send`: a scope belongs to the thread that entered it.
+#[must_use = "the scope ends when the guard is dropped"]
+pub struct Scope {
+    serial: u64,
+    epoch: u64,
+    previous: Option<OwnerPtr>,
+    previous_top: u64,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl core::fmt::Debug for Scope {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Scope")
+            .field("serial", &self.serial)
+            .finish()
+    }
+}
+
+/// Gives back the strong count `owner` holds.
+fn release(owner: Option<OwnerPtr>) {
+    if let Some(owner) = owner {
+        // SAFETY: every `OwnerPtr` stored in a `ThreadScopes` or a `Scope` came
+        // from `Arc::into_raw` and stands for one strong count, moved (never
+        // copied) between them; this gives that count back exactly once.
+        drop(unsafe { Arc::from_raw(owner.as_ptr().cast_const()) });
+    }
+}
+
+pub(crate) fn enter(owner: Arc<dyn Owner>) -> Scope {
+    let raw = Arc::into_raw(owner);
+    // `Arc::into_raw` never returns null.
+    let owner = NonNull::new(raw.cast_mut());
+    let entered = SCOPES.try_with(|scopes| {
+        let serial = scopes.next_serial.get();
+        scopes.next_serial.set(serial + 1);
+        Scope {
+            serial,
+            epoch: scopes.epoch.get(),
+            previous: scopes.current.replace(owner),
+            previous_top: scopes.top.replace(serial),
+            _not_send: PhantomData,
+        }
+    });
+    match entered {
+        Ok(scope) => scope,
+        // This thread's locals are being torn down: nothing to enter into.
+        Err(_) => {
+            release(owner);
+            Scope {
+                serial: 0,
+                epoch: u64::MAX,
+                previous: None,
+                previous_top: 0,
+                _not_send: PhantomData,
+            }
+        }
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        let released = SCOPES.try_with(|scopes| {
+            if scopes.epoch.get() != self.epoch {
+                // Inert: an out-of-order drop already ended this scope.
+                (previous, None)
+            } else if scopes.top.get() == self.serial {
+                // The innermost scope ends: the one before is current again.
+                scopes.top.set(self.previous_top);
+                (scopes.current.replace(previous), None)
+            } else {
+                // Dropped out of order: end every scope on this thread.
+                scopes.epoch.set(self.epoch + 1);
+                scopes.top.set(0);
+                (scopes.current.replace(None), previous)
+            }
+        });
+        // Released after the thread-local is consistent: dropping the last
+        // count of a cache gives its blocks back, which may re-enter the
+        // global allocator.
+        match released {
+            Ok((first, second)) => {
+                release(first);
+                release(second);
+            }
+            Err(_) => release(previous),
+        }
+    }
+}
+
+/// Runs `f` with the current owner of this thread, if there is one.
+#[inline]
+pub(crate) fn with_current<R>(f: impl FnOnce(&Arc<dyn Owner>) -> R) -> Option<R> {
+    let current = SCOPES.try_with(|scopes| scopes.current.get()).ok()??;
+    // SAFETY: `current` stands for a strong count held by this thread's
+    // `ThreadScopes`; only this thread can release it, and not while `f`
+    // runs unless `f` drops a scope guard (it is our own code, it does not).
+    // `ManuallyDrop` borrows the `Arc` without giving the count back.
+    let owner =
+        core::mem::ManuallyDrop::new(unsafe { Arc::from_raw(current.as_ptr().cast_const()) });
+    Some(f(&owner))
+}
+
+/// Whether this thread has a current cache.
+#[inline]
+pub(crate) fn has_current() -> bool {
+    SCOPES
+        .try_with(|scopes| scopes.current.get().is_some())
+        .unwrap_or(false)
+}

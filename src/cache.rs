@@ -89,7 +89,7 @@ impl State {
         let list = self
             .free_lists
             .entry(key)
-            .or_insert_with(|| Vec::new_in(Bookkeeping::default()));
+            .or_insert_with(|| Vec::new_in(Bookkeeping));
         list.try_reserve(1).map_err(|_| ())?;
         list.push(block);
         Ok(())
@@ -97,7 +97,7 @@ impl State {
 }
 
 fn empty_free_lists() -> FreeLists {
-    HashMap::with_hasher_in(FixedState::default(), Bookkeeping::default())
+    HashMap::with_hasher_in(FixedState::default(), Bookkeeping)
 }
 
 /// A non-null pointer aligned to `layout.align()`, for zero-sized requests.

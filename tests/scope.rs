@@ -1,0 +1,344 @@
+//! `cache.enter()` under `ScopedGlobal`: this test binary installs the global
+//! allocator, so plain `Vec`s inside a scope come from the current cache.
+//!
+//! Tests run on parallel threads; each uses its own caches, and scopes are
+//! per thread, so their counters do not mix.
+
+use std::alloc::Layout;
+use std::panic;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use allocator_api2::alloc::{AllocError, Allocator, Global};
+use caching_allocator::{CachingAllocator, ScopedGlobal};
+
+#[global_allocator]
+static GLOBAL: ScopedGlobal = ScopedGlobal::new();
+
+const FLOATS: usize = 50_000; // 200 KB: far above the 4 KiB minimum
+
+/// A backing allocator that counts its live blocks, to see what a cache
+/// really gave back.
+#[derive(Clone, Default)]
+struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    fn blocks(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+// SAFETY: forwards to `Global` and only counts.
+unsafe impl Allocator for Live {
+    fn allocate(&self, layout: Layout) -> Result<std::ptr::NonNull<[u8]>, AllocError> {
+        let block = Global.allocate(layout)?;
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(block)
+    }
+
+    unsafe fn deallocate(&self, ptr: std::ptr::NonNull<u8>, layout: Layout) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+        // SAFETY: the caller's contract; `allocate` took it from `Global`.
+        unsafe { Global.deallocate(ptr, layout) }
+    }
+}
+
+/// One "forward pass": three activations, each computed from the last.
+fn forward(input: &[f32]) -> f32 {
+    let hidden: Vec<f32> = input.iter().map(|x| x * 2.0).collect();
+    let activated: Vec<f32> = hidden.iter().map(|x| x.max(0.0)).collect();
+    activated.iter().sum()
+}
+
+#[test]
+fn plain_vecs_in_a_scope_are_served_from_the_cache_after_pass_one() {
+    let cache = CachingAllocator::new();
+    let outputs: Vec<f32> = {
+        let _scope = cache.enter();
+        (0..5)
+            .map(|pass| {
+                let input = vec![pass as f32; FLOATS];
+                forward(&input)
+            })
+            .collect()
+    };
+    assert_eq!(outputs[4], 4.0 * 2.0 * FLOATS as f32);
+    let stats = cache.stats();
+    // Pass one: input, hidden and activated are live at once: three blocks.
+    assert_eq!(stats.misses, 3);
+    assert_eq!(stats.hits, 12);
+    assert_eq!(stats.bytes_in_use, 0);
+    assert_eq!(stats.bytes_cached, 3 * 4 * FLOATS);
+}
+
+#[test]
+fn small_allocations_and_allocations_outside_a_scope_skip_the_cache() {
+    let cache = CachingAllocator::new();
+    drop(vec![0u8; 100_000]); // no scope yet
+    {
+        let _scope = cache.enter();
+        let small: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+        drop(small);
+        drop(vec![0u8; 4095]);
+    }
+    drop(vec![0u8; 100_000]); // the scope ended
+    assert_eq!(cache.stats().hits + cache.stats().misses, 0);
+}
+
+#[test]
+fn a_free_on_another_thread_goes_back_to_the_owner() {
+    let cache = CachingAllocator::new();
+    let buffer = {
+        let _scope = cache.enter();
+        vec![7u8; 10_000]
+    };
+    std::thread::spawn(move || {
+        assert!(buffer.iter().all(|&b| b == 7));
+        drop(buffer);
+    })
+    .join()
+    .unwrap();
+    let stats = cache.stats();
+    assert_eq!((stats.bytes_in_use, stats.bytes_cached), (0, 10_000));
+}
+
+#[test]
+fn a_thread_that_exits_holding_blocks_loses_nothing() {
+    let cache = CachingAllocator::new();
+    let worker_cache = cache.clone();
+    let buffers = std::thread::spawn(move || {
+        let _scope = worker_cache.enter();
+        vec![vec![1u8; 8192], vec![2u8; 16384]]
+    })
+    .join()
+    .unwrap();
+    assert_eq!(cache.stats().bytes_in_use, 8192 + 16384);
+    drop(buffers);
+    let stats = cache.stats();
+    assert_eq!((stats.bytes_in_use, stats.bytes_cached), (0, 8192 + 16384));
+}
+
+#[test]
+fn a_free_inside_another_caches_scope_goes_to_the_owner() {
+    let owner = CachingAllocator::new();
+    let other = CachingAllocator::new();
+    let buffer = {
+        let _scope = owner.enter();
+        vec![0u64; 2048]
+    };
+    {
+        let _scope = other.enter();
+        drop(buffer);
+    }
+    assert_eq!(owner.stats().bytes_cached, 2048 * 8);
+    assert_eq!(other.stats().bytes_cached, 0);
+    assert_eq!(other.stats().frees, 0);
+}
+
+#[test]
+fn a_free_after_every_handle_dropped_frees_the_orphaned_cache() {
+    let backing = Live::default();
+    let cache = CachingAllocator::new_in(backing.clone());
+    let (a, b) = {
+        let _scope = cache.enter();
+        let a = vec![1u8; 8192];
+        drop(vec![3u8; 8192]); // a cached block, too
+        (a, vec![2u8; 20_000])
+    };
+    drop(cache);
+    // Live blocks keep the cache alive.
+    assert_eq!(backing.blocks(), 3);
+    drop(a);
+    assert_eq!(backing.blocks(), 3, "a goes back to the orphaned cache");
+    drop(b);
+    // The last block freed the cache, which gave everything back.
+    assert_eq!(backing.blocks(), 0);
+}
+
+#[test]
+fn scopes_nest_and_the_outer_one_is_restored() {
+    let outer = CachingAllocator::new();
+    let inner = CachingAllocator::new();
+    let _outer_scope = outer.enter();
+    drop(vec![0u8; 5000]);
+    {
+        let _inner_scope = inner.enter();
+        drop(vec![0u8; 6000]);
+    }
+    drop(vec![0u8; 7000]);
+    assert_eq!(outer.stats().misses, 2);
+    assert_eq!(inner.stats().misses, 1);
+    assert_eq!(inner.stats().bytes_cached, 6000);
+}
+
+#[test]
+fn guards_dropped_out_of_order_end_every_scope() {
+    let a = CachingAllocator::new();
+    let b = CachingAllocator::new();
+    let scope_a = a.enter();
+    let scope_b = b.enter();
+    drop(scope_a); // out of order: ends both scopes
+    drop(vec![0u8; 5000]);
+    drop(scope_b); // inert
+    drop(vec![0u8; 5000]);
+    assert_eq!(a.stats().misses + b.stats().misses, 0);
+    // A new scope works as usual afterwards.
+    let _again = a.enter();
+    drop(vec![0u8; 5000]);
+    assert_eq!(a.stats().misses, 1);
+}
+
+#[test]
+fn a_panicking_scope_unwinds_and_restores_the_previous_cache() {
+    let outer = CachingAllocator::new();
+    let failing = CachingAllocator::new();
+    let _outer_scope = outer.enter();
+    let failing_in_closure = failing.clone();
+    let result = panic::catch_unwind(move || {
+        let _scope = failing_in_closure.enter();
+        let buffer = vec![1u8; 9000];
+        // `resume_unwind` unwinds without running the panic hook, whose
+        // backtrace printing would allocate (and keep) memory in this scope.
+        panic::resume_unwind(Box::new(buffer.len()));
+    });
+    assert!(result.is_err());
+    // The buffer was freed to its owner during the unwind.
+    let stats = failing.stats();
+    assert_eq!(
+        (stats.misses, stats.bytes_in_use, stats.bytes_cached),
+        (1, 0, 9000)
+    );
+    drop(vec![0u8; 9000]);
+    assert_eq!(outer.stats().misses, 1, "the outer scope is current again");
+}
+
+#[test]
+fn many_threads_with_their_own_scopes() {
+    let caches: Vec<CachingAllocator> = (0..8).map(|_| CachingAllocator::new()).collect();
+    std::thread::scope(|threads| {
+        for (index, cache) in caches.iter().enumerate() {
+            threads.spawn(move || {
+                let _scope = cache.enter();
+                for pass in 0..20 {
+                    let input = vec![(index + pass) as f32; 4096 + index];
+                    let _ = forward(&input);
+                }
+            });
+        }
+    });
+    for cache in &caches {
+        let stats = cache.stats();
+        assert_eq!((stats.misses, stats.hits), (3, 57));
+        assert_eq!(stats.bytes_in_use, 0);
+    }
+}
+
+#[test]
+fn a_cache_used_directly_inside_its_own_scope_does_not_reenter_itself() {
+    let cache = CachingAllocator::new();
+    let _scope = cache.enter();
+    // Direct use: the block comes from the cache once, not through the scope
+    // a second time.
+    let direct: allocator_api2::vec::Vec<u8, _> =
+        allocator_api2::vec::Vec::with_capacity_in(100_000, cache.clone());
+    assert_eq!(cache.stats().misses, 1);
+    drop(direct);
+    // Many distinct sizes grow the free-list map far past the 4 KiB minimum
+    // while this cache is current: its bookkeeping must not come from itself.
+    for size in 0..2000 {
+        let layout = Layout::from_size_align(8192 + size, 8).unwrap();
+        let block = cache.allocate(layout).unwrap();
+        // SAFETY: allocated just above with `layout`.
+        unsafe { cache.deallocate(block.cast(), layout) };
+    }
+    let stats = cache.stats();
+    assert_eq!((stats.misses, stats.blocks_cached), (2001, 2001));
+    assert!(cache.release_cached() > 2000 * 8192);
+    // Dropping another cache's last handle inside this scope gives its
+    // blocks back to the system, not to this cache.
+    let other = CachingAllocator::new();
+    drop(allocator_api2::vec::Vec::<u8, _>::with_capacity_in(
+        50_000,
+        other.clone(),
+    ));
+    drop(other);
+    assert_eq!(cache.stats().hits + cache.stats().misses, 2001);
+}
+
+#[test]
+fn a_default_cache_created_inside_a_scope_takes_its_blocks_from_the_inner_allocator() {
+    let scoped = CachingAllocator::new();
+    let _scope = scoped.enter();
+    let own = CachingAllocator::new();
+    let buffer: allocator_api2::vec::Vec<u8, _> =
+        allocator_api2::vec::Vec::with_capacity_in(64 * 1024, own.clone());
+    drop(buffer);
+    assert_eq!(own.stats().misses, 1);
+    assert_eq!(
+        scoped.stats().misses,
+        0,
+        "own's misses never reach the scope's cache"
+    );
+}
+
+#[test]
+fn realloc_of_a_cache_block_outside_any_scope_keeps_contents_and_owner() {
+    let cache = CachingAllocator::new();
+    let mut buffer: Vec<u8> = {
+        let _scope = cache.enter();
+        let mut buffer = Vec::with_capacity(8192);
+        buffer.extend((0..8192).map(|i| i as u8));
+        buffer
+    };
+    buffer.reserve_exact(100_000); // realloc outside the scope
+    assert!(buffer.iter().enumerate().all(|(i, &b)| b == i as u8));
+    let stats = cache.stats();
+    assert_eq!((stats.bytes_in_use, stats.bytes_cached), (0, 8192));
+    buffer.shrink_to_fit();
+    drop(buffer);
+    assert_eq!(
+        cache.stats().bytes_cached,
+        8192,
+        "the new block was never the cache's"
+    );
+}
+
+#[test]
+fn a_vec_growing_inside_a_scope_takes_its_large_buffers_from_the_cache() {
+    let cache = CachingAllocator::new();
+    let _scope = cache.enter();
+    for _pass in 0..3 {
+        let mut grown = Vec::new();
+        for i in 0..10_000u32 {
+            grown.push(i);
+        }
+        assert_eq!(grown[9_999], 9_999);
+    }
+    let stats = cache.stats();
+    // Capacities 1024 .. 16384 u32s (4 KiB .. 64 KiB): five sizes per pass.
+    assert_eq!(stats.misses, 5);
+    assert_eq!(stats.hits, 10);
+}
+
+#[test]
+fn stats_show_a_cross_thread_free_as_soon_as_it_returns() {
+    let cache = CachingAllocator::new();
+    let (send, receive) = mpsc::channel::<Vec<u8>>();
+    let (done, wait) = mpsc::channel::<()>();
+    let freer = std::thread::spawn(move || {
+        for buffer in receive {
+            drop(buffer);
+            done.send(()).unwrap();
+        }
+    });
+    let _scope = cache.enter();
+    for round in 1..=5 {
+        send.send(vec![0u8; 10_000]).unwrap();
+        wait.recv().unwrap();
+        let stats = cache.stats();
+        assert_eq!((stats.frees, stats.bytes_in_use), (round, 0));
+    }
+    drop(send);
+    freer.join().unwrap();
+}

@@ -98,8 +98,11 @@ impl<G> ScopedGlobal<G> {
 
     /// The current cache's block for `layout`, registered to it; `None` if
     /// this thread has no current cache or is inside the allocator.
+    ///
+    /// Callers check `layout.size() >= self.min_size` first, inline.
     fn allocate_scoped(&self, layout: Layout, zeroed: bool) -> Option<*mut u8> {
-        if layout.size() < self.min_size || reentry::is_inside() {
+        // Most threads have no scope: test that before the re-entrancy flag.
+        if !scope::has_current() || reentry::is_inside() {
             return None;
         }
         let _inside = reentry::inside();
@@ -115,13 +118,12 @@ impl<G> ScopedGlobal<G> {
     }
 
     /// Takes `ptr`'s owner out of the registry, if a cache owns it.
-    fn take_owner(&self, ptr: *mut u8, layout: Layout) -> Option<Arc<dyn Owner>> {
+    ///
+    /// Callers check `layout.size() >= self.min_size` first, inline.
+    fn take_owner(&self, ptr: *mut u8) -> Option<Arc<dyn Owner>> {
         // A relaxed load suffices: whoever frees a block got it through some
         // synchronisation after it was registered, and so sees the count.
-        if layout.size() < self.min_size
-            || REGISTERED.load(Ordering::Relaxed) == 0
-            || reentry::is_inside()
-        {
+        if REGISTERED.load(Ordering::Relaxed) == 0 || reentry::is_inside() {
             return None;
         }
         let _inside = reentry::inside();
@@ -152,25 +154,35 @@ impl<G> ScopedGlobal<G> {
 unsafe impl<G: GlobalAlloc> GlobalAlloc for ScopedGlobal<G> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        match self.allocate_scoped(layout, false) {
-            Some(block) => block,
-            // SAFETY: the caller's contract (non-zero size) is `inner`'s.
-            None => unsafe { self.inner.alloc(layout) },
+        if layout.size() >= self.min_size {
+            if let Some(block) = self.allocate_scoped(layout, false) {
+                return block;
+            }
         }
+        // SAFETY: the caller's contract (non-zero size) is `inner`'s.
+        unsafe { self.inner.alloc(layout) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        match self.allocate_scoped(layout, true) {
-            Some(block) => block,
-            // SAFETY: as for `alloc`.
-            None => unsafe { self.inner.alloc_zeroed(layout) },
+        if layout.size() >= self.min_size {
+            if let Some(block) = self.allocate_scoped(layout, true) {
+                return block;
+            }
         }
+        // SAFETY: as for `alloc`.
+        unsafe { self.inner.alloc_zeroed(layout) }
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        match self.take_owner(ptr, layout) {
+        // Below the minimum size the layout proves it is not a cache block.
+        let owner = if layout.size() >= self.min_size {
+            self.take_owner(ptr)
+        } else {
+            None
+        };
+        match owner {
             Some(owner) => {
                 let _inside = reentry::inside();
                 // SAFETY: the registry entry proves `owner` handed out `ptr`

@@ -154,10 +154,10 @@ impl<G> ScopedGlobal<G> {
 unsafe impl<G: GlobalAlloc> GlobalAlloc for ScopedGlobal<G> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() >= self.min_size {
-            if let Some(block) = self.allocate_scoped(layout, false) {
-                return block;
-            }
+        if layout.size() >= self.min_size
+            && let Some(block) = self.allocate_scoped(layout, false)
+        {
+            return block;
         }
         // SAFETY: the caller's contract (non-zero size) is `inner`'s.
         unsafe { self.inner.alloc(layout) }
@@ -165,10 +165,10 @@ unsafe impl<G: GlobalAlloc> GlobalAlloc for ScopedGlobal<G> {
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() >= self.min_size {
-            if let Some(block) = self.allocate_scoped(layout, true) {
-                return block;
-            }
+        if layout.size() >= self.min_size
+            && let Some(block) = self.allocate_scoped(layout, true)
+        {
+            return block;
         }
         // SAFETY: as for `alloc`.
         unsafe { self.inner.alloc_zeroed(layout) }

@@ -1,0 +1,367 @@
+//! Shared fixtures for the integration tests: backing allocators that check
+//! what the cache does to them.
+//!
+//! - [`Counting`] records every block it handed out (address -> `Layout`) and
+//!   panics on a double return or a return with a different layout, so any
+//!   test that runs the cache over it also checks the cache's bookkeeping.
+//! - [`Failing`] wraps a `Counting` and refuses allocations on demand.
+//!
+//! Every test crate uses a different subset of these.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use allocator_api2::alloc::{AllocError, Allocator, Global, Layout};
+
+/// The byte a `Counting` backing fills fresh (non-zeroed) blocks with, so a
+/// test that expects zeros cannot pass by luck.
+pub const FRESH_BYTE: u8 = 0xA5;
+/// The byte a `Counting` backing fills returned blocks with, so a block used
+/// after it went back is likely to show up as a pattern mismatch.
+pub const RETURNED_BYTE: u8 = 0xDD;
+
+/// Locks ignoring poison: a failed assertion in one thread must not hide the
+/// bookkeeping from the checks that follow.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[derive(Default)]
+struct Ledger {
+    /// Live blocks: address -> layout they were handed out with.
+    live: BTreeMap<usize, Layout>,
+    allocs: u64,
+    zeroed_allocs: u64,
+    frees: u64,
+    live_bytes: usize,
+    /// Layouts of every successful allocation, in order.
+    history: Vec<Layout>,
+}
+
+struct CountingInner<A> {
+    ledger: Mutex<Ledger>,
+    backing: A,
+}
+
+/// A backing allocator that keeps a ledger of its live blocks and panics if a
+/// block comes back twice, comes back with another layout, or was never
+/// handed out. Clones share the ledger.
+pub struct Counting<A: Allocator = Global> {
+    inner: Arc<CountingInner<A>>,
+}
+
+impl Counting {
+    pub fn new() -> Self {
+        Self::new_in(Global)
+    }
+}
+
+impl Default for Counting {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<A: Allocator> Counting<A> {
+    pub fn new_in(backing: A) -> Self {
+        Self {
+            inner: Arc::new(CountingInner {
+                ledger: Mutex::new(Ledger::default()),
+                backing,
+            }),
+        }
+    }
+
+    /// Number of blocks handed out and not returned.
+    pub fn live_blocks(&self) -> usize {
+        lock(&self.inner.ledger).live.len()
+    }
+
+    /// Bytes (sum of layout sizes) handed out and not returned.
+    pub fn live_bytes(&self) -> usize {
+        lock(&self.inner.ledger).live_bytes
+    }
+
+    /// Successful allocations (plain and zeroed).
+    pub fn allocs(&self) -> u64 {
+        lock(&self.inner.ledger).allocs
+    }
+
+    /// Successful `allocate_zeroed` calls.
+    pub fn zeroed_allocs(&self) -> u64 {
+        lock(&self.inner.ledger).zeroed_allocs
+    }
+
+    /// Blocks returned.
+    pub fn frees(&self) -> u64 {
+        lock(&self.inner.ledger).frees
+    }
+
+    /// The layouts of the live blocks, by address.
+    pub fn live_layouts(&self) -> Vec<(usize, Layout)> {
+        lock(&self.inner.ledger)
+            .live
+            .iter()
+            .map(|(&a, &l)| (a, l))
+            .collect()
+    }
+
+    /// The layout the live block at `addr` was handed out with.
+    pub fn layout_of(&self, addr: usize) -> Option<Layout> {
+        lock(&self.inner.ledger).live.get(&addr).copied()
+    }
+
+    /// The layouts of every successful allocation so far, in order.
+    pub fn history(&self) -> Vec<Layout> {
+        lock(&self.inner.ledger).history.clone()
+    }
+
+    fn record(&self, block: NonNull<[u8]>, layout: Layout, zeroed: bool) {
+        let addr = block.cast::<u8>().as_ptr() as usize;
+        assert!(
+            layout.size() > 0,
+            "a zero-sized request reached the backing"
+        );
+        assert!(
+            block.len() >= layout.size(),
+            "backing returned a short block"
+        );
+        assert_eq!(
+            addr % layout.align(),
+            0,
+            "backing returned a misaligned block"
+        );
+        let mut ledger = lock(&self.inner.ledger);
+        // No live block may overlap the new one.
+        if let Some((&before, &before_layout)) = ledger.live.range(..=addr).next_back() {
+            assert!(
+                before + before_layout.size().max(1) <= addr,
+                "new block {addr:#x} overlaps live block {before:#x} ({before_layout:?})"
+            );
+        }
+        if let Some((&after, _)) = ledger.live.range(addr..).next() {
+            assert!(
+                addr + layout.size().max(1) <= after,
+                "new block {addr:#x} ({layout:?}) overlaps live block {after:#x}"
+            );
+        }
+        ledger.live.insert(addr, layout);
+        ledger.allocs += 1;
+        ledger.zeroed_allocs += u64::from(zeroed);
+        ledger.live_bytes += layout.size();
+        ledger.history.push(layout);
+    }
+}
+
+impl<A: Allocator> Clone for Counting<A> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+// SAFETY: blocks come from the inner allocator and go back to it unchanged;
+// the ledger only observes.
+unsafe impl<A: Allocator> Allocator for Counting<A> {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        let block = self.inner.backing.allocate(layout)?;
+        // SAFETY: the block is fresh and holds `layout.size()` bytes.
+        unsafe { ptr::write_bytes(block.cast::<u8>().as_ptr(), FRESH_BYTE, layout.size()) };
+        self.record(block, layout, false);
+        Ok(block)
+    }
+
+    fn allocate_zeroed(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        let block = self.inner.backing.allocate_zeroed(layout)?;
+        self.record(block, layout, true);
+        Ok(block)
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        let addr = ptr.as_ptr() as usize;
+        {
+            let mut ledger = lock(&self.inner.ledger);
+            // Checked before removing, so a caller that catches the panic can
+            // still return the block properly.
+            match ledger.live.get(&addr) {
+                None => panic!(
+                    "Counting: deallocate of {addr:#x} ({layout:?}), which is not live \
+                     (double return or foreign pointer)"
+                ),
+                Some(&recorded) => assert_eq!(
+                    recorded, layout,
+                    "Counting: block {addr:#x} returned with a different layout"
+                ),
+            }
+            ledger.live.remove(&addr);
+            ledger.frees += 1;
+            ledger.live_bytes -= layout.size();
+        }
+        // SAFETY: the block was live in the ledger with this layout, so it came
+        // from the inner allocator with it and is returned once.
+        unsafe {
+            ptr::write_bytes(ptr.as_ptr(), RETURNED_BYTE, layout.size());
+            self.inner.backing.deallocate(ptr, layout);
+        }
+    }
+}
+
+#[derive(Default)]
+struct FailingState {
+    /// Decisions for the next allocation attempts, front first: `true` fails.
+    script: Mutex<VecDeque<bool>>,
+    fail_all: AtomicBool,
+    /// Refuse an allocation that would take the live bytes past this.
+    budget: Mutex<Option<usize>>,
+    attempts: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// A backing allocator that fails on demand, over a [`Counting`] so leaks,
+/// double returns and layout mismatches are still caught. Clones share state.
+#[derive(Clone)]
+pub struct Failing {
+    counting: Counting,
+    state: Arc<FailingState>,
+}
+
+impl Default for Failing {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Failing {
+    pub fn new() -> Self {
+        Self {
+            counting: Counting::new(),
+            state: Arc::default(),
+        }
+    }
+
+    /// The ledger underneath.
+    pub fn counting(&self) -> &Counting {
+        &self.counting
+    }
+
+    /// The next `n` allocation attempts fail (after any already scripted).
+    pub fn fail_next(&self, n: usize) {
+        lock(&self.state.script).extend(std::iter::repeat_n(true, n));
+    }
+
+    /// Replaces the scripted decisions: `true` fails that attempt; attempts
+    /// past the script succeed.
+    pub fn script(&self, decisions: impl IntoIterator<Item = bool>) {
+        let mut script = lock(&self.state.script);
+        script.clear();
+        script.extend(decisions);
+    }
+
+    /// Scripted decisions not consumed yet.
+    pub fn pending(&self) -> usize {
+        lock(&self.state.script).len()
+    }
+
+    /// Every attempt fails while set.
+    pub fn fail_all(&self, on: bool) {
+        self.state.fail_all.store(on, Ordering::SeqCst);
+    }
+
+    /// Refuse any allocation that would take the live bytes past `budget`.
+    pub fn set_budget(&self, budget: Option<usize>) {
+        *lock(&self.state.budget) = budget;
+    }
+
+    /// Allocation attempts seen (refused or not).
+    pub fn attempts(&self) -> u64 {
+        self.state.attempts.load(Ordering::SeqCst)
+    }
+
+    /// Allocation attempts refused.
+    pub fn refused(&self) -> u64 {
+        self.state.refused.load(Ordering::SeqCst)
+    }
+
+    fn refuse(&self, layout: Layout) -> bool {
+        self.state.attempts.fetch_add(1, Ordering::SeqCst);
+        let scripted = lock(&self.state.script).pop_front().unwrap_or(false);
+        let over_budget = lock(&self.state.budget)
+            .is_some_and(|budget| self.counting.live_bytes() + layout.size() > budget);
+        let refuse = scripted || over_budget || self.state.fail_all.load(Ordering::SeqCst);
+        if refuse {
+            self.state.refused.fetch_add(1, Ordering::SeqCst);
+        }
+        refuse
+    }
+}
+
+// SAFETY: delegates to `Counting`, or fails without allocating.
+unsafe impl Allocator for Failing {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        if self.refuse(layout) {
+            return Err(AllocError);
+        }
+        self.counting.allocate(layout)
+    }
+
+    fn allocate_zeroed(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        if self.refuse(layout) {
+            return Err(AllocError);
+        }
+        self.counting.allocate_zeroed(layout)
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        // SAFETY: forwarded contract; every block came from `counting`.
+        unsafe { self.counting.deallocate(ptr, layout) }
+    }
+}
+
+/// The layout the cache takes a block for `layout` with: same size, alignment
+/// at least 64.
+pub fn block_layout(layout: Layout) -> Layout {
+    Layout::from_size_align(
+        layout.size(),
+        layout.align().max(caching_allocator::MIN_ALIGN),
+    )
+    .unwrap()
+}
+
+/// Number of cases for a property test: `PROPTEST_CASES` if set, else
+/// `default`.
+pub fn cases_from_env_or(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A position-dependent byte pattern: block contents are `pattern(seed, len)`,
+/// so a copy to the wrong offset is caught, not only a wrong byte.
+pub fn pattern(seed: u8, len: usize) -> &'static [u8] {
+    static PATTERN: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    const MAX: usize = 1 << 17;
+    let bytes = PATTERN.get_or_init(|| {
+        (0..MAX + 256)
+            .map(|i| (i as u8).wrapping_mul(31) ^ ((i >> 8) as u8))
+            .collect()
+    });
+    assert!(
+        len <= MAX,
+        "pattern of {len} bytes is longer than the fixture"
+    );
+    let start = usize::from(seed);
+    &bytes[start..start + len]
+}
+
+/// `len` zero bytes, without allocating.
+pub fn zeros(len: usize) -> &'static [u8] {
+    static ZEROS: [u8; 1 << 17] = [0; 1 << 17];
+    &ZEROS[..len]
+}

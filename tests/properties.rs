@@ -1,0 +1,778 @@
+//! Model-based property tests: random sequences of allocator calls run
+//! against the cache and against a model of its free lists, which predicts
+//! every hit and miss (down to the address a hit returns: free lists are
+//! LIFO) and so every counter in `Stats`.
+//!
+//! After every step: the counters equal the model's; the backing allocator
+//! holds exactly the live and cached blocks, with their block layouts; no two
+//! live blocks overlap; every block is aligned; the contents of live blocks
+//! are intact (head and tail of every block after each step, every byte when
+//! a block is freed, grown, shrunk, and at the end). At the end everything is
+//! freed, released and the handles dropped: the backing must hold nothing,
+//! and it asserted every layout it got back.
+//!
+//! `PROPTEST_CASES` sets the number of cases.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ptr::NonNull;
+
+use allocator_api2::alloc::{Allocator, Layout};
+use caching_allocator::{CachingAllocator, MIN_ALIGN, Stats};
+use common::{Failing, block_layout, cases_from_env_or, pattern, zeros};
+use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
+
+/// `(size, alignment class)`: one free list.
+type Key = (usize, usize);
+
+/// Requests at least this big are refused by the global allocator (and so by
+/// the backing); no other request in these tests comes near it.
+const HUGE: usize = 1 << 50;
+
+fn key(layout: Layout) -> Option<Key> {
+    let align = layout.align().max(MIN_ALIGN);
+    (layout.size() <= isize::MAX as usize - (align - 1)).then_some((layout.size(), align))
+}
+
+/// Picks one of `len` things (a live block, a handle); shrinks to the first.
+#[derive(Clone, Copy, Debug)]
+struct Pick(usize);
+
+impl Pick {
+    fn of(self, len: usize) -> usize {
+        self.0 % len
+    }
+}
+
+fn pick() -> impl Strategy<Value = Pick> {
+    any::<usize>().prop_map(Pick)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Fail {
+    /// The first backing attempt of this step fails.
+    first: bool,
+    /// The retry (after the release) fails too.
+    retry: bool,
+}
+
+const NO_FAIL: Fail = Fail {
+    first: false,
+    retry: false,
+};
+
+#[derive(Clone, Debug)]
+enum Op {
+    Allocate {
+        size: usize,
+        align: usize,
+        zeroed: bool,
+        handle: Pick,
+        fail: Fail,
+    },
+    /// Allocates a layout of a key the model has cached blocks of (a hit,
+    /// unless nothing is cached).
+    Reuse {
+        key: Pick,
+        align: Pick,
+        zeroed: bool,
+        handle: Pick,
+    },
+    Deallocate {
+        index: Pick,
+        handle: Pick,
+    },
+    Grow {
+        index: Pick,
+        size: usize,
+        align: usize,
+        zeroed: bool,
+        handle: Pick,
+        fail: Fail,
+    },
+    Shrink {
+        index: Pick,
+        size: usize,
+        align: usize,
+        handle: Pick,
+        fail: Fail,
+    },
+    /// A request the cache must refuse: 0 has no block layout at all, 1 is
+    /// representable but the backing refuses it twice.
+    AllocateAbsurd {
+        which: bool,
+        zeroed: bool,
+    },
+    ReleaseCached {
+        handle: Pick,
+    },
+    CloneHandle {
+        handle: Pick,
+    },
+    DropHandle {
+        handle: Pick,
+    },
+}
+
+fn size() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        4 => prop::sample::select(vec![0usize, 1, 7, 64, 100, 4096]),
+        1 => Just(65536usize),
+        3 => 0..10_000usize,
+    ]
+}
+
+fn align() -> impl Strategy<Value = usize> {
+    prop::sample::select(vec![1usize, 8, 64, 128, 4096])
+}
+
+fn fail(failures: bool) -> BoxedStrategy<Fail> {
+    if failures {
+        prop_oneof![
+            12 => Just(NO_FAIL),
+            2 => Just(Fail { first: true, retry: false }),
+            1 => Just(Fail { first: true, retry: true }),
+        ]
+        .boxed()
+    } else {
+        Just(NO_FAIL).boxed()
+    }
+}
+
+fn op(failures: bool) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (size(), align(), any::<bool>(), pick(), fail(failures)).prop_map(
+            |(size, align, zeroed, handle, fail)| Op::Allocate { size, align, zeroed, handle, fail }
+        ),
+        3 => (pick(), pick(), any::<bool>(), pick())
+            .prop_map(|(key, align, zeroed, handle)| Op::Reuse { key, align, zeroed, handle }),
+        5 => (pick(), pick())
+            .prop_map(|(index, handle)| Op::Deallocate { index, handle }),
+        2 => (pick(), size(), align(), any::<bool>(), pick(), fail(failures))
+            .prop_map(|(index, size, align, zeroed, handle, fail)| Op::Grow {
+                index, size, align, zeroed, handle, fail
+            }),
+        2 => (pick(), size(), align(), pick(), fail(failures))
+            .prop_map(|(index, size, align, handle, fail)| Op::Shrink {
+                index, size, align, handle, fail
+            }),
+        1 => (any::<bool>(), any::<bool>())
+            .prop_map(|(which, zeroed)| Op::AllocateAbsurd { which, zeroed }),
+        1 => pick().prop_map(|handle| Op::ReleaseCached { handle }),
+        1 => pick().prop_map(|handle| Op::CloneHandle { handle }),
+        1 => pick().prop_map(|handle| Op::DropHandle { handle }),
+    ]
+}
+
+/// What the model says a request gets.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    /// A zero-sized request: a dangling, aligned pointer; no counter moves.
+    Dangling,
+    /// The most recently cached block of the key, at this address.
+    Hit(usize),
+    /// A new block from the backing allocator.
+    Miss,
+    /// The same block, resized in place.
+    InPlace,
+    Err,
+}
+
+/// The cache as the model sees it: free lists of addresses and the counters.
+#[derive(Default)]
+struct Model {
+    free: HashMap<Key, Vec<usize>>,
+    stats: Stats,
+}
+
+impl Model {
+    fn add_in_use(&mut self, bytes: usize) {
+        let s = &mut self.stats;
+        s.bytes_in_use += bytes;
+        s.blocks_in_use += 1;
+        s.peak_bytes_in_use = s.peak_bytes_in_use.max(s.bytes_in_use);
+    }
+
+    fn release(&mut self) -> usize {
+        let s = &mut self.stats;
+        let bytes = s.bytes_cached;
+        s.releases += 1;
+        s.bytes_released += bytes as u64;
+        s.backing_frees += s.blocks_cached as u64;
+        s.bytes_reserved -= bytes;
+        s.bytes_cached = 0;
+        s.blocks_cached = 0;
+        self.free.clear();
+        bytes
+    }
+
+    fn allocate(&mut self, layout: Layout, fail: Fail) -> Outcome {
+        if layout.size() == 0 {
+            return Outcome::Dangling;
+        }
+        let Some(key) = key(layout) else {
+            self.stats.failures += 1;
+            return Outcome::Err;
+        };
+        if let Some(addr) = self.free.get_mut(&key).and_then(Vec::pop) {
+            self.stats.hits += 1;
+            self.stats.bytes_cached -= layout.size();
+            self.stats.blocks_cached -= 1;
+            self.add_in_use(layout.size());
+            return Outcome::Hit(addr);
+        }
+        let huge = layout.size() >= HUGE;
+        if fail.first || huge {
+            self.stats.retries += 1;
+            self.release();
+            if fail.retry || huge {
+                self.stats.failures += 1;
+                return Outcome::Err;
+            }
+        }
+        self.stats.misses += 1;
+        self.stats.backing_allocs += 1;
+        self.stats.bytes_reserved += layout.size();
+        self.stats.peak_bytes_reserved = self
+            .stats
+            .peak_bytes_reserved
+            .max(self.stats.bytes_reserved);
+        self.add_in_use(layout.size());
+        Outcome::Miss
+    }
+
+    fn deallocate(&mut self, addr: usize, layout: Layout) {
+        if layout.size() == 0 {
+            return;
+        }
+        self.free
+            .entry(key(layout).unwrap())
+            .or_default()
+            .push(addr);
+        let s = &mut self.stats;
+        s.frees += 1;
+        s.bytes_in_use -= layout.size();
+        s.blocks_in_use -= 1;
+        s.bytes_cached += layout.size();
+        s.blocks_cached += 1;
+        s.peak_bytes_cached = s.peak_bytes_cached.max(s.bytes_cached);
+    }
+
+    fn resize(&mut self, addr: usize, old: Layout, new: Layout, fail: Fail) -> Outcome {
+        if old.size() != 0 && new.size() != 0 && key(old) == key(new) {
+            let s = &mut self.stats;
+            s.bytes_in_use = s.bytes_in_use - old.size() + new.size();
+            s.peak_bytes_in_use = s.peak_bytes_in_use.max(s.bytes_in_use);
+            return Outcome::InPlace;
+        }
+        let outcome = self.allocate(new, fail);
+        if outcome != Outcome::Err {
+            self.deallocate(addr, old);
+        }
+        outcome
+    }
+}
+
+struct Block {
+    ptr: NonNull<u8>,
+    layout: Layout,
+    /// Its contents are `pattern(seed, layout.size())`.
+    seed: u8,
+}
+
+impl Block {
+    fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: a live block of `layout.size()` initialised bytes (the
+        // harness fills every block when it gets it).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and the harness is its only user.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    fn check_all(&self) {
+        assert!(
+            self.bytes() == pattern(self.seed, self.layout.size()),
+            "contents of block {:#x} ({:?}) changed",
+            self.addr(),
+            self.layout
+        );
+    }
+
+    /// The first and last 64 bytes: every fill or release of a whole block
+    /// by someone else shows there.
+    fn check_ends(&self) {
+        let size = self.layout.size();
+        let expected = pattern(self.seed, size);
+        let head = size.min(64);
+        let tail = size.saturating_sub(64);
+        assert!(
+            self.bytes()[..head] == expected[..head] && self.bytes()[tail..] == expected[tail..],
+            "contents of block {:#x} ({:?}) changed",
+            self.addr(),
+            self.layout
+        );
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Resize {
+    Grow,
+    GrowZeroed,
+    Shrink,
+}
+
+struct Harness {
+    backing: Failing,
+    handles: Vec<CachingAllocator<Failing>>,
+    live: Vec<Block>,
+    model: Model,
+    next_seed: u8,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let backing = Failing::new();
+        let cache = CachingAllocator::new_in(backing.clone());
+        Self {
+            backing,
+            handles: vec![cache],
+            live: Vec::new(),
+            model: Model::default(),
+            next_seed: 0,
+        }
+    }
+
+    fn handle(&self, index: Pick) -> &CachingAllocator<Failing> {
+        &self.handles[index.of(self.handles.len())]
+    }
+
+    fn seed(&mut self) -> u8 {
+        self.next_seed = self.next_seed.wrapping_add(1);
+        self.next_seed
+    }
+
+    /// Checks a fresh block against the model's prediction.
+    fn check_new(&self, got: NonNull<[u8]>, layout: Layout, outcome: &Outcome, old: Option<usize>) {
+        let addr = got.cast::<u8>().as_ptr() as usize;
+        assert_eq!(got.len(), layout.size(), "exact sizes");
+        assert_eq!(
+            addr % layout.align(),
+            0,
+            "{layout:?} misaligned at {addr:#x}"
+        );
+        match *outcome {
+            Outcome::Hit(predicted) => assert_eq!(addr, predicted, "LIFO hit"),
+            Outcome::InPlace => assert_eq!(Some(addr), old, "resized in place"),
+            Outcome::Miss => assert!(
+                self.live
+                    .iter()
+                    .all(|b| b.layout.size() == 0 || b.addr() != addr),
+                "a miss returned a live block"
+            ),
+            Outcome::Dangling | Outcome::Err => {}
+        }
+    }
+
+    fn arm(&self, fail: Fail) {
+        self.backing.script([fail.first, fail.retry]);
+    }
+
+    fn allocate(&mut self, handle: Pick, layout: Layout, zeroed: bool, fail: Fail) {
+        let outcome = self.model.allocate(layout, fail);
+        self.arm(fail);
+        let cache = self.handle(handle);
+        let got = if zeroed {
+            cache.allocate_zeroed(layout)
+        } else {
+            cache.allocate(layout)
+        };
+        self.backing.script([]);
+        let Ok(got) = got else {
+            assert_eq!(outcome, Outcome::Err, "{layout:?} failed");
+            return;
+        };
+        assert_ne!(outcome, Outcome::Err, "{layout:?} should have failed");
+        self.check_new(got, layout, &outcome, None);
+        let seed = self.seed();
+        let mut block = Block {
+            ptr: got.cast(),
+            layout,
+            seed,
+        };
+        if zeroed {
+            assert!(
+                block.bytes() == zeros(layout.size()),
+                "allocate_zeroed not zero"
+            );
+        }
+        block
+            .bytes_mut()
+            .copy_from_slice(pattern(seed, layout.size()));
+        self.live.push(block);
+    }
+
+    fn deallocate(&mut self, index: Pick, handle: Pick) {
+        if self.live.is_empty() {
+            return;
+        }
+        let block = self.live.swap_remove(index.of(self.live.len()));
+        block.check_all();
+        self.model.deallocate(block.addr(), block.layout);
+        // SAFETY: a live block of this cache (any handle) with its layout.
+        unsafe { self.handle(handle).deallocate(block.ptr, block.layout) };
+    }
+
+    fn resize(
+        &mut self,
+        index: Pick,
+        target: (usize, usize),
+        how: Resize,
+        handle: Pick,
+        fail: Fail,
+    ) {
+        let (size, align) = target;
+        let grow = how != Resize::Shrink;
+        let zeroed = how == Resize::GrowZeroed;
+        if self.live.is_empty() {
+            return;
+        }
+        let i = index.of(self.live.len());
+        let old = self.live[i].layout;
+        let size = if grow {
+            size.max(old.size())
+        } else {
+            size.min(old.size())
+        };
+        let new = Layout::from_size_align(size, align).unwrap();
+        self.live[i].check_all();
+        let outcome = self.model.resize(self.live[i].addr(), old, new, fail);
+        self.arm(fail);
+        let cache = self.handle(handle);
+        // SAFETY: the block is live for `old`; `new` is at least (grow) or at
+        // most (shrink) its size.
+        let got = unsafe {
+            match (grow, zeroed) {
+                (true, false) => cache.grow(self.live[i].ptr, old, new),
+                (true, true) => cache.grow_zeroed(self.live[i].ptr, old, new),
+                (false, _) => cache.shrink(self.live[i].ptr, old, new),
+            }
+        };
+        self.backing.script([]);
+        let Ok(got) = got else {
+            assert_eq!(outcome, Outcome::Err, "{old:?} -> {new:?} failed");
+            // The old block is untouched and still live.
+            self.live[i].check_all();
+            return;
+        };
+        assert_ne!(
+            outcome,
+            Outcome::Err,
+            "{old:?} -> {new:?} should have failed"
+        );
+        self.check_new(got, new, &outcome, Some(self.live[i].addr()));
+        let block = &mut self.live[i];
+        block.ptr = got.cast();
+        block.layout = new;
+        let kept = old.size().min(new.size());
+        let expected = pattern(block.seed, new.size());
+        assert!(
+            block.bytes()[..kept] == expected[..kept],
+            "{old:?} -> {new:?} lost contents"
+        );
+        if zeroed && outcome != Outcome::InPlace {
+            assert!(
+                block.bytes()[kept..] == *zeros(new.size() - kept),
+                "grow_zeroed tail not zero"
+            );
+        }
+        block.bytes_mut()[kept..].copy_from_slice(&expected[kept..]);
+    }
+
+    fn step(&mut self, op: &Op) {
+        match *op {
+            Op::Allocate {
+                size,
+                align,
+                zeroed,
+                handle,
+                fail,
+            } => self.allocate(
+                handle,
+                Layout::from_size_align(size, align).unwrap(),
+                zeroed,
+                fail,
+            ),
+            Op::Reuse {
+                key,
+                align,
+                zeroed,
+                handle,
+            } => {
+                let mut cached: Vec<Key> = (self.model.free.iter())
+                    .filter(|(_, addrs)| !addrs.is_empty())
+                    .map(|(&key, _)| key)
+                    .collect();
+                if cached.is_empty() {
+                    return self.check_invariants();
+                }
+                cached.sort_unstable();
+                let (size, class) = cached[key.of(cached.len())];
+                let align = if class == MIN_ALIGN {
+                    [1, 8, 64][align.of(3)]
+                } else {
+                    class
+                };
+                let layout = Layout::from_size_align(size, align).unwrap();
+                self.allocate(handle, layout, zeroed, NO_FAIL);
+            }
+            Op::Deallocate { index, handle } => self.deallocate(index, handle),
+            Op::Grow {
+                index,
+                size,
+                align,
+                zeroed,
+                handle,
+                fail,
+            } => {
+                let how = if zeroed {
+                    Resize::GrowZeroed
+                } else {
+                    Resize::Grow
+                };
+                self.resize(index, (size, align), how, handle, fail)
+            }
+            Op::Shrink {
+                index,
+                size,
+                align,
+                handle,
+                fail,
+            } => self.resize(index, (size, align), Resize::Shrink, handle, fail),
+            Op::AllocateAbsurd { which, zeroed } => {
+                let layout = if which {
+                    Layout::from_size_align(isize::MAX as usize / 2, 64).unwrap()
+                } else {
+                    Layout::from_size_align(isize::MAX as usize - 62, 1).unwrap()
+                };
+                let handle = Pick(0);
+                self.allocate(handle, layout, zeroed, NO_FAIL);
+            }
+            Op::ReleaseCached { handle } => {
+                let expected = self.model.release();
+                assert_eq!(self.handle(handle).release_cached(), expected);
+            }
+            Op::CloneHandle { handle } => {
+                let clone = self.handle(handle).clone();
+                assert!(clone.same_cache(&self.handles[0]));
+                self.handles.push(clone);
+            }
+            Op::DropHandle { handle } => {
+                if self.handles.len() > 1 {
+                    let i = handle.of(self.handles.len());
+                    self.handles.swap_remove(i);
+                }
+            }
+        }
+        self.check_invariants();
+    }
+
+    fn check_invariants(&self) {
+        let stats = self.handles[0].stats();
+        assert_eq!(stats, self.model.stats);
+        let counting = self.backing.counting();
+        assert_eq!(counting.live_bytes(), stats.bytes_reserved);
+        assert_eq!(counting.allocs(), stats.backing_allocs);
+        assert_eq!(counting.frees(), stats.backing_frees);
+
+        // The backing holds exactly the live and the cached blocks, each with
+        // its block layout.
+        let mut expected = BTreeMap::new();
+        for block in self.live.iter().filter(|b| b.layout.size() > 0) {
+            let previous = expected.insert(block.addr(), block_layout(block.layout));
+            assert!(
+                previous.is_none(),
+                "block {:#x} handed out twice",
+                block.addr()
+            );
+        }
+        for (&(size, align), addrs) in &self.model.free {
+            for &addr in addrs {
+                let previous = expected.insert(addr, Layout::from_size_align(size, align).unwrap());
+                assert!(previous.is_none(), "block {addr:#x} both live and cached");
+            }
+        }
+        let held: BTreeMap<usize, Layout> = counting.live_layouts().into_iter().collect();
+        assert_eq!(held, expected);
+
+        // No two live blocks overlap.
+        let mut spans: Vec<(usize, usize)> = self
+            .live
+            .iter()
+            .filter(|b| b.layout.size() > 0)
+            .map(|b| (b.addr(), b.addr() + b.layout.size()))
+            .collect();
+        spans.sort_unstable();
+        for pair in spans.windows(2) {
+            assert!(pair[0].1 <= pair[1].0, "live blocks overlap: {pair:?}");
+        }
+        for block in &self.live {
+            assert_eq!(block.addr() % block.layout.align(), 0);
+            block.check_ends();
+        }
+    }
+
+    fn finish(mut self) {
+        for block in &self.live {
+            block.check_all();
+        }
+        while !self.live.is_empty() {
+            self.deallocate(Pick(0), Pick(self.live.len()));
+        }
+        self.check_invariants();
+        let expected = self.model.release();
+        assert_eq!(self.handles[0].release_cached(), expected);
+        self.check_invariants();
+        let counting = self.backing.counting().clone();
+        assert_eq!(counting.live_blocks(), 0);
+        // A few more cached blocks for the final drop to return.
+        let cache = self.handles[0].clone();
+        for size in [10, 10, 4096] {
+            let block = cache
+                .allocate(Layout::from_size_align(size, 8).unwrap())
+                .unwrap();
+            // SAFETY: allocated just above with this layout.
+            unsafe { cache.deallocate(block.cast(), Layout::from_size_align(size, 8).unwrap()) };
+        }
+        drop(cache);
+        drop(self.handles);
+        assert_eq!(counting.live_blocks(), 0);
+        assert_eq!(counting.frees(), counting.allocs());
+    }
+}
+
+fn run(ops: &[Op]) {
+    let mut harness = Harness::new();
+    for op in ops {
+        harness.step(op);
+    }
+    harness.finish();
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: cases_from_env_or(2000),
+        // Relative to the package root, where `cargo test` runs test binaries.
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/properties.txt",
+        ))),
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn cache_matches_its_model(ops in prop::collection::vec(op(false), 1..64)) {
+        run(&ops);
+    }
+
+    #[test]
+    fn cache_matches_its_model_when_the_backing_fails(ops in prop::collection::vec(op(true), 1..64)) {
+        run(&ops);
+    }
+}
+
+/// The model itself, on a fixed sequence: a hit after a free, a retry that
+/// releases the cache, a failure after the retry.
+#[test]
+fn the_model_follows_a_known_sequence() {
+    let l = |size| Layout::from_size_align(size, 8).unwrap();
+    let mut model = Model::default();
+    assert_eq!(model.allocate(l(100), NO_FAIL), Outcome::Miss);
+    model.deallocate(0x1000, l(100));
+    assert_eq!(model.allocate(l(100), NO_FAIL), Outcome::Hit(0x1000));
+    model.deallocate(0x1000, l(100));
+    let first = Fail {
+        first: true,
+        retry: false,
+    };
+    assert_eq!(model.allocate(l(200), first), Outcome::Miss);
+    assert_eq!(
+        (
+            model.stats.retries,
+            model.stats.releases,
+            model.stats.bytes_cached
+        ),
+        (1, 1, 0)
+    );
+    let both = Fail {
+        first: true,
+        retry: true,
+    };
+    assert_eq!(model.allocate(l(300), both), Outcome::Err);
+    assert_eq!(model.stats.failures, 1);
+    // And the cache agrees on the same sequence.
+    run(&[
+        Op::Allocate {
+            size: 100,
+            align: 8,
+            zeroed: false,
+            handle: Pick(0),
+            fail: NO_FAIL,
+        },
+        Op::Deallocate {
+            index: Pick(0),
+            handle: Pick(0),
+        },
+        Op::Allocate {
+            size: 100,
+            align: 1,
+            zeroed: true,
+            handle: Pick(0),
+            fail: NO_FAIL,
+        },
+        Op::Deallocate {
+            index: Pick(0),
+            handle: Pick(0),
+        },
+        Op::Allocate {
+            size: 200,
+            align: 8,
+            zeroed: false,
+            handle: Pick(0),
+            fail: first,
+        },
+        Op::Allocate {
+            size: 300,
+            align: 8,
+            zeroed: false,
+            handle: Pick(0),
+            fail: both,
+        },
+        Op::Grow {
+            index: Pick(0),
+            size: 5000,
+            align: 4096,
+            zeroed: true,
+            handle: Pick(0),
+            fail: NO_FAIL,
+        },
+        Op::Shrink {
+            index: Pick(0),
+            size: 0,
+            align: 1,
+            handle: Pick(0),
+            fail: NO_FAIL,
+        },
+    ]);
+}

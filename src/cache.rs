@@ -1,52 +1,55 @@
-//! The state behind the lock: free lists, counters, and every call to the
-//! backing allocator.
+//! The state behind the lock: free lists, counters, eviction, and every call
+//! to the backing allocator.
 //!
 //! Locking discipline: the lock is held only while free lists and counters
 //! change. The backing allocator is always called with the lock released, so a
 //! backing allocator that allocates (or frees into this very cache) cannot
 //! deadlock, and a slow `malloc`/`munmap` does not stall other threads' hits.
+//! A shared [`Budget`] is only ever called with no cache lock held.
 
 use core::alloc::Layout;
 use core::mem;
 use core::ptr::{self, NonNull};
+use std::collections::BTreeMap;
 
-use allocator_api2::alloc::{AllocError, Allocator, Global};
+use allocator_api2::alloc::{AllocError, Allocator};
 use allocator_api2::vec::Vec;
 use foldhash::fast::FixedState;
 use hashbrown::HashMap;
 
-use crate::policy::Key;
-use crate::reentry;
+use crate::budget::{Budget, Member};
+use crate::policy::{Key, SizePolicy};
+use crate::reentry::{self, Bookkeeping};
 use crate::stats::Stats;
 use crate::sync::Mutex;
 
-/// Where the cache's own bookkeeping (free-list vectors, the map) lives: the
-/// global allocator, marked as "inside the allocator" so that a scoped global
-/// allocator serves it from its inner allocator, never from a cache (this
-/// cache's lock may be held). Never the backing allocator: that one sees
-/// exactly the blocks handed to users.
-#[derive(Clone, Copy, Default)]
-struct Bookkeeping;
+/// How a cache decides what to keep: set once by the `Builder`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Config {
+    pub(crate) policy: SizePolicy,
+    pub(crate) max_cached_bytes: Option<usize>,
+    pub(crate) budget: Option<Budget>,
+    pub(crate) stop_caching_after_failure: bool,
+}
 
-// SAFETY: every method forwards to `Global` unchanged; marking the thread
-// does not touch the memory.
-unsafe impl Allocator for Bookkeeping {
-    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        let _inside = reentry::inside();
-        Global.allocate(layout)
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        let _inside = reentry::inside();
-        // SAFETY: the caller's contract: `ptr` came from `allocate` above,
-        // that is from `Global`, with `layout`.
-        unsafe { Global.deallocate(ptr, layout) }
+impl Config {
+    /// Whether blocks are ever evicted one by one, oldest first: then an age
+    /// index is kept so the oldest is found in `O(log n)`.
+    fn evicts(&self) -> bool {
+        self.max_cached_bytes.is_some() || self.budget.is_some()
     }
 }
 
-/// Cached blocks of one key, most recently freed last (handed out first: its
-/// cache lines and pages are the warmest).
-type FreeList = Vec<NonNull<u8>, Bookkeeping>;
+/// A cached block and its age (a clock reading taken when it was listed).
+#[derive(Clone, Copy)]
+struct Cached {
+    block: NonNull<u8>,
+    age: u64,
+}
+
+/// Cached blocks of one key, oldest first. Hits take the last (most recently
+/// freed: its cache lines and pages are the warmest); evictions the first.
+type FreeList = Vec<Cached, Bookkeeping>;
 
 /// A fixed-seed hasher: no lazy random seed, and cheap on two-word keys.
 type FreeLists = HashMap<Key, FreeList, FixedState, Bookkeeping>;
@@ -54,11 +57,21 @@ type FreeLists = HashMap<Key, FreeList, FixedState, Bookkeeping>;
 /// A cache over a backing allocator `A`; shared by all handles through an `Arc`.
 pub(crate) struct Cache<A: Allocator> {
     state: Mutex<State>,
+    config: Config,
     backing: A,
 }
 
 struct State {
     free_lists: FreeLists,
+    /// Age -> key of every cached block, when the cache evicts (a cap or a
+    /// budget is set). Its nodes come from the global allocator: mutations
+    /// run marked as inside the allocator.
+    ages: Option<BTreeMap<u64, Key>>,
+    /// The clock of a cache without a budget (a budget has one for all).
+    clock: u64,
+    /// Set after an allocation failed even after release and retry, if the
+    /// config says to stop caching then.
+    caching_stopped: bool,
     stats: Stats,
 }
 
@@ -68,31 +81,81 @@ struct State {
 unsafe impl Send for State {}
 
 impl State {
-    fn new() -> Self {
+    fn new(config: &Config) -> Self {
         Self {
             free_lists: empty_free_lists(),
+            ages: config.evicts().then(BTreeMap::new),
+            clock: 0,
+            caching_stopped: false,
             stats: Stats::default(),
         }
     }
 
-    /// Takes a cached block of `key`, if any.
+    /// Takes the most recently cached block of `key`, if any.
     #[inline]
     fn pop(&mut self, key: Key) -> Option<NonNull<u8>> {
-        self.free_lists.get_mut(&key)?.pop()
+        let cached = self.free_lists.get_mut(&key)?.pop()?;
+        if let Some(ages) = &mut self.ages {
+            let _inside = reentry::inside();
+            ages.remove(&cached.age);
+        }
+        Some(cached.block)
     }
 
     /// Lists `block` under `key`. Fails only if the bookkeeping cannot grow;
     /// the caller then gives the block back to the backing allocator.
     #[inline]
-    fn push(&mut self, key: Key, block: NonNull<u8>) -> Result<(), ()> {
+    fn push(&mut self, key: Key, cached: Cached) -> Result<(), ()> {
         self.free_lists.try_reserve(1).map_err(|_| ())?;
         let list = self
             .free_lists
             .entry(key)
             .or_insert_with(|| Vec::new_in(Bookkeeping));
         list.try_reserve(1).map_err(|_| ())?;
-        list.push(block);
+        list.push(cached);
+        if let Some(ages) = &mut self.ages {
+            let _inside = reentry::inside();
+            ages.insert(cached.age, key);
+        }
         Ok(())
+    }
+
+    /// The age of the oldest cached block.
+    fn oldest_age(&self) -> Option<u64> {
+        match &self.ages {
+            Some(ages) => ages.keys().next().copied(),
+            None => self
+                .free_lists
+                .values()
+                .filter_map(|list| list.first())
+                .map(|cached| cached.age)
+                .min(),
+        }
+    }
+
+    /// Takes the oldest cached block off its list and counts it evicted.
+    fn evict_oldest(&mut self) -> Option<(Key, NonNull<u8>)> {
+        let oldest = self.oldest_age()?;
+        let key = match &mut self.ages {
+            Some(ages) => {
+                let _inside = reentry::inside();
+                ages.remove(&oldest)?
+            }
+            None => {
+                *self
+                    .free_lists
+                    .iter()
+                    .find(|(_, list)| list.first().is_some_and(|c| c.age == oldest))?
+                    .0
+            }
+        };
+        let list = self.free_lists.get_mut(&key)?;
+        // Ages grow along a list (they are taken under the lock), so the
+        // oldest is at the front.
+        let position = list.iter().position(|cached| cached.age == oldest)?;
+        let cached = list.remove(position);
+        self.stats.on_evict(key.size);
+        Some((key, cached.block))
     }
 }
 
@@ -109,9 +172,10 @@ pub(crate) fn dangling(layout: Layout) -> NonNull<[u8]> {
 }
 
 impl<A: Allocator> Cache<A> {
-    pub(crate) fn new(backing: A) -> Self {
+    pub(crate) fn new(backing: A, config: Config) -> Self {
         Self {
-            state: Mutex::new(State::new()),
+            state: Mutex::new(State::new(&config)),
+            config,
             backing,
         }
     }
@@ -120,8 +184,21 @@ impl<A: Allocator> Cache<A> {
         &self.backing
     }
 
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
     pub(crate) fn stats(&self) -> Stats {
         self.state.lock().stats
+    }
+
+    pub(crate) fn is_caching_stopped(&self) -> bool {
+        self.state.lock().caching_stopped
+    }
+
+    #[inline]
+    fn key(&self, layout: Layout) -> Option<Key> {
+        Key::for_layout(layout, self.config.policy)
     }
 
     /// A block for `layout`: a cached one of its key if any, else a new one.
@@ -134,7 +211,7 @@ impl<A: Allocator> Cache<A> {
         if layout.size() == 0 {
             return Ok(dangling(layout));
         }
-        let Some(key) = Key::for_layout(layout) else {
+        let Some(key) = self.key(layout) else {
             self.state.lock().stats.failures += 1;
             return Err(AllocError);
         };
@@ -142,15 +219,18 @@ impl<A: Allocator> Cache<A> {
             let mut state = self.state.lock();
             let popped = state.pop(key);
             if popped.is_some() {
-                state.stats.on_hit(layout.size());
+                state.stats.on_hit(layout.size(), key.size);
             }
             popped
         };
         let block = match popped {
             Some(block) => {
+                if let Some(budget) = &self.config.budget {
+                    budget.unreserve(key.size);
+                }
                 if zeroed {
                     // SAFETY: the block was just taken off a free list, so
-                    // nobody else references it, and it holds `key.size ==
+                    // nobody else references it, and it holds `key.size >=
                     // layout.size()` writable bytes.
                     unsafe { ptr::write_bytes(block.as_ptr(), 0, layout.size()) };
                 }
@@ -158,7 +238,7 @@ impl<A: Allocator> Cache<A> {
             }
             None => {
                 let block = self.allocate_block(key, zeroed)?;
-                self.state.lock().stats.on_miss(layout.size());
+                self.state.lock().stats.on_miss(layout.size(), key.size);
                 block
             }
         };
@@ -186,13 +266,18 @@ impl<A: Allocator> Cache<A> {
         match attempt() {
             Ok(block) => Ok(block.cast()),
             Err(error) => {
-                self.state.lock().stats.failures += 1;
+                let mut state = self.state.lock();
+                state.stats.failures += 1;
+                if self.config.stop_caching_after_failure {
+                    state.caching_stopped = true;
+                }
                 Err(error)
             }
         }
     }
 
-    /// Puts a block on its free list.
+    /// Puts a block on its free list, or gives it back if it may not be
+    /// cached (larger than the cap or the budget, or caching stopped).
     ///
     /// # Safety
     ///
@@ -205,25 +290,92 @@ impl<A: Allocator> Cache<A> {
             return;
         }
         // A block handed out for `layout` proves the key exists.
-        let Some(key) = Key::for_layout(layout) else {
+        let Some(key) = self.key(layout) else {
             return;
         };
-        let listed = {
+        let requested = layout.size();
+        // The budget's share is reserved before the block is listed, so the
+        // caches on it never hold more than it, not even for a moment.
+        if let Some(budget) = &self.config.budget
+            && !budget.reserve(key.size)
+        {
+            // SAFETY: this function's contract.
+            return unsafe { self.give_back(block, key, requested) };
+        }
+        loop {
             let mut state = self.state.lock();
-            let listed = state.push(key, block);
-            // Counted as a free either way: a block the bookkeeping could not
-            // hold is counted as cached and released at once.
-            state.stats.on_free(layout.size());
-            if listed.is_err() {
-                state.stats.on_release(1, key.size);
+            let fits_cap = self
+                .config
+                .max_cached_bytes
+                .is_none_or(|cap| key.size <= cap);
+            if state.caching_stopped || !fits_cap {
+                drop(state);
+                self.unreserve(key.size);
+                // SAFETY: this function's contract.
+                return unsafe { self.give_back(block, key, requested) };
             }
-            listed
-        };
-        if listed.is_err() {
-            let _inside = reentry::inside();
-            // SAFETY: per this function's contract the block is ours, unused,
-            // and was taken from the backing allocator with `key`'s layout.
-            unsafe { self.backing.deallocate(block, key.block_layout()) };
+            if let Some(cap) = self.config.max_cached_bytes
+                && state.stats.bytes_cached + key.size > cap
+            {
+                // Make room: the oldest cached block goes back. One at a time,
+                // with the lock released around the backing call.
+                let evicted = state.evict_oldest();
+                drop(state);
+                if let Some((evicted_key, evicted_block)) = evicted {
+                    self.unreserve(evicted_key.size);
+                    // SAFETY: the block left the free lists under the lock, so
+                    // it is ours alone; it was taken with its key's layout.
+                    unsafe { self.backing_deallocate(evicted_block, evicted_key) };
+                }
+                continue;
+            }
+            let age = match &self.config.budget {
+                Some(budget) => budget.tick(),
+                None => {
+                    state.clock += 1;
+                    state.clock
+                }
+            };
+            if state.push(key, Cached { block, age }).is_err() {
+                drop(state);
+                self.unreserve(key.size);
+                // SAFETY: this function's contract.
+                return unsafe { self.give_back(block, key, requested) };
+            }
+            state.stats.on_free(requested, key.size);
+            return;
+        }
+    }
+
+    /// Frees a block in use straight to the backing allocator.
+    ///
+    /// # Safety
+    ///
+    /// `block` is a live block of this cache for a request of `requested`
+    /// bytes under `key`, unused from now on.
+    unsafe fn give_back(&self, block: NonNull<u8>, key: Key, requested: usize) {
+        self.state
+            .lock()
+            .stats
+            .on_free_uncached(requested, key.size);
+        // SAFETY: the caller's contract: the block is ours and was taken with
+        // `key`'s layout.
+        unsafe { self.backing_deallocate(block, key) };
+    }
+
+    /// # Safety
+    ///
+    /// `block` was taken from the backing allocator with `key`'s layout, is
+    /// owned by this cache alone, and is not listed.
+    unsafe fn backing_deallocate(&self, block: NonNull<u8>, key: Key) {
+        let _inside = reentry::inside();
+        // SAFETY: the caller's contract.
+        unsafe { self.backing.deallocate(block, key.block_layout()) };
+    }
+
+    fn unreserve(&self, bytes: usize) {
+        if let Some(budget) = &self.config.budget {
+            budget.unreserve(bytes);
         }
     }
 
@@ -281,8 +433,8 @@ impl<A: Allocator> Cache<A> {
         new: Layout,
         zeroed: bool,
     ) -> Result<NonNull<[u8]>, AllocError> {
-        if old.size() != 0 && new.size() != 0 && Key::for_layout(old) == Key::for_layout(new) {
-            // Same key: the block already has the new layout's size and
+        if old.size() != 0 && new.size() != 0 && self.key(old) == self.key(new) {
+            // Same key: the block already has the new layout's size class and
             // alignment class.
             self.state
                 .lock()
@@ -312,30 +464,80 @@ impl<A: Allocator> Cache<A> {
     /// Gives every cached block back to the backing allocator; returns the
     /// bytes given back.
     pub(crate) fn release_cached(&self) -> usize {
-        let (lists, bytes) = {
+        let (lists, ages, bytes) = {
             let mut state = self.state.lock();
             let lists = mem::replace(&mut state.free_lists, empty_free_lists());
+            let ages = state.ages.as_mut().map(mem::take);
             let (blocks, bytes) = (state.stats.blocks_cached, state.stats.bytes_cached);
             state.stats.on_release(blocks, bytes);
-            (lists, bytes)
+            (lists, ages, bytes)
         };
+        self.unreserve(bytes);
         // The blocks left the free lists under the lock, so no other thread
         // can hand them out; give them back without holding it.
         let _inside = reentry::inside();
         for (key, list) in lists {
-            for block in list {
+            for cached in list {
                 // SAFETY: every listed block was taken from the backing
                 // allocator with `key.block_layout()`, is owned by the cache
                 // alone, and is no longer listed, so it is given back once.
-                unsafe { self.backing.deallocate(block, key.block_layout()) };
+                unsafe { self.backing.deallocate(cached.block, key.block_layout()) };
             }
         }
+        drop(ages);
         bytes
+    }
+
+    /// Gives cached blocks back, oldest first, until at most `target_bytes`
+    /// stay cached; returns the bytes given back.
+    pub(crate) fn trim(&self, target_bytes: usize) -> usize {
+        let mut trimmed = 0;
+        loop {
+            let evicted = {
+                let mut state = self.state.lock();
+                if state.stats.bytes_cached <= target_bytes {
+                    return trimmed;
+                }
+                state.evict_oldest()
+            };
+            let Some((key, block)) = evicted else {
+                return trimmed;
+            };
+            self.unreserve(key.size);
+            // SAFETY: the block left the free lists under the lock: ours alone,
+            // taken with its key's layout.
+            unsafe { self.backing_deallocate(block, key) };
+            trimmed += key.size;
+        }
+    }
+}
+
+impl<A: Allocator + Send + Sync> Member for Cache<A> {
+    fn oldest(&self) -> Option<u64> {
+        self.state.lock().oldest_age()
+    }
+
+    fn evict_oldest(&self) -> bool {
+        let evicted = self.state.lock().evict_oldest();
+        match evicted {
+            Some((key, block)) => {
+                self.unreserve(key.size);
+                // SAFETY: the block left the free lists under the lock: ours
+                // alone, taken with its key's layout.
+                unsafe { self.backing_deallocate(block, key) };
+                true
+            }
+            None => false,
+        }
     }
 }
 
 impl<A: Allocator> Drop for Cache<A> {
     fn drop(&mut self) {
+        if let Some(budget) = &self.config.budget {
+            // After this, no other cache on the budget can reach this one.
+            budget.unregister((self as *const Self).cast());
+        }
         // The last handle is gone, so no block is in use (collections hold
         // handles); everything cached goes back.
         self.release_cached();

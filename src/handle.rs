@@ -4,7 +4,9 @@ use core::fmt;
 
 use allocator_api2::alloc::{Allocator, Global};
 
-use crate::cache::Cache;
+use crate::builder::Builder;
+use crate::cache::{Cache, Config};
+use crate::policy::SizePolicy;
 use crate::stats::Stats;
 use crate::sync::Arc;
 
@@ -51,9 +53,15 @@ pub struct CachingAllocator<A: Allocator = Global> {
 }
 
 impl CachingAllocator {
-    /// A new, empty cache backed by the global allocator.
+    /// A new, empty cache backed by the global allocator, with the seed's
+    /// policy: exact sizes, no cap. The same as `builder().build()`.
     pub fn new() -> Self {
-        Self::new_in(Global)
+        Self::builder().build()
+    }
+
+    /// Configures a cache: size classes, a cap, a shared budget.
+    pub fn builder() -> Builder {
+        Builder::new()
     }
 }
 
@@ -78,7 +86,7 @@ impl<A: Allocator> CachingAllocator<A> {
     /// ```
     pub fn new_in(backing: A) -> Self {
         Self {
-            cache: Arc::new(Cache::new(backing)),
+            cache: Arc::new(Cache::new(backing, Config::default())),
         }
     }
 
@@ -102,6 +110,48 @@ impl<A: Allocator> CachingAllocator<A> {
     /// ```
     pub fn release_cached(&self) -> usize {
         self.cache.release_cached()
+    }
+
+    /// Gives cached blocks back to the backing allocator, oldest first, until
+    /// at most `target_bytes` stay cached; returns the bytes given back.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use allocator_api2::vec::Vec;
+    /// use caching_allocator::CachingAllocator;
+    ///
+    /// let cache = CachingAllocator::new();
+    /// let a = Vec::<u8, _>::with_capacity_in(1000, cache.clone());
+    /// let b = Vec::<u8, _>::with_capacity_in(2000, cache.clone());
+    /// drop(a); // cached first: the oldest
+    /// drop(b);
+    /// assert_eq!(cache.trim(2500), 1000);
+    /// assert_eq!(cache.stats().bytes_cached, 2000);
+    /// ```
+    pub fn trim(&self, target_bytes: usize) -> usize {
+        self.cache.trim(target_bytes)
+    }
+
+    /// The size policy this cache was built with.
+    pub fn size_policy(&self) -> SizePolicy {
+        self.cache.config().policy
+    }
+
+    /// The cap on cached bytes this cache was built with, if any.
+    pub fn max_cached_bytes(&self) -> Option<usize> {
+        self.cache.config().max_cached_bytes
+    }
+
+    /// The budget this cache shares, if any.
+    pub fn budget(&self) -> Option<&crate::Budget> {
+        self.cache.config().budget.as_ref()
+    }
+
+    /// Whether caching stopped after an allocation failure (only with
+    /// [`Builder::stop_caching_after_failure`]).
+    pub fn is_caching_stopped(&self) -> bool {
+        self.cache.is_caching_stopped()
     }
 
     /// A snapshot of the counters, consistent with each other (taken under

@@ -48,6 +48,8 @@ assert_eq!(cache.stats().hits, 1);
 #![warn(missing_docs)]
 
 mod api;
+mod budget;
+mod builder;
 mod cache;
 #[cfg(not(loom))]
 mod global;
@@ -60,10 +62,12 @@ mod stats;
 mod sync;
 
 pub use allocator_api2::alloc::{AllocError, Allocator, Global};
+pub use budget::Budget;
+pub use builder::Builder;
 #[cfg(not(loom))]
 pub use global::{DEFAULT_MIN_SIZE, ScopedGlobal};
 pub use handle::CachingAllocator;
-pub use policy::MIN_ALIGN;
+pub use policy::{MIN_ALIGN, SIZE_GRANULARITY, SizePolicy};
 #[cfg(not(loom))]
 pub use scope::Scope;
 pub use stats::Stats;

@@ -63,3 +63,32 @@ mod imp {
 pub(crate) use imp::inside;
 #[cfg(not(loom))]
 pub(crate) use imp::is_inside;
+
+use core::alloc::Layout;
+use core::ptr::NonNull;
+
+use allocator_api2::alloc::{AllocError, Allocator, Global};
+
+/// Where the crate's own bookkeeping (free lists, the budget's member list)
+/// lives: the global allocator, with the thread marked as inside the
+/// allocator, so that a scoped global allocator serves it from its inner
+/// allocator and never from a cache (whose lock may be held). Never a cache's
+/// backing allocator: that one sees exactly the blocks handed to users.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Bookkeeping;
+
+// SAFETY: every method forwards to `Global` unchanged; marking the thread
+// does not touch the memory.
+unsafe impl Allocator for Bookkeeping {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        let _inside = inside();
+        Global.allocate(layout)
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        let _inside = inside();
+        // SAFETY: the caller's contract: `ptr` came from `allocate` above,
+        // that is from `Global`, with `layout`.
+        unsafe { Global.deallocate(ptr, layout) }
+    }
+}

@@ -5,8 +5,10 @@ use core::fmt;
 /// A snapshot of a cache's counters, taken under its lock (so the fields agree
 /// with each other).
 ///
-/// Byte counts are the sizes of the `Layout`s users asked for; with the
-/// default exact-size policy that is also what the backing allocator holds.
+/// `bytes_in_use` counts the sizes of the `Layout`s users asked for; the
+/// other byte counts are block sizes, what the backing allocator really holds.
+/// With the default exact-size policy the two agree; with size classes the
+/// difference is `bytes_lost_to_rounding`.
 /// The fields follow the questions a person tuning memory asks first, in the
 /// spirit of PyTorch's `torch.cuda.memory_stats`: how often the cache helped
 /// (`hits`, `misses`), how much memory is in use and held (`bytes_in_use`,
@@ -42,11 +44,14 @@ pub struct Stats {
     pub frees: u64,
     /// Bytes handed out and not yet freed.
     pub bytes_in_use: usize,
-    /// Bytes held on free lists, ready to be handed out again.
+    /// Bytes held on free lists, ready to be handed out again (block sizes).
     pub bytes_cached: usize,
     /// Bytes taken from the backing allocator and not given back: in use plus
     /// cached. This is the cache's memory footprint.
     pub bytes_reserved: usize,
+    /// Bytes of the blocks in use beyond what their requests asked for (size
+    /// classes round up; always 0 with `SizePolicy::Exact`).
+    pub bytes_lost_to_rounding: usize,
     /// Blocks handed out and not yet freed.
     pub blocks_in_use: usize,
     /// Blocks held on free lists.
@@ -66,6 +71,12 @@ pub struct Stats {
     pub releases: u64,
     /// Bytes given back by those releases, in total.
     pub bytes_released: u64,
+    /// Cached blocks given back one by one to respect `max_cached_bytes`, a
+    /// shared `Budget` or a `trim`, and freed blocks not cached because they
+    /// did not fit (or caching stopped after a failure).
+    pub evictions: u64,
+    /// Bytes of those blocks, in total.
+    pub bytes_evicted: u64,
     /// Backing allocations that failed and were retried after releasing the
     /// cache (the seed's out-of-memory path).
     pub retries: u64,
@@ -85,39 +96,49 @@ impl Stats {
         }
     }
 
-    pub(crate) fn on_hit(&mut self, bytes: usize) {
+    /// A cached block of `block` bytes served a request of `requested`.
+    pub(crate) fn on_hit(&mut self, requested: usize, block: usize) {
         self.hits += 1;
-        self.bytes_cached -= bytes;
+        self.bytes_cached -= block;
         self.blocks_cached -= 1;
-        self.add_in_use(bytes);
+        self.add_in_use(requested, block);
     }
 
-    pub(crate) fn on_miss(&mut self, bytes: usize) {
+    /// A new block of `block` bytes served a request of `requested`.
+    pub(crate) fn on_miss(&mut self, requested: usize, block: usize) {
         self.misses += 1;
         self.backing_allocs += 1;
-        self.bytes_reserved += bytes;
+        self.bytes_reserved += block;
         self.peak_bytes_reserved = self.peak_bytes_reserved.max(self.bytes_reserved);
-        self.add_in_use(bytes);
+        self.add_in_use(requested, block);
     }
 
-    pub(crate) fn on_free(&mut self, bytes: usize) {
-        self.frees += 1;
-        self.bytes_in_use -= bytes;
-        self.blocks_in_use -= 1;
-        self.bytes_cached += bytes;
+    /// A block in use was freed onto a free list.
+    pub(crate) fn on_free(&mut self, requested: usize, block: usize) {
+        self.remove_in_use(requested, block);
+        self.bytes_cached += block;
         self.blocks_cached += 1;
         self.peak_bytes_cached = self.peak_bytes_cached.max(self.bytes_cached);
     }
 
-    /// A block of `bytes` changed size in place (`grow`/`shrink` within one
-    /// free list).
+    /// A block in use was freed straight back to the backing allocator.
+    pub(crate) fn on_free_uncached(&mut self, requested: usize, block: usize) {
+        self.remove_in_use(requested, block);
+        self.bytes_reserved -= block;
+        self.backing_frees += 1;
+        self.evictions += 1;
+        self.bytes_evicted += block as u64;
+    }
+
+    /// A block changed size in place (`grow`/`shrink` within one free list).
     pub(crate) fn on_resize_in_place(&mut self, old_bytes: usize, new_bytes: usize) {
         self.bytes_in_use = self.bytes_in_use - old_bytes + new_bytes;
+        self.bytes_lost_to_rounding = self.bytes_lost_to_rounding + old_bytes - new_bytes;
         self.peak_bytes_in_use = self.peak_bytes_in_use.max(self.bytes_in_use);
     }
 
     /// `blocks` cached blocks holding `bytes` went back to the backing
-    /// allocator.
+    /// allocator at once (`release_cached`).
     pub(crate) fn on_release(&mut self, blocks: usize, bytes: usize) {
         self.releases += 1;
         self.bytes_released += bytes as u64;
@@ -127,13 +148,31 @@ impl Stats {
         self.bytes_reserved -= bytes;
     }
 
-    fn add_in_use(&mut self, bytes: usize) {
-        self.bytes_in_use += bytes;
+    /// One cached block of `block` bytes went back to the backing allocator
+    /// (a cap, a budget or a trim).
+    pub(crate) fn on_evict(&mut self, block: usize) {
+        self.evictions += 1;
+        self.bytes_evicted += block as u64;
+        self.backing_frees += 1;
+        self.bytes_cached -= block;
+        self.blocks_cached -= 1;
+        self.bytes_reserved -= block;
+    }
+
+    fn add_in_use(&mut self, requested: usize, block: usize) {
+        self.bytes_in_use += requested;
+        self.bytes_lost_to_rounding += block - requested;
         self.blocks_in_use += 1;
         self.peak_bytes_in_use = self.peak_bytes_in_use.max(self.bytes_in_use);
     }
-}
 
+    fn remove_in_use(&mut self, requested: usize, block: usize) {
+        self.frees += 1;
+        self.bytes_in_use -= requested;
+        self.bytes_lost_to_rounding -= block - requested;
+        self.blocks_in_use -= 1;
+    }
+}
 /// A short human summary: the numbers a person tuning memory reads first.
 ///
 /// ```
@@ -153,23 +192,26 @@ impl fmt::Display for Stats {
         )?;
         writeln!(
             f,
-            "in use {} in {} blocks (peak {}), cached {} in {} blocks (peak {})",
+            "in use {} in {} blocks (peak {}, {} lost to rounding), cached {} in {} blocks (peak {})",
             Bytes(self.bytes_in_use),
             self.blocks_in_use,
             Bytes(self.peak_bytes_in_use),
+            Bytes(self.bytes_lost_to_rounding),
             Bytes(self.bytes_cached),
             self.blocks_cached,
             Bytes(self.peak_bytes_cached)
         )?;
         write!(
             f,
-            "reserved {} (peak {}); backing allocs {}, frees {}; releases {} ({}), retries {}, failures {}",
+            "reserved {} (peak {}); backing allocs {}, frees {}; releases {} ({}), evictions {} ({}), retries {}, failures {}",
             Bytes(self.bytes_reserved),
             Bytes(self.peak_bytes_reserved),
             self.backing_allocs,
             self.backing_frees,
             self.releases,
             Bytes(self.bytes_released.try_into().unwrap_or(usize::MAX)),
+            self.evictions,
+            Bytes(self.bytes_evicted.try_into().unwrap_or(usize::MAX)),
             self.retries,
             self.failures
         )
@@ -203,10 +245,10 @@ mod tests {
     #[test]
     fn counters_follow_a_block_through_its_life() {
         let mut stats = Stats::default();
-        stats.on_miss(100);
-        stats.on_free(100);
-        stats.on_hit(100);
-        stats.on_free(100);
+        stats.on_miss(100, 100);
+        stats.on_free(100, 100);
+        stats.on_hit(100, 100);
+        stats.on_free(100, 100);
         stats.on_release(1, 100);
         assert_eq!((stats.hits, stats.misses, stats.frees), (1, 1, 2));
         assert_eq!(
@@ -219,6 +261,36 @@ mod tests {
         );
         assert_eq!((stats.backing_allocs, stats.backing_frees), (1, 1));
         assert_eq!((stats.releases, stats.bytes_released), (1, 100));
+    }
+
+    #[test]
+    fn rounding_is_counted_while_a_block_is_in_use() {
+        let mut stats = Stats::default();
+        stats.on_miss(1000, 1024);
+        assert_eq!(
+            (
+                stats.bytes_in_use,
+                stats.bytes_reserved,
+                stats.bytes_lost_to_rounding
+            ),
+            (1000, 1024, 24)
+        );
+        stats.on_resize_in_place(1000, 1020);
+        assert_eq!(stats.bytes_lost_to_rounding, 4);
+        stats.on_free(1020, 1024);
+        assert_eq!(
+            (
+                stats.bytes_in_use,
+                stats.bytes_cached,
+                stats.bytes_lost_to_rounding
+            ),
+            (0, 1024, 0)
+        );
+        stats.on_evict(1024);
+        assert_eq!(
+            (stats.bytes_reserved, stats.evictions, stats.bytes_evicted),
+            (0, 1, 1024)
+        );
     }
 
     #[test]

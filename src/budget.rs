@@ -1,0 +1,199 @@
+//! [`Budget`]: one byte budget for the cached memory of several caches.
+//!
+//! Accounting: a cache reserves a block's bytes on the budget *before* it
+//! lists the block, and gives them back when the block leaves its free lists,
+//! so the sum of cached bytes over the members never exceeds the limit, at
+//! any instant. When a reservation does not fit, the member holding the block
+//! cached longest ago (one clock for all members) gives that block back, and
+//! the reservation is tried again.
+//!
+//! Locking: the member list has its own lock, taken with no cache lock held;
+//! a member's lock is taken under it only briefly, one member at a time. No
+//! path holds two cache locks, so two caches trimming each other cannot
+//! deadlock, and a member unregisters (in its `Drop`) under the list's lock,
+//! so it is never reached after it is gone.
+
+use core::fmt;
+use core::ptr::NonNull;
+use core::sync::atomic::Ordering;
+
+use allocator_api2::vec::Vec;
+
+use crate::reentry::Bookkeeping;
+use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex};
+
+/// A byte budget shared by the cached memory of several caches: one per model
+/// in an inference server, say, all within one limit.
+///
+/// When a free would push the caches past the budget, the blocks cached
+/// longest ago go back to their backing allocators first, whichever cache
+/// holds them: an idle model's cache yields to the busy one. A block larger
+/// than the whole budget is not cached. Only cached bytes count: blocks in use
+/// are the models' own business.
+///
+/// `Budget` is a cheap handle (`Clone` shares it) and `Send + Sync`. Clones of
+/// a cache built with a budget share it too.
+///
+/// # Examples
+///
+/// ```
+/// use allocator_api2::vec::Vec;
+/// use caching_allocator::{Budget, CachingAllocator};
+///
+/// let budget = Budget::new(1 << 20);
+/// let busy = CachingAllocator::builder().budget(&budget).build();
+/// let idle = CachingAllocator::builder().budget(&budget).build();
+///
+/// drop(Vec::<u8, _>::with_capacity_in(600 << 10, idle.clone())); // cached first
+/// drop(Vec::<u8, _>::with_capacity_in(600 << 10, busy.clone())); // does not fit beside it
+///
+/// assert_eq!(idle.stats().bytes_cached, 0, "the older block went back");
+/// assert_eq!(busy.stats().bytes_cached, 600 << 10);
+/// assert!(budget.bytes_cached() <= budget.limit());
+/// ```
+#[derive(Clone)]
+pub struct Budget {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    limit: usize,
+    /// Bytes reserved by members for their cached blocks.
+    cached: AtomicUsize,
+    /// Ages of cached blocks, comparable across members.
+    clock: AtomicU64,
+    members: Mutex<Vec<MemberPtr, Bookkeeping>>,
+}
+
+/// What a budget needs of a member cache.
+pub(crate) trait Member: Send + Sync {
+    /// The age (clock reading) of this member's oldest cached block.
+    fn oldest(&self) -> Option<u64>;
+
+    /// Gives this member's oldest cached block back to its backing allocator
+    /// (and its bytes back to the budget); whether there was one.
+    fn evict_oldest(&self) -> bool;
+}
+
+/// A registered member. Registered right after the cache is placed in its
+/// `Arc`, unregistered at the start of its `Drop`, both under the members'
+/// lock; so while that lock is held, every pointer in the list is live.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) struct MemberPtr(NonNull<dyn Member>);
+
+// SAFETY: a `MemberPtr` is only dereferenced under the members' lock, where
+// the member is live (see above), and `dyn Member` is `Send + Sync`.
+unsafe impl Send for MemberPtr {}
+
+impl MemberPtr {
+    pub(crate) fn new(member: &(dyn Member + 'static)) -> Self {
+        Self(NonNull::from(member))
+    }
+}
+
+impl Budget {
+    /// A budget of `limit` bytes for the cached blocks of all caches built
+    /// with it.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                limit,
+                cached: AtomicUsize::new(0),
+                clock: AtomicU64::new(0),
+                members: Mutex::new(Vec::new_in(Bookkeeping)),
+            }),
+        }
+    }
+
+    /// The limit, in bytes.
+    pub fn limit(&self) -> usize {
+        self.shared.limit
+    }
+
+    /// Bytes cached by all caches on this budget now (never above
+    /// [`limit`](Self::limit)).
+    pub fn bytes_cached(&self) -> usize {
+        self.shared.cached.load(Ordering::Acquire)
+    }
+
+    /// Reserves `bytes` for a block about to be cached, evicting the oldest
+    /// blocks of any member until they fit. `false` if they cannot fit: the
+    /// block is larger than the limit, or nothing is left to evict (other
+    /// reservations hold the rest).
+    pub(crate) fn reserve(&self, bytes: usize) -> bool {
+        if bytes > self.shared.limit {
+            return false;
+        }
+        loop {
+            let fitted =
+                self.shared
+                    .cached
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cached| {
+                        (cached + bytes <= self.shared.limit).then_some(cached + bytes)
+                    });
+            if fitted.is_ok() {
+                return true;
+            }
+            if !self.evict_oldest() {
+                return false;
+            }
+        }
+    }
+
+    /// Gives back bytes reserved for a block that left a free list.
+    pub(crate) fn unreserve(&self, bytes: usize) {
+        self.shared.cached.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// The next age: called under the member's lock, so each member's blocks
+    /// are listed in age order.
+    pub(crate) fn tick(&self) -> u64 {
+        self.shared.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The member holding the oldest cached block gives it back.
+    fn evict_oldest(&self) -> bool {
+        let members = self.shared.members.lock();
+        let mut oldest: Option<(u64, MemberPtr)> = None;
+        for &member in members.iter() {
+            // SAFETY: registered members are live while the lock is held.
+            let age = unsafe { member.0.as_ref() }.oldest();
+            if let Some(age) = age
+                && oldest.is_none_or(|(best, _)| age < best)
+            {
+                oldest = Some((age, member));
+            }
+        }
+        match oldest {
+            // SAFETY: as above; the lock is still held. The member may have
+            // lost that block to a hit meanwhile: it then evicts its next
+            // oldest, or reports that it had none.
+            Some((_, member)) => unsafe { member.0.as_ref() }.evict_oldest(),
+            None => false,
+        }
+    }
+
+    /// Adds a member; it must call [`unregister`](Self::unregister) before
+    /// it is freed.
+    pub(crate) fn register(&self, member: MemberPtr) {
+        let mut members = self.shared.members.lock();
+        // The list only grows when a cache is built; failing to grow it would
+        // leave the cache outside the budget, so abort like `Vec::push`.
+        members.push(member);
+    }
+
+    /// Removes the member at `address` (compared by address only).
+    pub(crate) fn unregister(&self, address: *const ()) {
+        let mut members = self.shared.members.lock();
+        members.retain(|&m| !core::ptr::addr_eq(m.0.as_ptr(), address));
+    }
+}
+
+impl fmt::Debug for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Budget")
+            .field("limit", &self.limit())
+            .field("bytes_cached", &self.bytes_cached())
+            .finish_non_exhaustive()
+    }
+}

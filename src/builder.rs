@@ -1,0 +1,97 @@
+//! [`Builder`]: a cache with a size policy, a cap, a shared budget.
+
+use allocator_api2::alloc::{Allocator, Global};
+
+use crate::budget::{Budget, MemberPtr};
+use crate::cache::{Cache, Config};
+use crate::handle::CachingAllocator;
+use crate::policy::SizePolicy;
+use crate::sync::Arc;
+
+/// Configures a [`CachingAllocator`]: created by
+/// [`CachingAllocator::builder`]. Every setting's default is the seed's
+/// behaviour: exact sizes, no cap, no budget, keep caching after a failure.
+///
+/// | setting | when to use it |
+/// |---|---|
+/// | [`size_policy`](Self::size_policy)`(PowerOfTwoDivisions(4))` | dynamic shapes: sizes that vary a little from pass to pass |
+/// | [`max_cached_bytes`](Self::max_cached_bytes) | bound what one cache holds beyond its live blocks |
+/// | [`budget`](Self::budget) | several caches (models) in one memory budget |
+/// | [`stop_caching_after_failure`](Self::stop_caching_after_failure) | memory is so tight that an out-of-memory is likely to recur |
+///
+/// # Examples
+///
+/// ```
+/// use allocator_api2::vec::Vec;
+/// use caching_allocator::{CachingAllocator, SizePolicy};
+///
+/// let cache = CachingAllocator::builder()
+///     .size_policy(SizePolicy::PowerOfTwoDivisions(4))
+///     .max_cached_bytes(64 << 20)
+///     .build();
+/// // Sequence lengths 100 and 105 share the 320 KiB class: the second pass hits.
+/// drop(Vec::<f32, _>::with_capacity_in(100 * 768, cache.clone()));
+/// drop(Vec::<f32, _>::with_capacity_in(105 * 768, cache.clone()));
+/// assert_eq!(cache.stats().hits, 1);
+/// ```
+#[derive(Clone, Debug, Default)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct Builder {
+    config: Config,
+}
+
+impl Builder {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    /// Which block size serves a request: see [`SizePolicy`]. Default
+    /// `Exact`.
+    pub fn size_policy(mut self, policy: SizePolicy) -> Self {
+        self.config.policy = policy;
+        self
+    }
+
+    /// Cached bytes never exceed `bytes`: when a free would push past it,
+    /// cached blocks go back to the backing allocator, oldest first, only as
+    /// many as needed; a block larger than `bytes` is not cached. Keeping it
+    /// costs an age index (a B-tree insert and remove per cached block).
+    pub fn max_cached_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_cached_bytes = Some(bytes);
+        self
+    }
+
+    /// Shares `budget` with the other caches built with it: the sum of their
+    /// cached bytes never exceeds it, and the blocks cached longest ago go
+    /// back first, whichever cache holds them.
+    pub fn budget(mut self, budget: &Budget) -> Self {
+        self.config.budget = Some(budget.clone());
+        self
+    }
+
+    /// After an allocation failed even after releasing the cache and retrying
+    /// (c10's open question), stop caching: later frees go straight back to
+    /// the backing allocator. Default `false`.
+    pub fn stop_caching_after_failure(mut self, stop: bool) -> Self {
+        self.config.stop_caching_after_failure = stop;
+        self
+    }
+
+    /// A cache backed by the global allocator.
+    pub fn build(self) -> CachingAllocator {
+        self.build_in(Global)
+    }
+
+    /// A cache backed by `backing`. The bounds let caches on a shared budget
+    /// give back each other's blocks from any thread; without a budget,
+    /// [`CachingAllocator::new_in`] takes any allocator.
+    pub fn build_in<A: Allocator + Send + Sync + 'static>(self, backing: A) -> CachingAllocator<A> {
+        let budget = self.config.budget.clone();
+        let cache = Arc::new(Cache::new(backing, self.config));
+        if let Some(budget) = budget {
+            // Unregistered in `Cache::drop`, before the cache is freed.
+            budget.register(MemberPtr::new(&*cache));
+        }
+        CachingAllocator { cache }
+    }
+}

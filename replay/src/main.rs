@@ -1,1 +1,374 @@
-fn main() {}
+//! `replay`: replays allocation traces through each allocator, each in its
+//! own child process, and prints one table per trace. See replay/README.md.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use replay::report::{self, ChildReport, Row};
+use replay::{AllocatorKind, Options, Touch, Trace};
+
+/// Replays allocation traces of real models (traces/*.trace) through the
+/// caching allocator and its peers (glibc malloc, mimalloc, jemalloc), each in
+/// its own child process, and prints per trace one row per allocator: cold and
+/// steady pass times, page faults, peak resident memory, cache hits.
+#[derive(Parser, Debug)]
+#[command(name = "replay", version)]
+struct Args {
+    /// Trace files to replay [default: every *.trace in --traces-dir]
+    traces: Vec<PathBuf>,
+
+    /// Folder of traces replayed when no file is given [default: the repository's traces/]
+    #[arg(long, value_name = "DIR")]
+    traces_dir: Option<PathBuf>,
+
+    /// Allocators to compare, comma-separated
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "LIST",
+        default_value = "system,mimalloc,jemalloc,cache"
+    )]
+    allocators: Vec<AllocatorKind>,
+
+    /// Passes to replay in total (the file's passes repeat; set-up runs once)
+    /// [default: the file's pass count, repeated whole until at least 200]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    passes: Option<u64>,
+
+    /// How each new block is written: one byte per 4 KiB page, every byte, or not at all
+    #[arg(long, value_enum, default_value_t = Touch::Page)]
+    touch: Touch,
+
+    /// Sleep between passes, in ms (not timed)
+    #[arg(long, value_name = "G", default_value_t = 0)]
+    gap_ms: u64,
+
+    /// Threads replaying the trace at once on one allocator
+    #[arg(long, value_name = "T", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    threads: u64,
+
+    /// Also write the rows as JSON to FILE
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+
+    /// Also draw memory over the replay (live, cached, resident) as an SVG
+    /// (samples inside passes cost a little time)
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+
+    /// Internal: replay one trace with one allocator in this process and
+    /// print one JSON line
+    #[arg(long, hide = true, value_name = "ALLOCATOR")]
+    child: Option<AllocatorKind>,
+
+    /// Internal: sample memory every K events (for --plot)
+    #[arg(long, hide = true, value_name = "K")]
+    sample_every: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.child {
+        Some(kind) => child(&args, kind),
+        None => parent(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("replay: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Child mode: replay one trace with one allocator, print one JSON line.
+fn child(args: &Args, kind: AllocatorKind) -> Result<ExitCode, String> {
+    let [path] = args.traces.as_slice() else {
+        return Err("--child takes exactly one trace file".into());
+    };
+    let trace = Trace::from_path(path).map_err(|error| error.to_string())?;
+    let threads = args.threads as usize;
+    let options = Options {
+        passes: args.passes.map_or_else(
+            || replay::default_passes(trace.passes.len()),
+            |n| n as usize,
+        ),
+        touch: args.touch,
+        gap: Duration::from_millis(args.gap_ms),
+        threads,
+        sample_every: args.sample_every,
+    };
+    let outcome = kind.replay(&trace, &options)?;
+    let report = ChildReport::new(kind, &trace, threads, outcome);
+    let line = serde_json::to_string(&report).map_err(|error| error.to_string())?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}").map_err(|error| error.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One trace's results, as `--json` writes them.
+#[derive(Serialize)]
+struct TraceReport {
+    trace: String,
+    path: String,
+    passes_in_file: usize,
+    passes_replayed: usize,
+    allocations_per_pass: f64,
+    peak_live_bytes: usize,
+    rows: Vec<Row>,
+    errors: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct JsonReport {
+    touch: Touch,
+    gap_ms: u64,
+    threads: u64,
+    traces: Vec<TraceReport>,
+}
+
+fn trace_paths(args: &Args) -> Result<Vec<PathBuf>, String> {
+    if !args.traces.is_empty() {
+        return Ok(args.traces.clone());
+    }
+    let dir = args
+        .traces_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(replay::BUNDLED_TRACES));
+    let entries = std::fs::read_dir(&dir)
+        .map_err(|error| format!("cannot list traces in {}: {error}", dir.display()))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "trace"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(format!("no *.trace files in {}", dir.display()));
+    }
+    // Shorter names in reports: relative to the current directory if possible.
+    let cwd = std::env::current_dir().ok();
+    Ok(paths
+        .into_iter()
+        .map(|path| {
+            let path = path.canonicalize().unwrap_or(path);
+            cwd.as_deref()
+                .and_then(|cwd| path.strip_prefix(cwd).ok())
+                .map(Path::to_path_buf)
+                .unwrap_or(path)
+        })
+        .collect())
+}
+
+fn run_child(
+    exe: &Path,
+    args: &Args,
+    kind: AllocatorKind,
+    path: &Path,
+    passes: usize,
+    sample_every: Option<usize>,
+) -> Result<ChildReport, String> {
+    let mut command = Command::new(exe);
+    command
+        .arg("--child")
+        .arg(kind.name())
+        .arg("--passes")
+        .arg(passes.to_string())
+        .arg("--touch")
+        .arg(args.touch.name())
+        .arg("--gap-ms")
+        .arg(args.gap_ms.to_string())
+        .arg("--threads")
+        .arg(args.threads.to_string());
+    if let Some(every) = sample_every {
+        command.arg("--sample-every").arg(every.to_string());
+    }
+    command.arg("--").arg(path);
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|error| format!("cannot start {}: {error}", exe.display()))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        return Err(format!(
+            "{} child for {} failed ({}): {}",
+            kind.name(),
+            path.display(),
+            output.status,
+            stderr.trim()
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("");
+    serde_json::from_str(line).map_err(|error| {
+        format!(
+            "{} child for {} printed no result ({error}): {}",
+            kind.name(),
+            path.display(),
+            stderr.trim()
+        )
+    })
+}
+
+fn parent(args: &Args) -> Result<ExitCode, String> {
+    let started = Instant::now();
+    let paths = trace_paths(args)?;
+    // Parse everything first: a malformed trace stops the run before any child.
+    let traces: Vec<(PathBuf, Trace)> = paths
+        .into_iter()
+        .map(|path| Trace::from_path(&path).map(|trace| (path, trace)))
+        .collect::<Result<_, _>>()
+        .map_err(|error| error.to_string())?;
+    let mut kinds: Vec<AllocatorKind> = Vec::new();
+    for &kind in &args.allocators {
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    let exe =
+        std::env::current_exe().map_err(|error| format!("cannot find own binary: {error}"))?;
+    let threads = args.threads as usize;
+
+    let bar = ProgressBar::new((traces.len() * kinds.len()) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+
+    let mut failed = false;
+    let mut json_traces = Vec::new();
+    let mut plot_data: Vec<(String, Vec<ChildReport>)> = Vec::new();
+    for (path, trace) in &traces {
+        let passes = args.passes.map_or_else(
+            || replay::default_passes(trace.passes.len()),
+            |n| n as usize,
+        );
+        let sample_every = args.plot.as_ref().map(|_| {
+            let per_pass = trace.pass_event_count() / trace.passes.len().max(1);
+            (per_pass * passes / 1500).max(1)
+        });
+        let mut reports = Vec::new();
+        let mut errors = Vec::new();
+        for &kind in &kinds {
+            bar.set_message(format!("{} / {}", trace.name, kind.name()));
+            match run_child(&exe, args, kind, path, passes, sample_every) {
+                Ok(report) => reports.push(report),
+                Err(error) => {
+                    failed = true;
+                    bar.suspend(|| eprintln!("replay: {error}"));
+                    errors.push(error);
+                }
+            }
+            bar.inc(1);
+        }
+        let rows = report::rows(trace, threads, &reports);
+        let allocations = trace.allocs_per_pass.iter().sum::<usize>() as f64
+            / trace.allocs_per_pass.len().max(1) as f64;
+        let title = format!(
+            "{}: {} passes in file, {} replayed (1 cold + {} steady); {:.0} allocations/pass; \
+             peak live {:.2} MiB; touch {}, {} thread{}, gap {} ms",
+            trace.name,
+            trace.passes.len(),
+            passes,
+            passes - 1,
+            allocations,
+            trace.peak_live_bytes as f64 / (1 << 20) as f64,
+            args.touch.name(),
+            threads,
+            if threads == 1 { "" } else { "s" },
+            args.gap_ms,
+        );
+        let mut text = report::table(&title, &rows);
+        for row in &rows {
+            if let Some(summary) = &row.cache_summary {
+                text.push_str(&format!(
+                    "{} stats at the end ({}):\n",
+                    row.allocator, trace.name
+                ));
+                for line in summary.lines() {
+                    text.push_str(&format!("  {line}\n"));
+                }
+            }
+            if row.in_use_mismatches > 0 {
+                text.push_str(&format!(
+                    "warning: {}: the cache's bytes_in_use disagreed with the trace's live bytes \
+                     at {} pass ends\n",
+                    row.allocator, row.in_use_mismatches
+                ));
+            }
+        }
+        bar.suspend(|| println!("{text}"));
+        json_traces.push(TraceReport {
+            trace: trace.name.clone(),
+            path: path.display().to_string(),
+            passes_in_file: trace.passes.len(),
+            passes_replayed: passes,
+            allocations_per_pass: allocations,
+            peak_live_bytes: trace.peak_live_bytes,
+            rows,
+            errors,
+        });
+        plot_data.push((trace.name.clone(), reports));
+    }
+    bar.finish_and_clear();
+    println!(
+        "{} trace{} x {} allocator{} in {:.1} s",
+        traces.len(),
+        if traces.len() == 1 { "" } else { "s" },
+        kinds.len(),
+        if kinds.len() == 1 { "" } else { "s" },
+        started.elapsed().as_secs_f64()
+    );
+
+    if let Some(json) = &args.json {
+        let report = JsonReport {
+            touch: args.touch,
+            gap_ms: args.gap_ms,
+            threads: args.threads,
+            traces: json_traces,
+        };
+        let text = serde_json::to_string_pretty(&report).map_err(|error| error.to_string())?;
+        std::fs::write(json, text + "\n")
+            .map_err(|error| format!("cannot write {}: {error}", json.display()))?;
+    }
+    if let Some(svg) = &args.plot {
+        let panels: Vec<replay::plot::Panel<'_>> = plot_data
+            .iter()
+            .map(|(name, reports)| replay::plot::Panel {
+                title: format!(
+                    "{name}: memory over the replay (touch {}, {} thread{})",
+                    args.touch.name(),
+                    threads,
+                    if threads == 1 { "" } else { "s" }
+                ),
+                series: reports
+                    .iter()
+                    .map(|report| {
+                        (
+                            report.allocator.name(),
+                            report.samples.as_slice(),
+                            report.allocator.is_cache(),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect();
+        replay::plot::draw(svg, &panels)
+            .map_err(|error| format!("cannot draw {}: {error}", svg.display()))?;
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -33,19 +33,34 @@ pub(crate) struct Config {
 }
 
 impl Config {
-    /// Whether blocks are ever evicted one by one, oldest first: then an age
-    /// index is kept so the oldest is found in `O(log n)`.
+    /// Whether blocks are ever evicted one by one: then an age index is kept
+    /// so the oldest is found in `O(log n)`.
     fn evicts(&self) -> bool {
         self.max_cached_bytes.is_some() || self.budget.is_some()
     }
 }
 
-/// A cached block and its age (a clock reading taken when it was listed).
+/// A cached block, its age (a clock reading taken when it was listed) and its
+/// GreedyDual-Size priority (see [`State::evict`]).
 #[derive(Clone, Copy)]
 struct Cached {
     block: NonNull<u8>,
     age: u64,
+    priority: u128,
 }
+
+/// Which cached block an eviction takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Victim {
+    /// The one cached longest ago: a shared budget (its contract) and `trim`.
+    Oldest,
+    /// The lowest GreedyDual-Size priority: the cap.
+    Cheapest,
+}
+
+/// The priority scale: a block of `size` bytes adds `SCALE / size` to the
+/// inflation, so smaller blocks (more hits per byte kept) rank higher.
+const PRIORITY_SCALE: u128 = 1 << 64;
 
 /// Cached blocks of one key, oldest first. Hits take the last (most recently
 /// freed: its cache lines and pages are the warmest); evictions the first.
@@ -64,9 +79,14 @@ pub(crate) struct Cache<A: Allocator> {
 struct State {
     free_lists: FreeLists,
     /// Age -> key of every cached block, when the cache evicts (a cap or a
-    /// budget is set). Its nodes come from the global allocator: mutations
+    /// budget is set). B-tree nodes come from the global allocator: mutations
     /// run marked as inside the allocator.
     ages: Option<BTreeMap<u64, Key>>,
+    /// (priority, age) -> key of every cached block, when a cap is set.
+    priorities: Option<BTreeMap<(u128, u64), Key>>,
+    /// GreedyDual-Size's inflation `L`: the priority of the last block the
+    /// cap evicted. Never decreases.
+    inflation: u128,
     /// The clock of a cache without a budget (a budget has one for all).
     clock: u64,
     /// Set after an allocation failed even after release and retry, if the
@@ -85,6 +105,8 @@ impl State {
         Self {
             free_lists: empty_free_lists(),
             ages: config.evicts().then(BTreeMap::new),
+            priorities: config.max_cached_bytes.is_some().then(BTreeMap::new),
+            inflation: 0,
             clock: 0,
             caching_stopped: false,
             stats: Stats::default(),
@@ -95,11 +117,32 @@ impl State {
     #[inline]
     fn pop(&mut self, key: Key) -> Option<NonNull<u8>> {
         let cached = self.free_lists.get_mut(&key)?.pop()?;
+        self.unindex(&cached);
+        Some(cached.block)
+    }
+
+    /// Removes a block leaving its list from the indexes.
+    #[inline]
+    fn unindex(&mut self, cached: &Cached) {
+        if self.ages.is_none() {
+            return;
+        }
+        let _inside = reentry::inside();
         if let Some(ages) = &mut self.ages {
-            let _inside = reentry::inside();
             ages.remove(&cached.age);
         }
-        Some(cached.block)
+        if let Some(priorities) = &mut self.priorities {
+            priorities.remove(&(cached.priority, cached.age));
+        }
+    }
+
+    /// A block of `key` freed now: its age and priority.
+    fn stamp(&mut self, key: Key, block: NonNull<u8>, age: u64) -> Cached {
+        Cached {
+            block,
+            age,
+            priority: self.inflation + PRIORITY_SCALE / key.size.max(1) as u128,
+        }
     }
 
     /// Lists `block` under `key`. Fails only if the bookkeeping cannot grow;
@@ -113,11 +156,58 @@ impl State {
             .or_insert_with(|| Vec::new_in(Bookkeeping));
         list.try_reserve(1).map_err(|_| ())?;
         list.push(cached);
-        if let Some(ages) = &mut self.ages {
+        if self.ages.is_some() {
             let _inside = reentry::inside();
-            ages.insert(cached.age, key);
+            if let Some(ages) = &mut self.ages {
+                ages.insert(cached.age, key);
+            }
+            if let Some(priorities) = &mut self.priorities {
+                priorities.insert((cached.priority, cached.age), key);
+            }
         }
         Ok(())
+    }
+
+    /// Takes a cached block off its list, counts it evicted, and returns it.
+    ///
+    /// The cap evicts by GreedyDual-Size (Cao and Irani, 1997) with unit
+    /// cost: a block's priority is `L + 1/size` when it is cached, the lowest
+    /// priority goes first and `L` becomes its priority. Small blocks (more
+    /// hits per byte kept) stay longer, and aging through `L` lets blocks that
+    /// stopped recurring go. On the bundled traces with a cap of the peak live
+    /// bytes it keeps more hits than oldest-first on all three (README has
+    /// the figures): oldest-first is LRU, which thrashes on the cyclic pattern
+    /// of a static model's passes.
+    fn evict(&mut self, victim: Victim) -> Option<(Key, NonNull<u8>)> {
+        let (key, age) = match victim {
+            Victim::Cheapest => match &self.priorities {
+                Some(priorities) => {
+                    let (&(priority, age), &key) = priorities.iter().next()?;
+                    self.inflation = self.inflation.max(priority);
+                    (key, age)
+                }
+                None => return self.evict(Victim::Oldest),
+            },
+            Victim::Oldest => match &self.ages {
+                Some(ages) => {
+                    let (&age, &key) = ages.iter().next()?;
+                    (key, age)
+                }
+                None => self
+                    .free_lists
+                    .iter()
+                    .filter_map(|(&key, list)| list.first().map(|cached| (key, cached.age)))
+                    .min_by_key(|&(_, age)| age)?,
+            },
+        };
+        let list = self.free_lists.get_mut(&key)?;
+        // Ages grow along a list (they are taken under the lock), so the
+        // victim is usually at the front.
+        let position = list.iter().position(|cached| cached.age == age)?;
+        let cached = list.remove(position);
+        self.unindex(&cached);
+        self.stats.on_evict(key.size);
+        Some((key, cached.block))
     }
 
     /// The age of the oldest cached block.
@@ -131,31 +221,6 @@ impl State {
                 .map(|cached| cached.age)
                 .min(),
         }
-    }
-
-    /// Takes the oldest cached block off its list and counts it evicted.
-    fn evict_oldest(&mut self) -> Option<(Key, NonNull<u8>)> {
-        let oldest = self.oldest_age()?;
-        let key = match &mut self.ages {
-            Some(ages) => {
-                let _inside = reentry::inside();
-                ages.remove(&oldest)?
-            }
-            None => {
-                *self
-                    .free_lists
-                    .iter()
-                    .find(|(_, list)| list.first().is_some_and(|c| c.age == oldest))?
-                    .0
-            }
-        };
-        let list = self.free_lists.get_mut(&key)?;
-        // Ages grow along a list (they are taken under the lock), so the
-        // oldest is at the front.
-        let position = list.iter().position(|cached| cached.age == oldest)?;
-        let cached = list.remove(position);
-        self.stats.on_evict(key.size);
-        Some((key, cached.block))
     }
 }
 
@@ -317,9 +382,9 @@ impl<A: Allocator> Cache<A> {
             if let Some(cap) = self.config.max_cached_bytes
                 && state.stats.bytes_cached + key.size > cap
             {
-                // Make room: the oldest cached block goes back. One at a time,
-                // with the lock released around the backing call.
-                let evicted = state.evict_oldest();
+                // Make room: the cheapest cached block goes back. One at a
+                // time, with the lock released around the backing call.
+                let evicted = state.evict(Victim::Cheapest);
                 drop(state);
                 if let Some((evicted_key, evicted_block)) = evicted {
                     self.unreserve(evicted_key.size);
@@ -336,7 +401,8 @@ impl<A: Allocator> Cache<A> {
                     state.clock
                 }
             };
-            if state.push(key, Cached { block, age }).is_err() {
+            let cached = state.stamp(key, block, age);
+            if state.push(key, cached).is_err() {
                 drop(state);
                 self.unreserve(key.size);
                 // SAFETY: this function's contract.
@@ -464,13 +530,14 @@ impl<A: Allocator> Cache<A> {
     /// Gives every cached block back to the backing allocator; returns the
     /// bytes given back.
     pub(crate) fn release_cached(&self) -> usize {
-        let (lists, ages, bytes) = {
+        let (lists, indexes, bytes) = {
             let mut state = self.state.lock();
             let lists = mem::replace(&mut state.free_lists, empty_free_lists());
             let ages = state.ages.as_mut().map(mem::take);
+            let priorities = state.priorities.as_mut().map(mem::take);
             let (blocks, bytes) = (state.stats.blocks_cached, state.stats.bytes_cached);
             state.stats.on_release(blocks, bytes);
-            (lists, ages, bytes)
+            (lists, (ages, priorities), bytes)
         };
         self.unreserve(bytes);
         // The blocks left the free lists under the lock, so no other thread
@@ -484,7 +551,7 @@ impl<A: Allocator> Cache<A> {
                 unsafe { self.backing.deallocate(cached.block, key.block_layout()) };
             }
         }
-        drop(ages);
+        drop(indexes);
         bytes
     }
 
@@ -498,7 +565,7 @@ impl<A: Allocator> Cache<A> {
                 if state.stats.bytes_cached <= target_bytes {
                     return trimmed;
                 }
-                state.evict_oldest()
+                state.evict(Victim::Oldest)
             };
             let Some((key, block)) = evicted else {
                 return trimmed;
@@ -518,7 +585,7 @@ impl<A: Allocator + Send + Sync> Member for Cache<A> {
     }
 
     fn evict_oldest(&self) -> bool {
-        let evicted = self.state.lock().evict_oldest();
+        let evicted = self.state.lock().evict(Victim::Oldest);
         match evicted {
             Some((key, block)) => {
                 self.unreserve(key.size);

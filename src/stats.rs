@@ -40,8 +40,13 @@ pub struct Stats {
     pub hits: u64,
     /// Allocations served by the backing allocator (a new block).
     pub misses: u64,
-    /// Deallocations (each puts a block on a free list).
+    /// Deallocations.
     pub frees: u64,
+    /// Requested bytes of all allocations served from a free list, in total.
+    pub bytes_hit: u64,
+    /// Requested bytes of all allocations served by the backing allocator, in
+    /// total.
+    pub bytes_missed: u64,
     /// Bytes handed out and not yet freed.
     pub bytes_in_use: usize,
     /// Bytes held on free lists, ready to be handed out again (block sizes).
@@ -97,8 +102,20 @@ impl Stats {
     }
 
     /// A cached block of `block` bytes served a request of `requested`.
+    /// Fraction of requested bytes served from the cache, `0.0` before any.
+    pub fn byte_hit_ratio(&self) -> f64 {
+        let total = self.bytes_hit + self.bytes_missed;
+        if total == 0 {
+            0.0
+        } else {
+            self.bytes_hit as f64 / total as f64
+        }
+    }
+
+    /// A cached block of `block` bytes served a request of `requested`.
     pub(crate) fn on_hit(&mut self, requested: usize, block: usize) {
         self.hits += 1;
+        self.bytes_hit += requested as u64;
         self.bytes_cached -= block;
         self.blocks_cached -= 1;
         self.add_in_use(requested, block);
@@ -107,6 +124,7 @@ impl Stats {
     /// A new block of `block` bytes served a request of `requested`.
     pub(crate) fn on_miss(&mut self, requested: usize, block: usize) {
         self.misses += 1;
+        self.bytes_missed += requested as u64;
         self.backing_allocs += 1;
         self.bytes_reserved += block;
         self.peak_bytes_reserved = self.peak_bytes_reserved.max(self.bytes_reserved);
@@ -184,10 +202,11 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "hits {} / misses {} ({:.1}% hit), frees {}",
+            "hits {} / misses {} ({:.1}% hit, {:.1}% of bytes), frees {}",
             self.hits,
             self.misses,
             100.0 * self.hit_ratio(),
+            100.0 * self.byte_hit_ratio(),
             self.frees
         )?;
         writeln!(

@@ -520,6 +520,7 @@ fn stats_are_exact() {
         cache.stats(),
         expect(&|s| {
             s.misses = 3;
+            s.bytes_missed = 2300;
             s.bytes_in_use = 2300;
             s.bytes_reserved = 2300;
             s.blocks_in_use = 3;
@@ -543,6 +544,8 @@ fn stats_are_exact() {
         expect(&|s| {
             s.hits = 1;
             s.misses = 3;
+            s.bytes_hit = 1000;
+            s.bytes_missed = 2300;
             s.frees = 3;
             s.bytes_in_use = 1000;
             s.bytes_cached = 1300;
@@ -566,6 +569,8 @@ fn stats_are_exact() {
         expect(&|s| {
             s.hits = 1;
             s.misses = 3;
+            s.bytes_hit = 1000;
+            s.bytes_missed = 2300;
             s.frees = 4;
             s.bytes_cached = 1000;
             s.bytes_reserved = 1000;
@@ -584,7 +589,7 @@ fn stats_are_exact() {
     assert!(
         stats
             .to_string()
-            .starts_with("hits 1 / misses 3 (25.0% hit), frees 4")
+            .starts_with("hits 1 / misses 3 (25.0% hit, 30.3% of bytes), frees 4")
     );
     assert!(format!("{cache:?}").starts_with("CachingAllocator"));
 }

@@ -4,7 +4,7 @@
 
 use std::alloc::System;
 
-use caching_allocator::CachingAllocator;
+use caching_allocator::{CachingAllocator, SizePolicy};
 use mimalloc::MiMalloc;
 use serde::{Deserialize, Serialize};
 use tikv_jemallocator::Jemalloc;
@@ -38,8 +38,23 @@ pub enum AllocatorKind {
     /// jemalloc (tikv-jemallocator), through its `GlobalAlloc` impl.
     Jemalloc,
     /// `CachingAllocator::new()` (backed by the global allocator, glibc
-    /// malloc here), through the allocator-api2 `Allocator` trait.
+    /// malloc here), through the allocator-api2 `Allocator` trait: the
+    /// seed's exact sizes, no cap.
     Cache,
+    /// Size classes, `SizePolicy::PowerOfTwoDivisions(2)`.
+    CacheP2d2,
+    /// Size classes, `SizePolicy::PowerOfTwoDivisions(4)`.
+    CacheP2d4,
+    /// Size classes, `SizePolicy::PowerOfTwoDivisions(8)`.
+    CacheP2d8,
+    /// Exact sizes, `max_cached_bytes` = the trace's peak live bytes.
+    CacheCap,
+    /// `PowerOfTwoDivisions(2)` with the cap.
+    CacheP2d2Cap,
+    /// `PowerOfTwoDivisions(4)` with the cap.
+    CacheP2d4Cap,
+    /// `PowerOfTwoDivisions(8)` with the cap.
+    CacheP2d8Cap,
 }
 
 impl AllocatorKind {
@@ -49,6 +64,13 @@ impl AllocatorKind {
         AllocatorKind::Mimalloc,
         AllocatorKind::Jemalloc,
         AllocatorKind::Cache,
+        AllocatorKind::CacheP2d2,
+        AllocatorKind::CacheP2d4,
+        AllocatorKind::CacheP2d8,
+        AllocatorKind::CacheCap,
+        AllocatorKind::CacheP2d2Cap,
+        AllocatorKind::CacheP2d4Cap,
+        AllocatorKind::CacheP2d8Cap,
     ];
 
     /// The row's name (as given to `--allocators` and `--child`).
@@ -58,6 +80,13 @@ impl AllocatorKind {
             AllocatorKind::Mimalloc => "mimalloc",
             AllocatorKind::Jemalloc => "jemalloc",
             AllocatorKind::Cache => "cache",
+            AllocatorKind::CacheP2d2 => "cache-p2d2",
+            AllocatorKind::CacheP2d4 => "cache-p2d4",
+            AllocatorKind::CacheP2d8 => "cache-p2d8",
+            AllocatorKind::CacheCap => "cache-cap",
+            AllocatorKind::CacheP2d2Cap => "cache-p2d2-cap",
+            AllocatorKind::CacheP2d4Cap => "cache-p2d4-cap",
+            AllocatorKind::CacheP2d8Cap => "cache-p2d8-cap",
         }
     }
 
@@ -72,7 +101,26 @@ impl AllocatorKind {
 
     /// Whether the row reports cache counters.
     pub fn is_cache(self) -> bool {
-        matches!(self, AllocatorKind::Cache)
+        self.cache_config().is_some()
+    }
+
+    /// For cache rows: the size policy, and whether the cap (the trace's
+    /// peak live bytes) is set.
+    pub fn cache_config(self) -> Option<(SizePolicy, bool)> {
+        let p2d = SizePolicy::PowerOfTwoDivisions;
+        Some(match self {
+            AllocatorKind::System | AllocatorKind::Mimalloc | AllocatorKind::Jemalloc => {
+                return None;
+            }
+            AllocatorKind::Cache => (SizePolicy::Exact, false),
+            AllocatorKind::CacheP2d2 => (p2d(2), false),
+            AllocatorKind::CacheP2d4 => (p2d(4), false),
+            AllocatorKind::CacheP2d8 => (p2d(8), false),
+            AllocatorKind::CacheCap => (SizePolicy::Exact, true),
+            AllocatorKind::CacheP2d2Cap => (p2d(2), true),
+            AllocatorKind::CacheP2d4Cap => (p2d(4), true),
+            AllocatorKind::CacheP2d8Cap => (p2d(8), true),
+        })
     }
 
     /// Parses a row name.
@@ -87,7 +135,15 @@ impl AllocatorKind {
             AllocatorKind::System => engine::replay(trace, &GlobalAllocRow(&System), options),
             AllocatorKind::Mimalloc => engine::replay(trace, &GlobalAllocRow(&MIMALLOC), options),
             AllocatorKind::Jemalloc => engine::replay(trace, &GlobalAllocRow(&JEMALLOC), options),
-            AllocatorKind::Cache => engine::replay(trace, &CachingAllocator::new(), options),
+            cache => {
+                let (policy, capped) = cache.cache_config().unwrap_or_default();
+                let mut builder = CachingAllocator::builder().size_policy(policy);
+                if capped {
+                    // The cap: the trace's peak live bytes (each thread replays it).
+                    builder = builder.max_cached_bytes(trace.peak_live_bytes * options.threads);
+                }
+                engine::replay(trace, &builder.build(), options)
+            }
         }
     }
 }

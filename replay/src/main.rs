@@ -32,7 +32,7 @@ struct Args {
         long,
         value_delimiter = ',',
         value_name = "LIST",
-        default_value = "system,mimalloc,jemalloc,cache"
+        default_value = "system,mimalloc,jemalloc,cache,cache-p2d4,cache-p2d4-cap"
     )]
     allocators: Vec<AllocatorKind>,
 

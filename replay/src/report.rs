@@ -30,6 +30,11 @@ pub struct StatsRecord {
     pub bytes_released: u64,
     pub retries: u64,
     pub failures: u64,
+    pub bytes_hit: u64,
+    pub bytes_missed: u64,
+    pub bytes_lost_to_rounding: usize,
+    pub evictions: u64,
+    pub bytes_evicted: u64,
 }
 
 impl From<Stats> for StatsRecord {
@@ -52,6 +57,11 @@ impl From<Stats> for StatsRecord {
             bytes_released: stats.bytes_released,
             retries: stats.retries,
             failures: stats.failures,
+            bytes_hit: stats.bytes_hit,
+            bytes_missed: stats.bytes_missed,
+            bytes_lost_to_rounding: stats.bytes_lost_to_rounding,
+            evictions: stats.evictions,
+            bytes_evicted: stats.bytes_evicted,
         }
     }
 }
@@ -143,6 +153,12 @@ pub struct Row {
     pub steady_misses: Option<u64>,
     /// `steady_hits / (steady_hits + steady_misses)`.
     pub steady_hit_ratio: Option<f64>,
+    /// Requested bytes served from the cache after pass 0, over all
+    /// requested bytes after pass 0.
+    pub steady_byte_hit_ratio: Option<f64>,
+    /// The cache's peak `bytes_reserved` (live + cached, block sizes) over
+    /// the trace's peak live bytes (times threads).
+    pub peak_held_x_live: Option<f64>,
     /// The cache's counters after the last pass.
     pub cache_final: Option<StatsRecord>,
     /// `Display` of those counters.
@@ -188,6 +204,13 @@ pub fn rows(trace: &Trace, threads: usize, reports: &[ChildReport]) -> Vec<Row> 
                 }
                 _ => None,
             };
+            let steady_bytes = match (report.cache_after_first, report.cache_final) {
+                (Some(first), Some(last)) => Some((
+                    last.bytes_hit - first.bytes_hit,
+                    last.bytes_missed - first.bytes_missed,
+                )),
+                _ => None,
+            };
             Row {
                 allocator: report.allocator.name().to_string(),
                 cold_ms: pass_ms.first().copied().unwrap_or(f64::NAN),
@@ -209,6 +232,16 @@ pub fn rows(trace: &Trace, threads: usize, reports: &[ChildReport]) -> Vec<Row> 
                         hits as f64 / (hits + misses) as f64
                     }
                 }),
+                steady_byte_hit_ratio: steady_bytes.map(|(hit, missed)| {
+                    if hit + missed == 0 {
+                        0.0
+                    } else {
+                        hit as f64 / (hit + missed) as f64
+                    }
+                }),
+                peak_held_x_live: report
+                    .cache_final
+                    .map(|stats| stats.peak_bytes_reserved as f64 / live),
                 cache_final: report.cache_final,
                 cache_summary: report.cache_summary.clone(),
                 in_use_mismatches: report.in_use_mismatches,
@@ -242,7 +275,7 @@ fn opt(value: Option<f64>, precision: usize) -> String {
 }
 
 /// The column titles of the table.
-pub const COLUMNS: [&str; 12] = [
+pub const COLUMNS: [&str; 14] = [
     "allocator",
     "cold_ms",
     "median_ms",
@@ -255,11 +288,13 @@ pub const COLUMNS: [&str; 12] = [
     "hits",
     "misses",
     "hit_%",
+    "hitB_%",
+    "held_x",
 ];
 
 /// A trace's table: a title line, a header line, one line per row.
 pub fn table(title: &str, rows: &[Row]) -> String {
-    let widths = [9, 9, 10, 9, 10, 8, 12, 9, 7, 8, 7, 7];
+    let widths = [14, 9, 10, 9, 10, 8, 12, 9, 7, 8, 7, 7, 7, 7];
     let mut out = String::new();
     let _ = writeln!(out, "{title}");
     let mut line = String::new();
@@ -286,6 +321,8 @@ pub fn table(title: &str, rows: &[Row]) -> String {
             row.steady_misses
                 .map_or("-".into(), |misses| misses.to_string()),
             opt(row.steady_hit_ratio.map(|ratio| 100.0 * ratio), 2),
+            opt(row.steady_byte_hit_ratio.map(|ratio| 100.0 * ratio), 2),
+            opt(row.peak_held_x_live, 2),
         ];
         let mut line = String::new();
         for (index, (cell, width)) in cells.iter().zip(widths).enumerate() {

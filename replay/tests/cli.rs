@@ -52,31 +52,51 @@ fn one_row_per_allocator_with_numeric_columns() {
         lines[header - 1].starts_with("small.trace: 3 passes in file, 4 replayed"),
         "{stdout}"
     );
-    let rows: Vec<Vec<&str>> = lines[header + 1..header + 5]
+    let rows: Vec<Vec<&str>> = lines[header + 1..header + 7]
         .iter()
         .map(|line| line.split_whitespace().collect())
         .collect();
     let names: Vec<&str> = rows.iter().map(|row| row[0]).collect();
-    assert_eq!(names, ["system", "mimalloc", "jemalloc", "cache"]);
+    assert_eq!(
+        names,
+        [
+            "system",
+            "mimalloc",
+            "jemalloc",
+            "cache",
+            "cache-p2d4",
+            "cache-p2d4-cap"
+        ]
+    );
     for row in &rows {
-        assert_eq!(row.len(), 12, "{row:?}");
+        assert_eq!(row.len(), 14, "{row:?}");
         for cell in &row[1..9] {
             let value: f64 = cell
                 .parse()
                 .unwrap_or_else(|_| panic!("{cell:?} in {row:?}"));
             assert!(value >= 0.0);
         }
-        if row[0] == "cache" {
+        if row[0].starts_with("cache") {
             let hits: u64 = row[9].parse().unwrap();
             let misses: u64 = row[10].parse().unwrap();
             let ratio: f64 = row[11].parse().unwrap();
+            let byte_ratio: f64 = row[12].parse().unwrap();
+            let held_x: f64 = row[13].parse().unwrap();
+            assert!((0.0..=100.0).contains(&byte_ratio));
+            assert!(
+                held_x >= 1.0,
+                "a cache holds at least the live bytes: {row:?}"
+            );
             // Passes 1, 2 and 3 (= the file's pass 0 again) allocate 2 + 1 + 2
-            // non-zero blocks; the 64 KiB ones and pass 3's are hits.
+            // non-zero blocks; uncapped, the 64 KiB ones and pass 3's are
+            // hits (a cap of the peak live bytes gives some back).
             assert_eq!(hits + misses, 5, "{row:?}");
-            assert!(hits >= 2, "{row:?}");
+            if !row[0].ends_with("-cap") {
+                assert!(hits >= 2, "{row:?}");
+            }
             assert!((0.0..=100.0).contains(&ratio));
         } else {
-            assert_eq!(&row[9..], ["-", "-", "-"], "{row:?}");
+            assert_eq!(&row[9..], ["-", "-", "-", "-", "-"], "{row:?}");
         }
     }
     assert_eq!(rows[0][4], "1.00", "system's ratio to itself");
@@ -90,7 +110,7 @@ fn one_row_per_allocator_with_numeric_columns() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = json["traces"][0]["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.len(), 6);
     assert_eq!(rows[3]["allocator"], "cache");
     assert_eq!(rows[3]["pass_ms"].as_array().unwrap().len(), 4);
     assert_eq!(json["traces"][0]["peak_live_bytes"], 65536 + 4096);
@@ -134,7 +154,7 @@ fn allocators_threads_and_touch_options() {
     let names: Vec<&str> = stdout
         .lines()
         .map(|line| line.split_whitespace().collect::<Vec<_>>())
-        .filter(|words| words.len() == 12 && words[1].parse::<f64>().is_ok())
+        .filter(|words| words.len() == 14 && words[1].parse::<f64>().is_ok())
         .map(|words| words[0])
         .collect();
     assert_eq!(names, ["cache", "system"]);

@@ -445,54 +445,13 @@ impl<A: Allocator> Cache<A> {
         }
     }
 
-    /// Moves a block to a layout of at least its size, keeping its contents;
-    /// with `zeroed` the bytes past `old.size()` are zero.
-    ///
-    /// # Safety
-    ///
-    /// - `block` is live and was handed out by this cache for `old`;
-    /// - `new.size() >= old.size()`.
-    ///
-    /// On success the old block must no longer be used; on error it is
-    /// untouched and still live.
-    pub(crate) unsafe fn grow(
-        &self,
-        block: NonNull<u8>,
-        old: Layout,
-        new: Layout,
-        zeroed: bool,
-    ) -> Result<NonNull<[u8]>, AllocError> {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { self.resize(block, old, new, zeroed) }
-    }
-
-    /// Moves a block to a layout of at most its size, keeping the first
-    /// `new.size()` bytes.
-    ///
-    /// # Safety
-    ///
-    /// - `block` is live and was handed out by this cache for `old`;
-    /// - `new.size() <= old.size()`.
-    ///
-    /// On success the old block must no longer be used; on error it is
-    /// untouched and still live.
-    pub(crate) unsafe fn shrink(
-        &self,
-        block: NonNull<u8>,
-        old: Layout,
-        new: Layout,
-    ) -> Result<NonNull<[u8]>, AllocError> {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { self.resize(block, old, new, false) }
-    }
-
     /// `grow` and `shrink`: in place when both layouts map to the same free
     /// list, else through a block of the new key (cached if one is), copying.
     ///
     /// # Safety
     ///
     /// `block` is live and was handed out by this cache for `old`.
-    unsafe fn resize(
+    pub(crate) unsafe fn resize(
         &self,
         block: NonNull<u8>,
         old: Layout,

@@ -54,6 +54,7 @@ mod cache;
 #[cfg(not(loom))]
 mod global;
 mod handle;
+pub mod plan;
 mod policy;
 mod reentry;
 #[cfg(not(loom))]

@@ -8,38 +8,19 @@
 //! order (safe code can: `let a = x.enter(); let b = y.enter(); drop(a);`)
 //! ends every scope on the thread; the other guards of that time become inert.
 
-use core::alloc::Layout;
 use core::cell::Cell;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
 use std::sync::Arc;
 
-use allocator_api2::alloc::{AllocError, Allocator};
+use crate::api::RawAllocator;
 
-use crate::cache::Cache;
+/// What a scope and the global allocator need of a block's owner (a cache, a
+/// recorder, a planned arena), type-erased so one thread-local and one
+/// registry serve them all.
+pub(crate) trait Owner: RawAllocator + Send + Sync {}
 
-/// What a scope and the global allocator need of a cache, type-erased so one
-/// thread-local and one registry serve caches over any backing allocator.
-pub(crate) trait Owner: Send + Sync {
-    fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError>;
-
-    /// # Safety
-    ///
-    /// `ptr` is a live block this owner handed out for `layout`, unused after
-    /// the call.
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout);
-}
-
-impl<A: Allocator + Send + Sync> Owner for Cache<A> {
-    fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
-        Cache::allocate(self, layout, zeroed)
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        // SAFETY: forwarded from the trait method's contract.
-        unsafe { Cache::deallocate(self, ptr, layout) }
-    }
-}
+impl<T: RawAllocator + Send + Sync> Owner for T {}
 
 /// A strong count of an owner, as a raw pointer (from `Arc::into_raw`).
 type OwnerPtr = NonNull<dyn Owner>;

@@ -139,13 +139,38 @@ impl Stats {
         self.peak_bytes_cached = self.peak_bytes_cached.max(self.bytes_cached);
     }
 
-    /// A block in use was freed straight back to the backing allocator.
+    /// A block in use that could not be cached went straight back to the
+    /// backing allocator.
     pub(crate) fn on_free_uncached(&mut self, requested: usize, block: usize) {
+        self.on_free_to_backing(requested, block);
+        self.evictions += 1;
+        self.bytes_evicted += block as u64;
+    }
+
+    /// A block in use went back to the backing allocator.
+    pub(crate) fn on_free_to_backing(&mut self, requested: usize, block: usize) {
         self.remove_in_use(requested, block);
         self.bytes_reserved -= block;
         self.backing_frees += 1;
-        self.evictions += 1;
-        self.bytes_evicted += block as u64;
+    }
+
+    /// An arena of `bytes` was taken from the backing allocator.
+    pub(crate) fn on_arena_reserved(&mut self, bytes: usize) {
+        self.backing_allocs += 1;
+        self.bytes_reserved += bytes;
+        self.peak_bytes_reserved = self.peak_bytes_reserved.max(self.bytes_reserved);
+    }
+
+    /// A request of `requested` bytes was served from an arena slot.
+    pub(crate) fn on_arena_hit(&mut self, requested: usize) {
+        self.hits += 1;
+        self.bytes_hit += requested as u64;
+        self.add_in_use(requested, requested);
+    }
+
+    /// An arena block was freed (its range is free again).
+    pub(crate) fn on_arena_free(&mut self, requested: usize) {
+        self.remove_in_use(requested, requested);
     }
 
     /// A block changed size in place (`grow`/`shrink` within one free list).

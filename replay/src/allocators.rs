@@ -55,6 +55,9 @@ pub enum AllocatorKind {
     CacheP2d4Cap,
     /// `PowerOfTwoDivisions(8)` with the cap.
     CacheP2d8Cap,
+    /// `plan::Recorder` for pass 0, then `plan::Planned` from its plan, one
+    /// `pass()` per pass.
+    Planned,
 }
 
 impl AllocatorKind {
@@ -71,6 +74,7 @@ impl AllocatorKind {
         AllocatorKind::CacheP2d2Cap,
         AllocatorKind::CacheP2d4Cap,
         AllocatorKind::CacheP2d8Cap,
+        AllocatorKind::Planned,
     ];
 
     /// The row's name (as given to `--allocators` and `--child`).
@@ -87,6 +91,7 @@ impl AllocatorKind {
             AllocatorKind::CacheP2d2Cap => "cache-p2d2-cap",
             AllocatorKind::CacheP2d4Cap => "cache-p2d4-cap",
             AllocatorKind::CacheP2d8Cap => "cache-p2d8-cap",
+            AllocatorKind::Planned => "planned",
         }
     }
 
@@ -99,9 +104,15 @@ impl AllocatorKind {
         )
     }
 
-    /// Whether the row reports cache counters.
+    /// Whether the row is a cache (its bytes in use must equal the trace's
+    /// live bytes at every pass end).
     pub fn is_cache(self) -> bool {
         self.cache_config().is_some()
+    }
+
+    /// Whether the row reports the crate's `Stats` (caches and plans).
+    pub fn has_stats(self) -> bool {
+        self.is_cache() || self == AllocatorKind::Planned
     }
 
     /// For cache rows: the size policy, and whether the cap (the trace's
@@ -109,7 +120,10 @@ impl AllocatorKind {
     pub fn cache_config(self) -> Option<(SizePolicy, bool)> {
         let p2d = SizePolicy::PowerOfTwoDivisions;
         Some(match self {
-            AllocatorKind::System | AllocatorKind::Mimalloc | AllocatorKind::Jemalloc => {
+            AllocatorKind::System
+            | AllocatorKind::Mimalloc
+            | AllocatorKind::Jemalloc
+            | AllocatorKind::Planned => {
                 return None;
             }
             AllocatorKind::Cache => (SizePolicy::Exact, false),
@@ -135,6 +149,9 @@ impl AllocatorKind {
             AllocatorKind::System => engine::replay(trace, &GlobalAllocRow(&System), options),
             AllocatorKind::Mimalloc => engine::replay(trace, &GlobalAllocRow(&MIMALLOC), options),
             AllocatorKind::Jemalloc => engine::replay(trace, &GlobalAllocRow(&JEMALLOC), options),
+            AllocatorKind::Planned => {
+                engine::replay(trace, &engine::PlannedRow::new(options.threads), options)
+            }
             cache => {
                 let (policy, capped) = cache.cache_config().unwrap_or_default();
                 let mut builder = CachingAllocator::builder().size_policy(policy);

@@ -9,11 +9,14 @@
 //! thread's time for it.
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::collections::HashSet;
 use std::ptr::{self, NonNull};
-use std::sync::Barrier;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use allocator_api2::alloc::Allocator;
+use caching_allocator::plan::{self, Pass, Planned};
 use caching_allocator::{CachingAllocator, Stats};
 use serde::{Deserialize, Serialize};
 
@@ -94,6 +97,9 @@ pub trait ReplayAlloc: Clone + Send {
     fn cache_stats(&self) -> Option<Stats> {
         None
     }
+
+    /// Called (untimed) just before pass `pass` starts, on every thread.
+    fn begin_pass(&self, _pass: usize) {}
 }
 
 /// A `GlobalAlloc` called directly (never installed as the global allocator).
@@ -118,6 +124,115 @@ impl<G: GlobalAlloc + Sync> ReplayAlloc for GlobalAllocRow<G> {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: forwarded from the caller's contract.
         unsafe { self.0.dealloc(ptr, layout) }
+    }
+}
+
+/// The `planned` row: pass 0 is recorded, pass 1 plans it, and every pass
+/// from then on runs inside `planned.pass()`.
+#[derive(Clone)]
+pub struct PlannedRow {
+    shared: Arc<PlannedShared>,
+}
+
+struct PlannedShared {
+    /// Threads replaying at once: each starts its own pass guard.
+    threads: usize,
+    recorder: plan::Recorder,
+    planned: OnceLock<Planned>,
+    /// The pass guard of each thread's current pass.
+    passes: Mutex<Vec<Pass>>,
+    /// Blocks the recorder handed out that are still live: they go back to
+    /// it, not to the arena's allocator.
+    recorded: Mutex<HashSet<usize>>,
+    recorded_live: AtomicUsize,
+}
+
+impl ReplayAlloc for PlannedRow {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let shared = &*self.shared;
+        let block = match shared.planned.get() {
+            Some(planned) => planned.allocate(layout),
+            None => {
+                let block = shared.recorder.allocate(layout);
+                if let Ok(block) = block {
+                    let mut recorded = shared.recorded.lock().unwrap_or_else(|e| e.into_inner());
+                    recorded.insert(block.cast::<u8>().as_ptr() as usize);
+                    shared
+                        .recorded_live
+                        .store(recorded.len(), Ordering::Relaxed);
+                }
+                block
+            }
+        };
+        block.map_or(ptr::null_mut(), |block| block.cast::<u8>().as_ptr())
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let Some(block) = NonNull::new(ptr) else {
+            return;
+        };
+        let shared = &*self.shared;
+        let recorded = shared.recorded_live.load(Ordering::Relaxed) > 0 && {
+            let mut recorded = shared.recorded.lock().unwrap_or_else(|e| e.into_inner());
+            let was = recorded.remove(&(ptr as usize));
+            shared
+                .recorded_live
+                .store(recorded.len(), Ordering::Relaxed);
+            was
+        };
+        match shared.planned.get() {
+            // SAFETY: forwarded: the block came from `allocate(layout)` of the
+            // planned arena (it was not the recorder's).
+            Some(planned) if !recorded => unsafe { planned.deallocate(block, layout) },
+            // SAFETY: forwarded: the recorder handed it out.
+            _ => unsafe { shared.recorder.deallocate(block, layout) },
+        }
+    }
+
+    fn cache_stats(&self) -> Option<Stats> {
+        Some(
+            self.shared
+                .planned
+                .get()
+                .map(Planned::stats)
+                .unwrap_or_default(),
+        )
+    }
+
+    fn begin_pass(&self, pass: usize) {
+        let shared = &*self.shared;
+        if pass == 0 {
+            // Set-up allocations are not part of a pass.
+            shared.recorder.clear();
+            return;
+        }
+        let planned = shared
+            .planned
+            .get_or_init(|| Planned::new(&shared.recorder.plan()));
+        let mut passes = shared.passes.lock().unwrap_or_else(|e| e.into_inner());
+        // Each thread starts a pass; the previous round's guards end.
+        if passes.len() >= shared.threads {
+            passes.clear();
+        }
+        passes.push(planned.pass());
+    }
+}
+
+impl PlannedRow {
+    /// A planned row for `threads` replaying threads.
+    pub fn new(threads: usize) -> Self {
+        Self {
+            shared: Arc::new(PlannedShared {
+                threads: threads.max(1),
+                recorder: plan::Recorder::new(),
+                planned: OnceLock::new(),
+                passes: Mutex::new(Vec::new()),
+                recorded: Mutex::new(HashSet::new()),
+                recorded_live: AtomicUsize::new(0),
+            }),
+        }
     }
 }
 
@@ -173,6 +288,8 @@ pub struct Outcome {
     /// Peak resident bytes (`VmHWM`), reset just before the replay if the
     /// kernel allows.
     pub peak_rss: usize,
+    /// Peak resident bytes over the steady passes (reset after pass 0).
+    pub steady_peak_rss: usize,
     /// Whether `peak_rss` was reset before the replay (else it includes
     /// anything the process did before).
     pub peak_rss_reset: bool,
@@ -199,6 +316,8 @@ struct Recorder<'a, A> {
     faults_end: u64,
     cache_after_first: Option<Stats>,
     cache_final: Option<Stats>,
+    /// `VmHWM` at the end of pass 0, before the steady passes' reset.
+    first_pass_peak_rss: usize,
     in_use_at_pass_end: Vec<usize>,
     samples: Vec<Sample>,
     events_done: u64,
@@ -219,8 +338,11 @@ impl<A: ReplayAlloc> Recorder<'_, A> {
             self.sample(pass - 1, live, stats);
         }
         if pass == 1 {
+            self.first_pass_peak_rss = measure::status_bytes("VmHWM").unwrap_or(0);
             self.faults_after_first = measure::minor_faults();
             self.cache_after_first = stats;
+            // Steady passes get a peak of their own.
+            measure::reset_peak_rss();
         }
         if pass == passes {
             self.faults_end = measure::minor_faults();
@@ -277,6 +399,7 @@ pub fn replay<A: ReplayAlloc>(
         faults_end: 0,
         cache_after_first: None,
         cache_final: None,
+        first_pass_peak_rss: 0,
         in_use_at_pass_end: Vec::with_capacity(options.passes),
         samples: Vec::new(),
         events_done: 0,
@@ -330,13 +453,17 @@ pub fn replay<A: ReplayAlloc>(
             *slowest = (*slowest).max(ns);
         }
     }
-    let peak_rss = measure::status_bytes("VmHWM").unwrap_or(0);
+    // The peak of the steady passes (reset at the end of pass 0), and of the
+    // whole replay (the highest of that and pass 0's, read just before).
+    let steady_peak_rss = measure::status_bytes("VmHWM").unwrap_or(0);
+    let peak_rss = steady_peak_rss.max(recorder.first_pass_peak_rss);
     Ok(Outcome {
         pass_ns,
         faults_first: recorder.faults_after_first - recorder.faults_start,
         faults_steady: recorder.faults_end - recorder.faults_after_first,
         baseline_rss,
         peak_rss,
+        steady_peak_rss,
         peak_rss_reset,
         cache_after_first: recorder.cache_after_first,
         cache_final: recorder.cache_final,
@@ -382,6 +509,7 @@ fn worker<A: ReplayAlloc>(
             // the file's last pass).
             failure = run_events(&alloc, &trace.wrap, slots, options.touch);
         }
+        alloc.begin_pass(pass);
         let events = trace.pass_events(pass);
         let start = Instant::now();
         if failure.is_ok() {

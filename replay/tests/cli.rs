@@ -69,19 +69,19 @@ fn one_row_per_allocator_with_numeric_columns() {
         ]
     );
     for row in &rows {
-        assert_eq!(row.len(), 14, "{row:?}");
-        for cell in &row[1..9] {
+        assert_eq!(row.len(), 15, "{row:?}");
+        for cell in &row[1..10] {
             let value: f64 = cell
                 .parse()
                 .unwrap_or_else(|_| panic!("{cell:?} in {row:?}"));
             assert!(value >= 0.0);
         }
         if row[0].starts_with("cache") {
-            let hits: u64 = row[9].parse().unwrap();
-            let misses: u64 = row[10].parse().unwrap();
-            let ratio: f64 = row[11].parse().unwrap();
-            let byte_ratio: f64 = row[12].parse().unwrap();
-            let held_x: f64 = row[13].parse().unwrap();
+            let hits: u64 = row[10].parse().unwrap();
+            let misses: u64 = row[11].parse().unwrap();
+            let ratio: f64 = row[12].parse().unwrap();
+            let byte_ratio: f64 = row[13].parse().unwrap();
+            let held_x: f64 = row[14].parse().unwrap();
             assert!((0.0..=100.0).contains(&byte_ratio));
             assert!(
                 held_x >= 1.0,
@@ -96,7 +96,7 @@ fn one_row_per_allocator_with_numeric_columns() {
             }
             assert!((0.0..=100.0).contains(&ratio));
         } else {
-            assert_eq!(&row[9..], ["-", "-", "-", "-", "-"], "{row:?}");
+            assert_eq!(&row[10..], ["-", "-", "-", "-", "-"], "{row:?}");
         }
     }
     assert_eq!(rows[0][4], "1.00", "system's ratio to itself");
@@ -154,7 +154,7 @@ fn allocators_threads_and_touch_options() {
     let names: Vec<&str> = stdout
         .lines()
         .map(|line| line.split_whitespace().collect::<Vec<_>>())
-        .filter(|words| words.len() == 14 && words[1].parse::<f64>().is_ok())
+        .filter(|words| words.len() == 15 && words[1].parse::<f64>().is_ok())
         .map(|words| words[0])
         .collect();
     assert_eq!(names, ["cache", "system"]);

@@ -142,7 +142,7 @@ fn every_allocator_row_replays() {
     for &kind in AllocatorKind::ALL {
         let outcome = kind.replay(&trace, &options).unwrap();
         assert_eq!(outcome.pass_ns.len(), 5, "{kind:?}");
-        assert_eq!(outcome.cache_final.is_some(), kind.is_cache(), "{kind:?}");
+        assert_eq!(outcome.cache_final.is_some(), kind.has_stats(), "{kind:?}");
     }
     let outcome = replay::replay(&trace, &GlobalAllocRow(&std::alloc::System), &options).unwrap();
     assert!(outcome.in_use_at_pass_end.is_empty());

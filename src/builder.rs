@@ -53,9 +53,14 @@ impl Builder {
     }
 
     /// Cached bytes never exceed `bytes`: when a free would push past it,
-    /// cached blocks go back to the backing allocator, oldest first, only as
-    /// many as needed; a block larger than `bytes` is not cached. Keeping it
-    /// costs an age index (a B-tree insert and remove per cached block).
+    /// cached blocks go back to the backing allocator, only as many as
+    /// needed, lowest GreedyDual-Size priority first (small blocks stay
+    /// longer; among blocks of one size, oldest first); a block larger than
+    /// `bytes` is not cached. Keeping it costs two B-tree inserts and removes
+    /// per cached block.
+    ///
+    /// With a [`budget`](Self::budget) too, room is made on the budget first
+    /// (its oldest blocks, in any cache), then under the cap.
     pub fn max_cached_bytes(mut self, bytes: usize) -> Self {
         self.config.max_cached_bytes = Some(bytes);
         self

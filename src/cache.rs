@@ -359,21 +359,27 @@ impl<A: Allocator> Cache<A> {
             return;
         };
         let requested = layout.size();
+        if self
+            .config
+            .max_cached_bytes
+            .is_some_and(|cap| key.size > cap)
+        {
+            // SAFETY: this function's contract.
+            return unsafe { self.give_back(block, key, requested) };
+        }
         // The budget's share is reserved before the block is listed, so the
-        // caches on it never hold more than it, not even for a moment.
+        // caches on it never hold more than it, not even for a moment; and
+        // only for a block this cache will list, since reserving may evict
+        // other caches' blocks.
         if let Some(budget) = &self.config.budget
-            && !budget.reserve(key.size)
+            && (self.state.lock().caching_stopped || !budget.reserve(key.size))
         {
             // SAFETY: this function's contract.
             return unsafe { self.give_back(block, key, requested) };
         }
         loop {
             let mut state = self.state.lock();
-            let fits_cap = self
-                .config
-                .max_cached_bytes
-                .is_none_or(|cap| key.size <= cap);
-            if state.caching_stopped || !fits_cap {
+            if state.caching_stopped {
                 drop(state);
                 self.unreserve(key.size);
                 // SAFETY: this function's contract.

@@ -3,13 +3,23 @@
 //! every hit and miss (down to the address a hit returns: free lists are
 //! LIFO) and so every counter in `Stats`.
 //!
+//! The cache is built from a random configuration too: a size policy (exact
+//! sizes or power-of-two classes), an optional cap on cached bytes, stopping
+//! caching after a failure. The model computes class sizes on its own, keeps
+//! the age of every cached block (a counter bumped per cached free) and its
+//! GreedyDual-Size priority, and so predicts which blocks `trim` gives back
+//! (oldest first) and which the cap gives back (lowest priority first, ties
+//! oldest first; only as many as needed), and the rounding and eviction
+//! counters.
+//!
 //! After every step: the counters equal the model's; the backing allocator
 //! holds exactly the live and cached blocks, with their block layouts; no two
 //! live blocks overlap; every block is aligned; the contents of live blocks
 //! are intact (head and tail of every block after each step, every byte when
 //! a block is freed, grown, shrunk, and at the end). At the end everything is
 //! freed, released and the handles dropped: the backing must hold nothing,
-//! and it asserted every layout it got back.
+//! and it asserted every layout it got back. With a cap, the cached bytes
+//! never exceed it after any step.
 //!
 //! `PROPTEST_CASES` sets the number of cases.
 
@@ -19,8 +29,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
 
 use allocator_api2::alloc::{Allocator, Layout};
-use caching_allocator::{CachingAllocator, MIN_ALIGN, Stats};
-use common::{Failing, block_layout, cases_from_env_or, pattern, zeros};
+use caching_allocator::{CachingAllocator, MIN_ALIGN, SizePolicy, Stats};
+use common::{
+    Failing, assert_stats_eq, cases_from_env_or, class_layout, pattern, reference_class, zeros,
+};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
@@ -31,9 +43,44 @@ type Key = (usize, usize);
 /// the backing); no other request in these tests comes near it.
 const HUGE: usize = 1 << 50;
 
-fn key(layout: Layout) -> Option<Key> {
+/// The free list of `layout` under `policy`: its class size (computed
+/// independently of the library) and alignment class; `None` if no block can
+/// be made for it.
+fn key(layout: Layout, policy: SizePolicy) -> Option<Key> {
     let align = layout.align().max(MIN_ALIGN);
-    (layout.size() <= isize::MAX as usize - (align - 1)).then_some((layout.size(), align))
+    let size = reference_class(policy, layout.size())?;
+    (size <= isize::MAX as usize - (align - 1)).then_some((size, align))
+}
+
+/// How the cache under test is built.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Config {
+    policy: SizePolicy,
+    cap: Option<usize>,
+    stop_caching_after_failure: bool,
+    /// Built with `CachingAllocator::builder()` rather than `new_in` (always,
+    /// unless the rest is the default).
+    builder: bool,
+}
+
+fn config_strategy() -> impl Strategy<Value = Config> {
+    let policy = prop::sample::select(vec![
+        SizePolicy::Exact,
+        SizePolicy::PowerOfTwoDivisions(1),
+        SizePolicy::PowerOfTwoDivisions(2),
+        SizePolicy::PowerOfTwoDivisions(4),
+        SizePolicy::PowerOfTwoDivisions(8),
+    ]);
+    let cap = prop_oneof![
+        1 => Just(None),
+        3 => prop::sample::select(vec![0usize, 64, 100, 4096, 10_000, 70_000]).prop_map(Some),
+    ];
+    (policy, cap, any::<bool>(), any::<bool>()).prop_map(|(policy, cap, stop, builder)| Config {
+        policy,
+        cap,
+        stop_caching_after_failure: stop,
+        builder,
+    })
 }
 
 /// Picks one of `len` things (a live block, a handle); shrinks to the first.
@@ -114,6 +161,12 @@ enum Op {
     DropHandle {
         handle: Pick,
     },
+    /// `trim(target)`: evict oldest first until at most `target` bytes stay
+    /// cached.
+    Trim {
+        target: usize,
+        handle: Pick,
+    },
 }
 
 fn size() -> impl Strategy<Value = usize> {
@@ -142,7 +195,22 @@ fn fail(failures: bool) -> BoxedStrategy<Fail> {
 }
 
 fn op(failures: bool) -> impl Strategy<Value = Op> {
+    op_with_trim(failures, 0)
+}
+
+fn target() -> impl Strategy<Value = usize> {
     prop_oneof![
+        Just(0usize),
+        prop::sample::select(vec![64usize, 100, 4096, 10_000]),
+        0..80_000usize,
+        Just(usize::MAX),
+    ]
+}
+
+/// The seed's operations, plus `Trim` with weight `trim`.
+fn op_with_trim(failures: bool, trim: u32) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        trim => (target(), pick()).prop_map(|(target, handle)| Op::Trim { target, handle }),
         6 => (size(), align(), any::<bool>(), pick(), fail(failures)).prop_map(
             |(size, align, zeroed, handle, fail)| Op::Allocate { size, align, zeroed, handle, fail }
         ),
@@ -180,19 +248,109 @@ enum Outcome {
     Err,
 }
 
-/// The cache as the model sees it: free lists of addresses and the counters.
+/// Blocks the model says went back to the backing.
+#[derive(Debug)]
+enum Returned {
+    /// One block: evicted, or freed without being cached.
+    One(usize),
+    /// All the cached blocks at once (a release), in no particular order.
+    All(Vec<usize>),
+}
+
+/// GreedyDual-Size with unit cost, as the cap evicts: a block cached when
+/// the inflation is `L` has priority `L + 2^64 / block size`; the lowest
+/// priority goes first (ties: the oldest), and `L` becomes its priority.
+const PRIORITY_SCALE: u128 = 1 << 64;
+
+/// A cached block as the model sees it.
+#[derive(Clone, Copy, Debug)]
+struct Cached {
+    addr: usize,
+    age: u64,
+    priority: u128,
+}
+
+/// Which cached block an eviction takes.
+#[derive(Clone, Copy)]
+enum Victim {
+    /// The one freed longest ago (`trim`).
+    Oldest,
+    /// The lowest GreedyDual-Size priority (the cap).
+    Cheapest,
+}
+
+/// The cache as the model sees it: free lists, oldest first, and the
+/// counters.
 #[derive(Default)]
 struct Model {
-    free: HashMap<Key, Vec<usize>>,
+    config: Config,
+    free: HashMap<Key, Vec<Cached>>,
+    /// Bumped per cached free: the age of the block cached then.
+    clock: u64,
+    /// GreedyDual-Size's `L`: the priority of the last block the cap evicted.
+    inflation: u128,
+    caching_stopped: bool,
+    /// What went back to the backing since the last check, in order.
+    returns: Vec<Returned>,
     stats: Stats,
 }
 
 impl Model {
-    fn add_in_use(&mut self, bytes: usize) {
+    fn new(config: Config) -> Self {
+        Self {
+            config,
+            ..Self::default()
+        }
+    }
+
+    fn key(&self, layout: Layout) -> Option<Key> {
+        key(layout, self.config.policy)
+    }
+
+    fn add_in_use(&mut self, requested: usize, block: usize) {
         let s = &mut self.stats;
-        s.bytes_in_use += bytes;
+        s.bytes_in_use += requested;
+        s.bytes_lost_to_rounding += block - requested;
         s.blocks_in_use += 1;
         s.peak_bytes_in_use = s.peak_bytes_in_use.max(s.bytes_in_use);
+    }
+
+    /// The victim, whatever its key, goes back.
+    fn evict(&mut self, victim: Victim) -> Option<usize> {
+        let rank = |c: &Cached| match victim {
+            Victim::Oldest => (0, c.age),
+            Victim::Cheapest => (c.priority, c.age),
+        };
+        let (key, index) = self
+            .free
+            .iter()
+            .flat_map(|(&key, list)| list.iter().enumerate().map(move |(i, c)| (key, i, c)))
+            .min_by_key(|&(_, _, c)| rank(c))
+            .map(|(key, i, _)| (key, i))?;
+        let Cached { addr, priority, .. } = self.free.get_mut(&key).unwrap().remove(index);
+        if let Victim::Cheapest = victim {
+            self.inflation = self.inflation.max(priority);
+        }
+        let s = &mut self.stats;
+        s.evictions += 1;
+        s.bytes_evicted += key.0 as u64;
+        s.backing_frees += 1;
+        s.bytes_cached -= key.0;
+        s.blocks_cached -= 1;
+        s.bytes_reserved -= key.0;
+        self.returns.push(Returned::One(addr));
+        Some(addr)
+    }
+
+    fn trim(&mut self, target: usize) -> usize {
+        let mut trimmed = 0;
+        while self.stats.bytes_cached > target {
+            let before = self.stats.bytes_cached;
+            self.evict(Victim::Oldest)
+                .expect("bytes cached but no block");
+            trimmed += before - self.stats.bytes_cached;
+        }
+        trimmed
     }
 
     fn release(&mut self) -> usize {
@@ -204,7 +362,14 @@ impl Model {
         s.bytes_reserved -= bytes;
         s.bytes_cached = 0;
         s.blocks_cached = 0;
-        self.free.clear();
+        let mut all: Vec<usize> = self
+            .free
+            .drain()
+            .flat_map(|(_, l)| l)
+            .map(|c| c.addr)
+            .collect();
+        all.sort_unstable();
+        self.returns.push(Returned::All(all));
         bytes
     }
 
@@ -212,34 +377,41 @@ impl Model {
         if layout.size() == 0 {
             return Outcome::Dangling;
         }
-        let Some(key) = key(layout) else {
+        let Some(key) = self.key(layout) else {
             self.stats.failures += 1;
             return Outcome::Err;
         };
-        if let Some(addr) = self.free.get_mut(&key).and_then(Vec::pop) {
+        let block = key.0;
+        // LIFO: the most recently freed block of the key.
+        if let Some(Cached { addr, .. }) = self.free.get_mut(&key).and_then(Vec::pop) {
             self.stats.hits += 1;
-            self.stats.bytes_cached -= layout.size();
+            self.stats.bytes_hit += layout.size() as u64;
+            self.stats.bytes_cached -= block;
             self.stats.blocks_cached -= 1;
-            self.add_in_use(layout.size());
+            self.add_in_use(layout.size(), block);
             return Outcome::Hit(addr);
         }
-        let huge = layout.size() >= HUGE;
+        let huge = block >= HUGE;
         if fail.first || huge {
             self.stats.retries += 1;
             self.release();
             if fail.retry || huge {
                 self.stats.failures += 1;
+                if self.config.stop_caching_after_failure {
+                    self.caching_stopped = true;
+                }
                 return Outcome::Err;
             }
         }
         self.stats.misses += 1;
+        self.stats.bytes_missed += layout.size() as u64;
         self.stats.backing_allocs += 1;
-        self.stats.bytes_reserved += layout.size();
+        self.stats.bytes_reserved += block;
         self.stats.peak_bytes_reserved = self
             .stats
             .peak_bytes_reserved
             .max(self.stats.bytes_reserved);
-        self.add_in_use(layout.size());
+        self.add_in_use(layout.size(), block);
         Outcome::Miss
     }
 
@@ -247,23 +419,46 @@ impl Model {
         if layout.size() == 0 {
             return;
         }
-        self.free
-            .entry(key(layout).unwrap())
-            .or_default()
-            .push(addr);
+        let key = self.key(layout).unwrap();
+        let (block, requested) = (key.0, layout.size());
         let s = &mut self.stats;
         s.frees += 1;
-        s.bytes_in_use -= layout.size();
+        s.bytes_in_use -= requested;
+        s.bytes_lost_to_rounding -= block - requested;
         s.blocks_in_use -= 1;
-        s.bytes_cached += layout.size();
+        let cap = self.config.cap;
+        if self.caching_stopped || cap.is_some_and(|cap| block > cap) {
+            // Straight back: counted as an eviction.
+            s.bytes_reserved -= block;
+            s.backing_frees += 1;
+            s.evictions += 1;
+            s.bytes_evicted += block as u64;
+            self.returns.push(Returned::One(addr));
+            return;
+        }
+        // Lowest priority first, only as many as needed.
+        while cap.is_some_and(|cap| self.stats.bytes_cached + block > cap) {
+            self.evict(Victim::Cheapest)
+                .expect("over the cap with nothing cached");
+        }
+        self.clock += 1;
+        let cached = Cached {
+            addr,
+            age: self.clock,
+            priority: self.inflation + PRIORITY_SCALE / block as u128,
+        };
+        self.free.entry(key).or_default().push(cached);
+        let s = &mut self.stats;
+        s.bytes_cached += block;
         s.blocks_cached += 1;
         s.peak_bytes_cached = s.peak_bytes_cached.max(s.bytes_cached);
     }
 
     fn resize(&mut self, addr: usize, old: Layout, new: Layout, fail: Fail) -> Outcome {
-        if old.size() != 0 && new.size() != 0 && key(old) == key(new) {
+        if old.size() != 0 && new.size() != 0 && self.key(old) == self.key(new) {
             let s = &mut self.stats;
             s.bytes_in_use = s.bytes_in_use - old.size() + new.size();
+            s.bytes_lost_to_rounding = s.bytes_lost_to_rounding + old.size() - new.size();
             s.peak_bytes_in_use = s.peak_bytes_in_use.max(s.bytes_in_use);
             return Outcome::InPlace;
         }
@@ -336,18 +531,33 @@ struct Harness {
     live: Vec<Block>,
     model: Model,
     next_seed: u8,
+    /// Entries of the backing's return log already checked.
+    returns_seen: usize,
 }
 
 impl Harness {
-    fn new() -> Self {
+    fn new(config: Config) -> Self {
         let backing = Failing::new();
-        let cache = CachingAllocator::new_in(backing.clone());
+        let cache = if config.builder || config != Config::default() {
+            let mut builder = CachingAllocator::builder()
+                .size_policy(config.policy)
+                .stop_caching_after_failure(config.stop_caching_after_failure);
+            if let Some(cap) = config.cap {
+                builder = builder.max_cached_bytes(cap);
+            }
+            builder.build_in(backing.clone())
+        } else {
+            CachingAllocator::new_in(backing.clone())
+        };
+        assert_eq!(cache.size_policy(), config.policy);
+        assert_eq!(cache.max_cached_bytes(), config.cap);
         Self {
             backing,
             handles: vec![cache],
             live: Vec::new(),
-            model: Model::default(),
+            model: Model::new(config),
             next_seed: 0,
+            returns_seen: 0,
         }
     }
 
@@ -488,13 +698,35 @@ impl Harness {
             block.bytes()[..kept] == expected[..kept],
             "{old:?} -> {new:?} lost contents"
         );
-        if zeroed && outcome != Outcome::InPlace {
+        // In place too: a block of a class may grow within it.
+        if zeroed {
             assert!(
                 block.bytes()[kept..] == *zeros(new.size() - kept),
                 "grow_zeroed tail not zero"
             );
         }
         block.bytes_mut()[kept..].copy_from_slice(&expected[kept..]);
+    }
+
+    /// The backing saw the returns the model predicts, in order (a release
+    /// as one group in any order).
+    fn check_returns(&mut self) {
+        let returned = self.backing.counting().returned();
+        let mut new = returned[self.returns_seen..].iter().map(|&(addr, _)| addr);
+        for event in self.model.returns.drain(..) {
+            match event {
+                Returned::One(addr) => {
+                    assert_eq!(new.next(), Some(addr), "evicted out of order")
+                }
+                Returned::All(addrs) => {
+                    let mut got: Vec<usize> = new.by_ref().take(addrs.len()).collect();
+                    got.sort_unstable();
+                    assert_eq!(got, addrs, "released blocks");
+                }
+            }
+        }
+        assert_eq!(new.next(), None, "a block went back unpredicted");
+        self.returns_seen = returned.len();
     }
 
     fn step(&mut self, op: &Op) {
@@ -525,7 +757,17 @@ impl Harness {
                     return self.check_invariants();
                 }
                 cached.sort_unstable();
-                let (size, class) = cached[key.of(cached.len())];
+                let (block, class) = cached[key.of(cached.len())];
+                // A request of the same class: up to 63 bytes short of the
+                // block if that is still its class (the step is at least 64).
+                let short = block - align.0 % block.min(64);
+                let size = if self.model.key(Layout::from_size_align(short, 1).unwrap())
+                    == Some((block, MIN_ALIGN))
+                {
+                    short
+                } else {
+                    block
+                };
                 let align = if class == MIN_ALIGN {
                     [1, 8, 64][align.of(3)]
                 } else {
@@ -581,13 +823,26 @@ impl Harness {
                     self.handles.swap_remove(i);
                 }
             }
+            Op::Trim { target, handle } => {
+                let expected = self.model.trim(target);
+                assert_eq!(self.handle(handle).trim(target), expected, "trim({target})");
+            }
         }
         self.check_invariants();
     }
 
-    fn check_invariants(&self) {
+    fn check_invariants(&mut self) {
+        self.check_returns();
         let stats = self.handles[0].stats();
-        assert_eq!(stats, self.model.stats);
+        assert_stats_eq(&stats, &self.model.stats);
+        if let Some(cap) = self.model.config.cap {
+            assert!(stats.bytes_cached <= cap, "over the cap: {stats:?}");
+            assert!(stats.peak_bytes_cached <= cap, "over the cap: {stats:?}");
+        }
+        assert_eq!(
+            self.handles[0].is_caching_stopped(),
+            self.model.caching_stopped
+        );
         let counting = self.backing.counting();
         assert_eq!(counting.live_bytes(), stats.bytes_reserved);
         assert_eq!(counting.allocs(), stats.backing_allocs);
@@ -597,7 +852,10 @@ impl Harness {
         // its block layout.
         let mut expected = BTreeMap::new();
         for block in self.live.iter().filter(|b| b.layout.size() > 0) {
-            let previous = expected.insert(block.addr(), block_layout(block.layout));
+            let previous = expected.insert(
+                block.addr(),
+                class_layout(self.model.config.policy, block.layout),
+            );
             assert!(
                 previous.is_none(),
                 "block {:#x} handed out twice",
@@ -605,7 +863,7 @@ impl Harness {
             );
         }
         for (&(size, align), addrs) in &self.model.free {
-            for &addr in addrs {
+            for &Cached { addr, .. } in addrs {
                 let previous = expected.insert(addr, Layout::from_size_align(size, align).unwrap());
                 assert!(previous.is_none(), "block {addr:#x} both live and cached");
             }
@@ -656,11 +914,26 @@ impl Harness {
         drop(self.handles);
         assert_eq!(counting.live_blocks(), 0);
         assert_eq!(counting.frees(), counting.allocs());
+        // Every block went back with a layout of its policy's classes (and
+        // `Counting` checked it was the layout it was taken with).
+        let policy = self.model.config.policy;
+        for (addr, layout) in counting.returned() {
+            assert_eq!(
+                reference_class(policy, layout.size()),
+                Some(layout.size()),
+                "{addr:#x} returned with {layout:?}, not a class of {policy:?}"
+            );
+            assert!(layout.align() >= MIN_ALIGN);
+        }
     }
 }
 
 fn run(ops: &[Op]) {
-    let mut harness = Harness::new();
+    run_with(Config::default(), ops);
+}
+
+fn run_with(config: Config, ops: &[Op]) {
+    let mut harness = Harness::new(config);
     for op in ops {
         harness.step(op);
     }
@@ -690,6 +963,134 @@ proptest! {
     fn cache_matches_its_model_when_the_backing_fails(ops in prop::collection::vec(op(true), 1..64)) {
         run(&ops);
     }
+}
+
+fn policy_config() -> ProptestConfig {
+    ProptestConfig {
+        cases: cases_from_env_or(600),
+        ..config()
+    }
+}
+
+proptest! {
+    #![proptest_config(policy_config())]
+
+    #[test]
+    fn configured_cache_matches_its_model(
+        config in config_strategy(),
+        ops in prop::collection::vec(op_with_trim(false, 2), 1..96),
+    ) {
+        run_with(config, &ops);
+    }
+
+    #[test]
+    fn configured_cache_matches_its_model_when_the_backing_fails(
+        config in config_strategy(),
+        ops in prop::collection::vec(op_with_trim(true, 2), 1..96),
+    ) {
+        run_with(config, &ops);
+    }
+}
+
+/// The model under a policy, on a fixed sequence: class sizes, rounding,
+/// GreedyDual-Size eviction under the cap, a block over the cap, trim, and
+/// caching stopping after a failure.
+#[test]
+fn the_model_follows_a_known_sequence_under_a_policy() {
+    let l = |size| Layout::from_size_align(size, 8).unwrap();
+    let config = Config {
+        policy: SizePolicy::PowerOfTwoDivisions(4),
+        cap: Some(3000),
+        stop_caching_after_failure: true,
+        builder: true,
+    };
+    let mut model = Model::new(config);
+    assert_eq!(key(l(1000), config.policy), Some((1024, 64)));
+    assert_eq!(model.allocate(l(1000), NO_FAIL), Outcome::Miss);
+    assert_eq!(model.allocate(l(1500), NO_FAIL), Outcome::Miss);
+    assert_eq!(model.allocate(l(1100), NO_FAIL), Outcome::Miss);
+    assert_eq!(model.stats.bytes_lost_to_rounding, 24 + 36 + 180);
+    assert_eq!(model.stats.bytes_reserved, 1024 + 1536 + 1280);
+    model.deallocate(0x1000, l(1000));
+    model.deallocate(0x2000, l(1500));
+    assert_eq!(model.stats.bytes_cached, 2560);
+    // 2560 + 1280 > 3000: the oldest, 0x1000, goes.
+    model.deallocate(0x3000, l(1100));
+    // 2560 + 1280 > 3000: the lowest priority goes, the largest block
+    // (0x2000), although 0x1000 is older; the inflation becomes its priority.
+    assert!(matches!(model.returns[..], [Returned::One(0x2000)]));
+    assert_eq!(model.stats.bytes_cached, 2304);
+    assert_eq!(
+        (model.stats.evictions, model.stats.bytes_evicted),
+        (1, 1536)
+    );
+    assert_eq!(model.inflation, PRIORITY_SCALE / 1536);
+    // 900 bytes: class 1024, the block of the 1000-byte request.
+    assert_eq!(model.allocate(l(900), NO_FAIL), Outcome::Hit(0x1000));
+    assert_eq!(model.trim(0), 1280);
+    assert_eq!(model.allocate(l(1200), NO_FAIL), Outcome::Miss);
+    // A block over the cap is not cached.
+    assert_eq!(model.allocate(l(3001), NO_FAIL), Outcome::Miss);
+    model.deallocate(0x4000, l(3001));
+    assert_eq!(model.stats.bytes_cached, 0);
+    assert_eq!(model.stats.evictions, 3);
+    let both = Fail {
+        first: true,
+        retry: true,
+    };
+    assert_eq!(model.allocate(l(5000), both), Outcome::Err);
+    assert!(model.caching_stopped);
+    model.deallocate(0x5000, l(900));
+    assert_eq!(model.stats.bytes_cached, 0);
+    assert_eq!(model.stats.evictions, 4);
+
+    // And the cache agrees on a sequence like it.
+    let allocate = |size| Op::Allocate {
+        size,
+        align: 8,
+        zeroed: false,
+        handle: Pick(0),
+        fail: NO_FAIL,
+    };
+    let free_first = Op::Deallocate {
+        index: Pick(0),
+        handle: Pick(0),
+    };
+    run_with(
+        config,
+        &[
+            allocate(1000),
+            allocate(1500),
+            allocate(1100),
+            free_first.clone(),
+            free_first.clone(),
+            free_first.clone(),
+            allocate(900),
+            allocate(1200),
+            Op::Grow {
+                index: Pick(1),
+                size: 1280,
+                align: 1,
+                zeroed: true,
+                handle: Pick(0),
+                fail: NO_FAIL,
+            },
+            Op::Trim {
+                target: 0,
+                handle: Pick(0),
+            },
+            allocate(3001),
+            free_first.clone(),
+            Op::Allocate {
+                size: 5000,
+                align: 8,
+                zeroed: false,
+                handle: Pick(0),
+                fail: both,
+            },
+            free_first,
+        ],
+    );
 }
 
 /// The model itself, on a fixed sequence: a hit after a free, a retry that

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use allocator_api2::alloc::{AllocError, Allocator, Global, Layout};
+use caching_allocator::{SizePolicy, Stats};
 
 /// The byte a `Counting` backing fills fresh (non-zeroed) blocks with, so a
 /// test that expects zeros cannot pass by luck.
@@ -41,6 +42,8 @@ struct Ledger {
     live_bytes: usize,
     /// Layouts of every successful allocation, in order.
     history: Vec<Layout>,
+    /// Every block returned (address, layout), in order.
+    returned: Vec<(usize, Layout)>,
 }
 
 struct CountingInner<A> {
@@ -119,6 +122,16 @@ impl<A: Allocator> Counting<A> {
     /// The layouts of every successful allocation so far, in order.
     pub fn history(&self) -> Vec<Layout> {
         lock(&self.inner.ledger).history.clone()
+    }
+
+    /// Every block returned so far (address, layout), in order.
+    pub fn returned(&self) -> Vec<(usize, Layout)> {
+        lock(&self.inner.ledger).returned.clone()
+    }
+
+    /// Whether the block at `addr` is live (handed out and not returned).
+    pub fn is_live(&self, addr: usize) -> bool {
+        lock(&self.inner.ledger).live.contains_key(&addr)
     }
 
     fn record(&self, block: NonNull<[u8]>, layout: Layout, zeroed: bool) {
@@ -200,6 +213,7 @@ unsafe impl<A: Allocator> Allocator for Counting<A> {
                 ),
             }
             ledger.live.remove(&addr);
+            ledger.returned.push((addr, layout));
             ledger.frees += 1;
             ledger.live_bytes -= layout.size();
         }
@@ -331,6 +345,82 @@ pub fn block_layout(layout: Layout) -> Layout {
         layout.align().max(caching_allocator::MIN_ALIGN),
     )
     .unwrap()
+}
+
+/// The block size `policy` serves a request of `size` bytes with, computed
+/// independently of the library (division and `ilog2` instead of bit tricks):
+/// requests up to 64 bytes get 64; otherwise the power-of-two interval the size
+/// falls in is cut into `n` (rounded up to a power of two, 0 as 1) steps of at
+/// least 64 bytes, and the size is rounded up to a step. `None` on overflow.
+pub fn reference_class(policy: SizePolicy, size: usize) -> Option<usize> {
+    match policy {
+        SizePolicy::Exact => Some(size),
+        SizePolicy::PowerOfTwoDivisions(n) => {
+            if size <= 64 {
+                return Some(64);
+            }
+            let divisions = (n.max(1) as usize).next_power_of_two();
+            let interval = 1usize << size.ilog2();
+            let step = (interval / divisions).max(64);
+            size.div_ceil(step).checked_mul(step)
+        }
+    }
+}
+
+/// The layout the cache takes a block for `layout` with under `policy`: the
+/// class size, alignment at least 64.
+pub fn class_layout(policy: SizePolicy, layout: Layout) -> Layout {
+    Layout::from_size_align(
+        reference_class(policy, layout.size()).unwrap(),
+        layout.align().max(caching_allocator::MIN_ALIGN),
+    )
+    .unwrap()
+}
+
+/// The counters of a `Stats` by name: every field the tests model.
+pub fn stats_fields(stats: &Stats) -> [(&'static str, u64); 22] {
+    let u = |n: usize| n as u64;
+    [
+        ("hits", stats.hits),
+        ("misses", stats.misses),
+        ("frees", stats.frees),
+        ("bytes_hit", stats.bytes_hit),
+        ("bytes_missed", stats.bytes_missed),
+        ("bytes_in_use", u(stats.bytes_in_use)),
+        ("bytes_cached", u(stats.bytes_cached)),
+        ("bytes_reserved", u(stats.bytes_reserved)),
+        ("bytes_lost_to_rounding", u(stats.bytes_lost_to_rounding)),
+        ("blocks_in_use", u(stats.blocks_in_use)),
+        ("blocks_cached", u(stats.blocks_cached)),
+        ("peak_bytes_in_use", u(stats.peak_bytes_in_use)),
+        ("peak_bytes_cached", u(stats.peak_bytes_cached)),
+        ("peak_bytes_reserved", u(stats.peak_bytes_reserved)),
+        ("backing_allocs", stats.backing_allocs),
+        ("backing_frees", stats.backing_frees),
+        ("releases", stats.releases),
+        ("bytes_released", stats.bytes_released),
+        ("evictions", stats.evictions),
+        ("bytes_evicted", stats.bytes_evicted),
+        ("retries", stats.retries),
+        ("failures", stats.failures),
+    ]
+}
+
+/// Asserts that every modelled counter of `actual` equals `expected`'s,
+/// naming the ones that differ.
+#[track_caller]
+pub fn assert_stats_eq(actual: &Stats, expected: &Stats) {
+    let differ: Vec<String> = stats_fields(actual)
+        .iter()
+        .zip(stats_fields(expected))
+        .filter(|(a, e)| a.1 != e.1)
+        .map(|(a, e)| format!("{}: {} (expected {})", a.0, a.1, e.1))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "stats differ: {}\nactual:   {actual:?}\nexpected: {expected:?}",
+        differ.join(", ")
+    );
 }
 
 /// Number of cases for a property test: `PROPTEST_CASES` if set, else

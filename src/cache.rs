@@ -18,6 +18,7 @@ use foldhash::fast::FixedState;
 use hashbrown::HashMap;
 
 use crate::budget::{Budget, Member};
+use crate::poison;
 use crate::policy::{Key, SizePolicy};
 use crate::reentry::{self, Bookkeeping};
 use crate::stats::Stats;
@@ -290,6 +291,7 @@ impl<A: Allocator> Cache<A> {
         };
         let block = match popped {
             Some(block) => {
+                poison::unpoison(block, key.size);
                 if let Some(budget) = &self.config.budget {
                     budget.unreserve(key.size);
                 }
@@ -377,6 +379,9 @@ impl<A: Allocator> Cache<A> {
             // SAFETY: this function's contract.
             return unsafe { self.give_back(block, key, requested) };
         }
+        // Poisoned before it is listed: once listed, another thread may take
+        // (and unpoison) it at any moment.
+        poison::poison(block, key.size);
         loop {
             let mut state = self.state.lock();
             if state.caching_stopped {
@@ -440,6 +445,7 @@ impl<A: Allocator> Cache<A> {
     /// `block` was taken from the backing allocator with `key`'s layout, is
     /// owned by this cache alone, and is not listed.
     unsafe fn backing_deallocate(&self, block: NonNull<u8>, key: Key) {
+        poison::unpoison(block, key.size);
         let _inside = reentry::inside();
         // SAFETY: the caller's contract.
         unsafe { self.backing.deallocate(block, key.block_layout()) };
@@ -511,9 +517,9 @@ impl<A: Allocator> Cache<A> {
         for (key, list) in lists {
             for cached in list {
                 // SAFETY: every listed block was taken from the backing
-                // allocator with `key.block_layout()`, is owned by the cache
-                // alone, and is no longer listed, so it is given back once.
-                unsafe { self.backing.deallocate(cached.block, key.block_layout()) };
+                // allocator with `key`'s layout, is owned by the cache alone,
+                // and is no longer listed, so it is given back once.
+                unsafe { self.backing_deallocate(cached.block, key) };
             }
         }
         drop(indexes);

@@ -55,6 +55,7 @@ mod cache;
 mod global;
 mod handle;
 pub mod plan;
+mod poison;
 mod policy;
 mod reentry;
 #[cfg(not(loom))]

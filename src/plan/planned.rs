@@ -9,6 +9,7 @@ use allocator_api2::alloc::{AllocError, Allocator, Global};
 
 use super::Plan;
 use crate::cache::dangling;
+use crate::poison;
 use crate::reentry;
 use crate::stats::Stats;
 use crate::sync::{Arc, Mutex};
@@ -130,6 +131,8 @@ impl<A: Allocator> Planned<A> {
             match backing.allocate(layout) {
                 Ok(arena) => {
                     stats.on_arena_reserved(layout.size());
+                    // Free arena ranges are off limits until a slot is handed out.
+                    poison::poison(arena.cast(), layout.size());
                     Some(arena.cast::<u8>())
                 }
                 Err(AllocError) => {
@@ -282,7 +285,9 @@ impl<A: Allocator> Arena<A> {
         state.stats.on_arena_hit(layout.size());
         // SAFETY: the plan keeps every slot inside the arena (`slot.offset +
         // slot.size <= arena_bytes`), so the offset is in bounds.
-        Some(unsafe { base.add(start) })
+        let block = unsafe { base.add(start) };
+        poison::unpoison(block, layout.size());
+        Some(block)
     }
 
     /// # Safety
@@ -295,6 +300,8 @@ impl<A: Allocator> Arena<A> {
         }
         if let Some(offset) = self.offset_of(ptr) {
             let mut state = self.state.lock();
+            // Poisoned under the lock, before the range can be handed out again.
+            poison::poison(ptr, layout.size());
             let _inside = reentry::inside();
             if state.live.remove(&offset).is_some() {
                 state.stats.on_arena_free(layout.size());
@@ -315,6 +322,7 @@ impl<A: Allocator> Arena<A> {
 impl<A: Allocator> Drop for Arena<A> {
     fn drop(&mut self) {
         if let Some(base) = self.base {
+            poison::unpoison(base, self.layout.size());
             let _inside = reentry::inside();
             // SAFETY: the arena was taken from `backing` with `layout`; the
             // last handle is gone, so no block of it is in use.

@@ -122,8 +122,15 @@ impl<A: Allocator> Planned<A> {
     /// goes to `backing` (and `stats().failures` counts the failed arena).
     pub fn new_in(plan: &Plan, backing: A) -> Self {
         let mut stats = Stats::default();
-        let layout = Layout::from_size_align(plan.arena_bytes(), plan.arena_align())
-            .unwrap_or(Layout::new::<()>());
+        let layout = match Layout::from_size_align(plan.arena_bytes(), plan.arena_align()) {
+            Ok(layout) => layout,
+            Err(_) => {
+                // An arena no layout can describe: serve everything from the
+                // backing allocator, and say so.
+                stats.failures += 1;
+                Layout::new::<()>()
+            }
+        };
         let base = if layout.size() == 0 {
             None
         } else {

@@ -1,0 +1,363 @@
+//! Loom models of one `plan::Planned` arena shared by threads running passes
+//! at once. The arena's lock and `Arc` are loom's under `--cfg loom`, so
+//! every interleaving of its critical sections is explored (up to
+//! `LOOM_MAX_PREEMPTIONS`, default 2).
+//!
+//! Run: `RUSTFLAGS="--cfg loom" cargo test -p loom-tests --release`.
+#![cfg(loom)]
+
+use std::collections::BTreeMap;
+use std::ptr::NonNull;
+
+use caching_allocator::plan::{Plan, Planned, Recorder};
+use caching_allocator::{AllocError, Allocator, Global, Stats};
+use core::alloc::Layout;
+use loom::sync::{Arc, Mutex};
+use loom::thread;
+
+fn model<F>(f: F)
+where
+    F: Fn() + Sync + Send + 'static,
+{
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(
+        std::env::var("LOOM_MAX_PREEMPTIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2),
+    );
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = runs.clone();
+    builder.check(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f()
+    });
+    eprintln!("RUNS {}", runs.load(std::sync::atomic::Ordering::Relaxed));
+}
+
+/// A backing allocator with a loom-visible ledger: panics on a double
+/// return or a return with another layout.
+#[derive(Clone, Default)]
+struct Counting {
+    ledger: Arc<Mutex<(BTreeMap<usize, Layout>, u64)>>,
+}
+
+impl Counting {
+    fn live_blocks(&self) -> usize {
+        self.ledger.lock().unwrap().0.len()
+    }
+
+    fn allocs(&self) -> u64 {
+        self.ledger.lock().unwrap().1
+    }
+}
+
+// SAFETY: blocks come from `Global` and go back to it unchanged.
+unsafe impl Allocator for Counting {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        let block = Global.allocate(layout)?;
+        let mut ledger = self.ledger.lock().unwrap();
+        let previous = ledger
+            .0
+            .insert(block.cast::<u8>().as_ptr() as usize, layout);
+        assert!(
+            previous.is_none(),
+            "the global allocator handed out a live block"
+        );
+        ledger.1 += 1;
+        Ok(block)
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        let recorded = self
+            .ledger
+            .lock()
+            .unwrap()
+            .0
+            .remove(&(ptr.as_ptr() as usize));
+        assert_eq!(recorded, Some(layout), "double return or layout mismatch");
+        // SAFETY: the ledger had it live with this layout: it came from
+        // `Global` with it and goes back once.
+        unsafe { Global.deallocate(ptr, layout) }
+    }
+}
+
+const SIZE: usize = 64;
+
+fn layout() -> Layout {
+    Layout::from_size_align(SIZE, 8).unwrap()
+}
+
+/// The tiny plan: a chain of three 64-byte blocks (0 and 1 alive together,
+/// then 1 and 2): slots at 0, 64 and 0; a 128-byte arena.
+fn chain_plan() -> Plan {
+    let recorder = Recorder::new();
+    let a = recorder.allocate(layout()).unwrap().cast::<u8>();
+    let b = recorder.allocate(layout()).unwrap().cast::<u8>();
+    // SAFETY: allocated above with `layout()`.
+    unsafe { recorder.deallocate(a, layout()) };
+    let c = recorder.allocate(layout()).unwrap().cast::<u8>();
+    // SAFETY: as above.
+    unsafe {
+        recorder.deallocate(b, layout());
+        recorder.deallocate(c, layout());
+    }
+    let plan = recorder.plan();
+    let offsets: Vec<usize> = (0..3).map(|i| plan.slot(i).unwrap().offset).collect();
+    assert_eq!(offsets, [0, 64, 0]);
+    assert_eq!(plan.arena_bytes(), 128);
+    plan
+}
+
+/// Live blocks: address -> owner thread, to catch two owners of one byte.
+type Owners = Arc<Mutex<BTreeMap<usize, u8>>>;
+
+/// Takes a block, stamps it with `owner`, and registers it (asserting no
+/// live block overlaps it).
+fn take(planned: &Planned<Counting>, owners: &Owners, owner: u8) -> NonNull<u8> {
+    let block = planned.allocate(layout()).unwrap().cast::<u8>();
+    let addr = block.as_ptr() as usize;
+    {
+        let mut owners = owners.lock().unwrap();
+        if let Some((&before, &other)) = owners.range(..=addr).next_back() {
+            assert!(
+                before + SIZE <= addr,
+                "{addr:#x} overlaps {other}'s {before:#x}"
+            );
+        }
+        if let Some((&after, &other)) = owners.range(addr..).next() {
+            assert!(
+                addr + SIZE <= after,
+                "{addr:#x} overlaps {other}'s {after:#x}"
+            );
+        }
+        owners.insert(addr, owner);
+    }
+    // SAFETY: a live block of SIZE bytes that this thread owns.
+    unsafe { block.as_ptr().write_bytes(owner, SIZE) };
+    block
+}
+
+/// Checks the stamp of a block and frees it.
+fn give(planned: &Planned<Counting>, owners: &Owners, block: NonNull<u8>, owner: u8) {
+    // SAFETY: a live block of SIZE bytes owned by this thread.
+    let bytes = unsafe { std::slice::from_raw_parts(block.as_ptr(), SIZE) };
+    assert!(
+        bytes.iter().all(|&b| b == owner),
+        "someone else wrote into {:#x}",
+        block.as_ptr() as usize
+    );
+    let addr = block.as_ptr() as usize;
+    assert_eq!(owners.lock().unwrap().remove(&addr), Some(owner));
+    // SAFETY: allocated by `take` with `layout()`, not used again.
+    unsafe { planned.deallocate(block, layout()) };
+}
+
+/// Relations every snapshot must satisfy, whatever is in flight.
+fn assert_consistent(stats: &Stats, arena: usize) {
+    assert_eq!(stats.bytes_in_use, stats.blocks_in_use * SIZE, "{stats:?}");
+    assert_eq!(
+        stats.hits + stats.misses - stats.frees,
+        stats.blocks_in_use as u64,
+        "{stats:?}"
+    );
+    // The arena and the misses not yet given back.
+    let live_misses = stats.backing_allocs - 1 - stats.backing_frees;
+    assert_eq!(stats.backing_allocs, stats.misses + 1, "{stats:?}");
+    assert_eq!(
+        stats.bytes_reserved,
+        arena + live_misses as usize * SIZE,
+        "{stats:?}"
+    );
+    assert!(live_misses <= stats.blocks_in_use as u64, "{stats:?}");
+    assert!(stats.peak_bytes_in_use >= stats.bytes_in_use, "{stats:?}");
+    assert_eq!(stats.failures, 0, "{stats:?}");
+}
+
+/// One pass of the recorded chain on this thread.
+fn chain_pass(planned: &Planned<Counting>, owners: &Owners, owner: u8) {
+    let _pass = planned.pass();
+    let a = take(planned, owners, owner);
+    let b = take(planned, owners, owner);
+    give(planned, owners, a, owner);
+    let c = take(planned, owners, owner);
+    give(planned, owners, b, owner);
+    give(planned, owners, c, owner);
+}
+
+#[test]
+fn concurrent_passes_never_share_a_block() {
+    model(|| {
+        let plan = chain_plan();
+        let backing = Counting::default();
+        let planned = Planned::new_in(&plan, backing.clone());
+        let owners: Owners = Arc::default();
+        let threads: Vec<_> = (1..=2u8)
+            .map(|owner| {
+                let (planned, owners) = (planned.clone(), owners.clone());
+                thread::spawn(move || chain_pass(&planned, &owners, owner))
+            })
+            .collect();
+        assert_consistent(&planned.stats(), plan.arena_bytes());
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let stats = planned.stats();
+        assert_consistent(&stats, plan.arena_bytes());
+        assert_eq!(
+            (stats.hits + stats.misses, stats.frees),
+            (6, 6),
+            "{stats:?}"
+        );
+        assert!(stats.hits >= 1, "{stats:?}");
+        assert_eq!(stats.bytes_in_use, 0);
+        assert_eq!(stats.bytes_reserved, plan.arena_bytes());
+        assert!(owners.lock().unwrap().is_empty());
+        assert_eq!(backing.live_blocks(), 1);
+        assert_eq!(backing.allocs(), stats.backing_allocs);
+        drop(planned);
+        assert_eq!(backing.live_blocks(), 0);
+    });
+}
+
+#[test]
+fn three_passes_at_once_never_share_a_block() {
+    model(|| {
+        let plan = chain_plan();
+        let backing = Counting::default();
+        let planned = Planned::new_in(&plan, backing.clone());
+        let owners: Owners = Arc::default();
+        let threads: Vec<_> = (1..=2u8)
+            .map(|owner| {
+                let (planned, owners) = (planned.clone(), owners.clone());
+                thread::spawn(move || chain_pass(&planned, &owners, owner))
+            })
+            .collect();
+        chain_pass(&planned, &owners, 3);
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let stats = planned.stats();
+        assert_consistent(&stats, plan.arena_bytes());
+        assert_eq!(
+            (stats.hits + stats.misses, stats.frees),
+            (9, 9),
+            "{stats:?}"
+        );
+        assert_eq!(backing.allocs(), stats.backing_allocs);
+        drop(planned);
+        assert_eq!(backing.live_blocks(), 0);
+    });
+}
+
+#[test]
+fn the_arena_goes_with_the_last_handle_on_either_thread() {
+    model(|| {
+        let plan = chain_plan();
+        let backing = Counting::default();
+        let planned = Planned::new_in(&plan, backing.clone());
+        let owners: Owners = Arc::default();
+        let worker = {
+            let (planned, owners) = (planned.clone(), owners.clone());
+            thread::spawn(move || {
+                let _pass = planned.pass();
+                let block = take(&planned, &owners, 1);
+                give(&planned, &owners, block, 1);
+            })
+        };
+        // The main thread's pass races with the worker's, then its handle
+        // goes: whichever thread drops last frees the arena, once.
+        chain_pass(&planned, &owners, 2);
+        drop(planned);
+        worker.join().unwrap();
+        assert_eq!(backing.live_blocks(), 0);
+        assert!(owners.lock().unwrap().is_empty());
+    });
+}
+
+/// Whose lock a `Reentrant` backing peeks at.
+enum Target {
+    Planned(Planned<Reentrant>),
+    Recorder(Recorder<Reentrant>),
+}
+
+/// A backing allocator that reads its owner's state from inside every call:
+/// loom reports a deadlock if the owner called it with its lock held.
+#[derive(Clone, Default)]
+struct Reentrant {
+    counting: Counting,
+    owner: Arc<Mutex<Option<Target>>>,
+}
+
+impl Reentrant {
+    fn peek(&self) {
+        match &*self.owner.lock().unwrap() {
+            Some(Target::Planned(planned)) => {
+                let stats = planned.stats();
+                assert_eq!(stats.backing_allocs, stats.misses + 1, "{stats:?}");
+            }
+            Some(Target::Recorder(recorder)) => {
+                let _ = recorder.allocations();
+            }
+            None => {}
+        }
+    }
+}
+
+// SAFETY: delegates to `Counting`.
+unsafe impl Allocator for Reentrant {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        self.peek();
+        self.counting.allocate(layout)
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        self.peek();
+        // SAFETY: forwarded contract.
+        unsafe { self.counting.deallocate(ptr, layout) }
+    }
+}
+
+#[test]
+fn the_backing_is_called_without_the_lock() {
+    model(|| {
+        let backing = Reentrant::default();
+        let recorder = Recorder::new_in(backing.clone());
+        *backing.owner.lock().unwrap() = Some(Target::Recorder(recorder.clone()));
+        let a = recorder.allocate(layout()).unwrap();
+        // SAFETY: allocated above with `layout()`.
+        unsafe { recorder.deallocate(a.cast(), layout()) };
+        let plan = recorder.plan();
+        backing.owner.lock().unwrap().take();
+        drop(recorder);
+
+        let planned = Planned::new_in(&plan, backing.clone());
+        *backing.owner.lock().unwrap() = Some(Target::Planned(planned.clone()));
+        let worker = {
+            let planned = planned.clone();
+            thread::spawn(move || {
+                let _pass = planned.pass();
+                let block = planned.allocate(layout()).unwrap();
+                // SAFETY: allocated above with `layout()`.
+                unsafe { planned.deallocate(block.cast(), layout()) };
+            })
+        };
+        // Before, during or after the worker's pass (passes are shared):
+        // whichever of the two allocations is not index 0 of a pass misses.
+        let block = planned.allocate(layout()).unwrap();
+        // SAFETY: as above.
+        unsafe { planned.deallocate(block.cast(), layout()) };
+        worker.join().unwrap();
+        let stats = planned.stats();
+        assert_eq!(
+            (stats.hits + stats.misses, stats.frees),
+            (2, 2),
+            "{stats:?}"
+        );
+        assert!(stats.misses >= 1, "{stats:?}");
+        // Break the cycle so the arena can drop.
+        backing.owner.lock().unwrap().take();
+        drop(planned);
+        assert_eq!(backing.counting.live_blocks(), 0);
+    });
+}

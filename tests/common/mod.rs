@@ -5,6 +5,8 @@
 //!   panics on a double return or a return with a different layout, so any
 //!   test that runs the cache over it also checks the cache's bookkeeping.
 //! - [`Failing`] wraps a `Counting` and refuses allocations on demand.
+//! - [`Faulty`] wraps a `Counting` and refuses allocations at random, on a
+//!   seeded schedule (fault injection for the property and soak tests).
 //!
 //! Every test crate uses a different subset of these.
 #![allow(dead_code)]
@@ -48,6 +50,9 @@ struct Ledger {
 
 struct CountingInner<A> {
     ledger: Mutex<Ledger>,
+    /// Whether `history` and `returned` are kept (they grow with every call:
+    /// a long soak turns them off).
+    log: bool,
     backing: A,
 }
 
@@ -70,11 +75,25 @@ impl Default for Counting {
     }
 }
 
+impl Counting {
+    /// Like `new`, but keeps no `history` and no `returned` log (both stay
+    /// empty), so its memory stays bounded by the live blocks however long
+    /// it runs. Every check on the live blocks still runs.
+    pub fn without_log() -> Self {
+        let mut counting = Self::new();
+        Arc::get_mut(&mut counting.inner)
+            .expect("not shared yet")
+            .log = false;
+        counting
+    }
+}
+
 impl<A: Allocator> Counting<A> {
     pub fn new_in(backing: A) -> Self {
         Self {
             inner: Arc::new(CountingInner {
                 ledger: Mutex::new(Ledger::default()),
+                log: true,
                 backing,
             }),
         }
@@ -167,7 +186,9 @@ impl<A: Allocator> Counting<A> {
         ledger.allocs += 1;
         ledger.zeroed_allocs += u64::from(zeroed);
         ledger.live_bytes += layout.size();
-        ledger.history.push(layout);
+        if self.inner.log {
+            ledger.history.push(layout);
+        }
     }
 }
 
@@ -213,7 +234,9 @@ unsafe impl<A: Allocator> Allocator for Counting<A> {
                 ),
             }
             ledger.live.remove(&addr);
-            ledger.returned.push((addr, layout));
+            if self.inner.log {
+                ledger.returned.push((addr, layout));
+            }
             ledger.frees += 1;
             ledger.live_bytes -= layout.size();
         }
@@ -326,6 +349,160 @@ unsafe impl Allocator for Failing {
 
     fn allocate_zeroed(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
         if self.refuse(layout) {
+            return Err(AllocError);
+        }
+        self.counting.allocate_zeroed(layout)
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        // SAFETY: forwarded contract; every block came from `counting`.
+        unsafe { self.counting.deallocate(ptr, layout) }
+    }
+}
+
+/// SplitMix64's output function: a well-mixed 64-bit value for each input.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A small seeded generator (SplitMix64) for tests that must not depend on
+/// anything random outside their seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        splitmix64(self.0)
+    }
+
+    /// Uniform in `0..n` (`n > 0`; the bias is negligible for small `n`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// `true` with probability `1/n`.
+    pub fn one_in(&mut self, n: usize) -> bool {
+        self.below(n) == 0
+    }
+
+    pub fn byte(&mut self) -> u8 {
+        self.next_u64() as u8
+    }
+}
+
+/// Probabilities are kept as a threshold out of 2^32: an attempt fails when
+/// the top 32 bits of its draw are below it.
+const FAULTY_ONE: u64 = 1 << 32;
+
+struct FaultyState {
+    seed: u64,
+    /// Draws taken so far: attempt `n` fails iff
+    /// `splitmix64(seed + n)`'s top bits are below the threshold, so the
+    /// sequence of decisions is a function of the seed alone (which thread
+    /// makes which attempt is up to the scheduler).
+    draws: AtomicU64,
+    threshold: AtomicU64,
+    attempts: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// A backing allocator that refuses each allocation attempt with probability
+/// `p`, on a schedule drawn from a seed, over a [`Counting`] (so leaks, double
+/// returns and layout mismatches are still caught). Thread-safe: the
+/// generator is one atomic counter. Clones share the state and the ledger.
+#[derive(Clone)]
+pub struct Faulty {
+    counting: Counting,
+    state: Arc<FaultyState>,
+}
+
+impl Faulty {
+    /// Fails each attempt with probability `probability` (clamped to
+    /// `0.0..=1.0`), on the schedule of `seed`.
+    pub fn new(seed: u64, probability: f64) -> Self {
+        Self::with_counting(Counting::new(), seed, probability)
+    }
+
+    /// The same over a given ledger (`Counting::without_log()` for a long run).
+    pub fn with_counting(counting: Counting, seed: u64, probability: f64) -> Self {
+        let faulty = Self {
+            counting,
+            state: Arc::new(FaultyState {
+                seed,
+                draws: AtomicU64::new(0),
+                threshold: AtomicU64::new(0),
+                attempts: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            }),
+        };
+        faulty.set_probability(probability);
+        faulty
+    }
+
+    /// Changes the probability from now on (0 turns failures off).
+    pub fn set_probability(&self, probability: f64) {
+        let threshold = (probability.clamp(0.0, 1.0) * FAULTY_ONE as f64) as u64;
+        self.state.threshold.store(threshold, Ordering::SeqCst);
+    }
+
+    /// The current probability of a failure.
+    pub fn probability(&self) -> f64 {
+        self.state.threshold.load(Ordering::SeqCst) as f64 / FAULTY_ONE as f64
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.state.seed
+    }
+
+    /// The ledger underneath.
+    pub fn counting(&self) -> &Counting {
+        &self.counting
+    }
+
+    /// Allocation attempts seen (failed or not).
+    pub fn attempts(&self) -> u64 {
+        self.state.attempts.load(Ordering::SeqCst)
+    }
+
+    /// Allocation attempts refused.
+    pub fn failures(&self) -> u64 {
+        self.state.failures.load(Ordering::SeqCst)
+    }
+
+    fn refuse(&self) -> bool {
+        self.state.attempts.fetch_add(1, Ordering::SeqCst);
+        let threshold = self.state.threshold.load(Ordering::SeqCst);
+        if threshold == 0 {
+            return false;
+        }
+        let draw = self.state.draws.fetch_add(1, Ordering::SeqCst);
+        let refuse = splitmix64(self.state.seed.wrapping_add(draw)) >> 32 < threshold;
+        if refuse {
+            self.state.failures.fetch_add(1, Ordering::SeqCst);
+        }
+        refuse
+    }
+}
+
+// SAFETY: delegates to `Counting`, or fails without allocating.
+unsafe impl Allocator for Faulty {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        if self.refuse() {
+            return Err(AllocError);
+        }
+        self.counting.allocate(layout)
+    }
+
+    fn allocate_zeroed(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        if self.refuse() {
             return Err(AllocError);
         }
         self.counting.allocate_zeroed(layout)

@@ -268,7 +268,10 @@ impl<'a> Parser<'a> {
                     } else {
                         let slot = self.take_slot();
                         self.events.push(Event::Alloc { slot, size });
-                        self.live += size;
+                        // Each size fits a layout, but their sum may not.
+                        self.live = self.live.checked_add(size).ok_or_else(|| {
+                            self.error("live bytes overflow: more than fits in memory")
+                        })?;
                         self.peak = self.peak.max(self.live);
                         if let Some(count) = allocs_per_pass.last_mut() {
                             *count += 1;

@@ -47,7 +47,7 @@ impl Config {
 struct Cached {
     block: NonNull<u8>,
     age: u64,
-    priority: u128,
+    priority: u64,
 }
 
 /// Which cached block an eviction takes.
@@ -60,8 +60,10 @@ enum Victim {
 }
 
 /// The priority scale: a block of `size` bytes adds `SCALE / size` to the
-/// inflation, so smaller blocks (more hits per byte kept) rank higher.
-const PRIORITY_SCALE: u128 = 1 << 64;
+/// inflation, so smaller blocks (more hits per byte kept) rank higher. Blocks
+/// of 4 GiB and more all add 0; the inflation grows by at most `SCALE / 64`
+/// per eviction, so a `u64` lasts for 2^38 evictions and then saturates.
+const PRIORITY_SCALE: u64 = 1 << 32;
 
 /// Cached blocks of one key, oldest first. Hits take the last (most recently
 /// freed: its cache lines and pages are the warmest); evictions the first.
@@ -84,10 +86,10 @@ struct State {
     /// run marked as inside the allocator.
     ages: Option<BTreeMap<u64, Key>>,
     /// (priority, age) -> key of every cached block, when a cap is set.
-    priorities: Option<BTreeMap<(u128, u64), Key>>,
+    priorities: Option<BTreeMap<(u64, u64), Key>>,
     /// GreedyDual-Size's inflation `L`: the priority of the last block the
     /// cap evicted. Never decreases.
-    inflation: u128,
+    inflation: u64,
     /// The clock of a cache without a budget (a budget has one for all).
     clock: u64,
     /// Set after an allocation failed even after release and retry, if the
@@ -138,11 +140,20 @@ impl State {
     }
 
     /// A block of `key` freed now: its age and priority.
+    #[inline]
     fn stamp(&mut self, key: Key, block: NonNull<u8>, age: u64) -> Cached {
+        // Only a cap orders blocks by priority; the division is not free, so
+        // caches without one skip it.
+        let priority = if self.priorities.is_some() {
+            self.inflation
+                .saturating_add(PRIORITY_SCALE / key.size.max(1) as u64)
+        } else {
+            0
+        };
         Cached {
             block,
             age,
-            priority: self.inflation + PRIORITY_SCALE / key.size.max(1) as u128,
+            priority,
         }
     }
 

@@ -54,6 +54,7 @@ pub enum SizePolicy {
 impl SizePolicy {
     /// The size of the block that serves a request of `size` bytes, or
     /// `None` if it would overflow.
+    #[inline]
     pub fn block_size(self, size: usize) -> Option<usize> {
         match self {
             SizePolicy::Exact => Some(size),

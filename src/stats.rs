@@ -113,6 +113,7 @@ impl Stats {
     }
 
     /// A cached block of `block` bytes served a request of `requested`.
+    #[inline]
     pub(crate) fn on_hit(&mut self, requested: usize, block: usize) {
         self.hits += 1;
         self.bytes_hit += requested as u64;
@@ -122,6 +123,7 @@ impl Stats {
     }
 
     /// A new block of `block` bytes served a request of `requested`.
+    #[inline]
     pub(crate) fn on_miss(&mut self, requested: usize, block: usize) {
         self.misses += 1;
         self.bytes_missed += requested as u64;
@@ -132,6 +134,7 @@ impl Stats {
     }
 
     /// A block in use was freed onto a free list.
+    #[inline]
     pub(crate) fn on_free(&mut self, requested: usize, block: usize) {
         self.remove_in_use(requested, block);
         self.bytes_cached += block;
@@ -202,6 +205,7 @@ impl Stats {
         self.bytes_reserved -= block;
     }
 
+    #[inline]
     fn add_in_use(&mut self, requested: usize, block: usize) {
         self.bytes_in_use += requested;
         self.bytes_lost_to_rounding += block - requested;
@@ -209,6 +213,7 @@ impl Stats {
         self.peak_bytes_in_use = self.peak_bytes_in_use.max(self.bytes_in_use);
     }
 
+    #[inline]
     fn remove_in_use(&mut self, requested: usize, block: usize) {
         self.frees += 1;
         self.bytes_in_use -= requested;

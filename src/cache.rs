@@ -328,14 +328,7 @@ impl<A: Allocator> Cache<A> {
     /// out-of-memory path).
     fn allocate_block(&self, key: Key, zeroed: bool) -> Result<NonNull<u8>, AllocError> {
         let layout = key.block_layout();
-        let _inside = reentry::inside();
-        let attempt = || {
-            if zeroed {
-                self.backing.allocate_zeroed(layout)
-            } else {
-                self.backing.allocate(layout)
-            }
-        };
+        let attempt = || reentry::allocate_from(&self.backing, layout, zeroed);
         if let Ok(block) = attempt() {
             return Ok(block.cast());
         }

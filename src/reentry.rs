@@ -69,6 +69,23 @@ use core::ptr::NonNull;
 
 use allocator_api2::alloc::{AllocError, Allocator, Global};
 
+/// A block from `backing`, zeroed or not, with the thread marked as inside
+/// the allocator (so a scoped global allocator under `backing` serves it from
+/// its inner allocator).
+#[inline]
+pub(crate) fn allocate_from<A: Allocator>(
+    backing: &A,
+    layout: Layout,
+    zeroed: bool,
+) -> Result<NonNull<[u8]>, AllocError> {
+    let _inside = inside();
+    if zeroed {
+        backing.allocate_zeroed(layout)
+    } else {
+        backing.allocate(layout)
+    }
+}
+
 /// Where the crate's own bookkeeping (free lists, the budget's member list)
 /// lives: the global allocator, with the thread marked as inside the
 /// allocator, so that a scoped global allocator serves it from its inner

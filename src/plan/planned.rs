@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use allocator_api2::alloc::{AllocError, Allocator, Global};
 
 use super::Plan;
+use crate::api::RawAllocator;
 use crate::cache::dangling;
 use crate::poison;
 use crate::reentry;
@@ -211,30 +212,8 @@ impl<A: Allocator + Send + Sync + 'static> Planned<A> {
 // plan's slot alignment is at least the request's, the arena's base at least
 // every slot's); other blocks come from the backing allocator and go back to
 // it. The arena lives as long as any handle. `resize` is the default.
-unsafe impl<A: Allocator> crate::api::RawAllocator for Arena<A> {
+unsafe impl<A: Allocator> RawAllocator for Arena<A> {
     fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
-        Arena::allocate(self, layout, zeroed)
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        // SAFETY: forwarded contract.
-        unsafe { Arena::deallocate(self, ptr, layout) }
-    }
-}
-
-impl<A: Allocator> Arena<A> {
-    /// The arena range of a pointer, if it is in the arena.
-    fn offset_of(&self, ptr: NonNull<u8>) -> Option<usize> {
-        let base = self.base?.as_ptr() as usize;
-        let addr = ptr.as_ptr() as usize;
-        (addr >= base && addr < base + self.layout.size()).then(|| addr - base)
-    }
-
-    pub(crate) fn allocate(
-        &self,
-        layout: Layout,
-        zeroed: bool,
-    ) -> Result<NonNull<[u8]>, AllocError> {
         if layout.size() == 0 {
             return Ok(dangling(layout));
         }
@@ -246,14 +225,7 @@ impl<A: Allocator> Arena<A> {
             }
             return Ok(NonNull::slice_from_raw_parts(block, layout.size()));
         }
-        let block = {
-            let _inside = reentry::inside();
-            if zeroed {
-                self.backing.allocate_zeroed(layout)
-            } else {
-                self.backing.allocate(layout)
-            }
-        };
+        let block = reentry::allocate_from(&self.backing, layout, zeroed);
         let mut state = self.state.lock();
         match block {
             Ok(block) => {
@@ -265,6 +237,39 @@ impl<A: Allocator> Arena<A> {
                 Err(error)
             }
         }
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        if layout.size() == 0 {
+            return;
+        }
+        if let Some(offset) = self.offset_of(ptr) {
+            let mut state = self.state.lock();
+            // Poisoned under the lock, before the range can be handed out again.
+            poison::poison(ptr, layout.size());
+            let _inside = reentry::inside();
+            if state.live.remove(&offset).is_some() {
+                state.stats.on_arena_free(layout.size());
+            }
+            return;
+        }
+        self.state
+            .lock()
+            .stats
+            .on_free_to_backing(layout.size(), layout.size());
+        let _inside = reentry::inside();
+        // SAFETY: not in the arena, so the backing allocator made it, with
+        // `layout` (the caller's contract).
+        unsafe { self.backing.deallocate(ptr, layout) };
+    }
+}
+
+impl<A: Allocator> Arena<A> {
+    /// The arena range of a pointer, if it is in the arena.
+    fn offset_of(&self, ptr: NonNull<u8>) -> Option<usize> {
+        let base = self.base?.as_ptr() as usize;
+        let addr = ptr.as_ptr() as usize;
+        (addr >= base && addr < base + self.layout.size()).then(|| addr - base)
     }
 
     /// The slot of the pass's next allocation, if the request fits it and no
@@ -295,34 +300,6 @@ impl<A: Allocator> Arena<A> {
         let block = unsafe { base.add(start) };
         poison::unpoison(block, layout.size());
         Some(block)
-    }
-
-    /// # Safety
-    ///
-    /// `ptr` was allocated by this arena's handle for `layout` and is not
-    /// used afterwards.
-    pub(crate) unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        if layout.size() == 0 {
-            return;
-        }
-        if let Some(offset) = self.offset_of(ptr) {
-            let mut state = self.state.lock();
-            // Poisoned under the lock, before the range can be handed out again.
-            poison::poison(ptr, layout.size());
-            let _inside = reentry::inside();
-            if state.live.remove(&offset).is_some() {
-                state.stats.on_arena_free(layout.size());
-            }
-            return;
-        }
-        self.state
-            .lock()
-            .stats
-            .on_free_to_backing(layout.size(), layout.size());
-        let _inside = reentry::inside();
-        // SAFETY: not in the arena, so the backing allocator made it, with
-        // `layout` (the caller's contract).
-        unsafe { self.backing.deallocate(ptr, layout) };
     }
 }
 

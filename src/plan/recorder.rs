@@ -12,6 +12,7 @@ use hashbrown::HashMap;
 
 use super::planner::{self, Lifetime};
 use super::{Plan, Slot};
+use crate::api::RawAllocator;
 use crate::cache::dangling;
 use crate::reentry::{self, Bookkeeping};
 use crate::sync::{Arc, Mutex};
@@ -170,23 +171,8 @@ impl<A: Allocator + Send + Sync + 'static> Recorder<A> {
 // SAFETY: every block comes from the backing allocator (valid, disjoint) and
 // goes back to it with its layout; the log only observes. `resize` is the
 // default: allocate, copy, deallocate, each recorded as it happens.
-unsafe impl<A: Allocator> crate::api::RawAllocator for Inner<A> {
+unsafe impl<A: Allocator> RawAllocator for Inner<A> {
     fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
-        Inner::allocate(self, layout, zeroed)
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        // SAFETY: forwarded contract.
-        unsafe { Inner::deallocate(self, ptr, layout) }
-    }
-}
-
-impl<A: Allocator> Inner<A> {
-    pub(crate) fn allocate(
-        &self,
-        layout: Layout,
-        zeroed: bool,
-    ) -> Result<NonNull<[u8]>, AllocError> {
         if layout.size() == 0 {
             return Ok(dangling(layout));
         }
@@ -199,14 +185,7 @@ impl<A: Allocator> Inner<A> {
                 return Err(AllocError);
             }
         }
-        let block = {
-            let _inside = reentry::inside();
-            if zeroed {
-                self.backing.allocate_zeroed(layout)?
-            } else {
-                self.backing.allocate(layout)?
-            }
-        };
+        let block = reentry::allocate_from(&self.backing, layout, zeroed)?;
         let mut log = self.log.lock();
         let _inside = reentry::inside();
         let start = log.clock;
@@ -221,11 +200,7 @@ impl<A: Allocator> Inner<A> {
         Ok(block)
     }
 
-    /// # Safety
-    ///
-    /// `ptr` was allocated by this recorder for `layout` and is not used
-    /// afterwards.
-    pub(crate) unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
         if layout.size() == 0 {
             return;
         }

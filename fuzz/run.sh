@@ -29,10 +29,18 @@ for target in "${targets[@]}"; do
     cargo +nightly fuzz run "$target" "fuzz/regressions/$target" -- -runs=0 || ok=0
   fi
   if [ "$ok" = 1 ]; then
-    # The first directory receives new inputs; seeds/ is read only.
+    # The first directory receives new inputs; seeds/ is read only. libFuzzer
+    # prints a line per new input: keep it in a log, show its end.
+    mkdir -p fuzz/artifacts
+    log="fuzz/artifacts/$target.log"
     cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
       -max_total_time="$seconds" -rss_limit_mb=4096 -timeout=30 -print_final_stats=1 \
-      "${extra[@]}" || ok=0
+      "${extra[@]}" > "$log" 2>&1 || ok=0
+    if [ "$ok" = 1 ]; then
+      grep -E '^(Done|stat::)' "$log" || tail -n 5 "$log"
+    else
+      tail -n 60 "$log"
+    fi
   fi
   if [ "$ok" = 0 ]; then
     failed+=("$target")

@@ -4,14 +4,11 @@
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicUsize, Ordering};
 use std::alloc::System;
 use std::sync::{Arc, OnceLock};
 
-use dashmap::DashMap;
-use foldhash::fast::FixedState;
-
 use crate::reentry;
+use crate::registry::Registry;
 use crate::scope::{self, Owner};
 
 /// Allocations smaller than this stay with the inner allocator by default:
@@ -112,7 +109,6 @@ impl<G> ScopedGlobal<G> {
             };
             let block = block.cast::<u8>();
             registry().insert(block.as_ptr() as usize, Arc::clone(owner));
-            REGISTERED.fetch_add(1, Ordering::Relaxed);
             block.as_ptr()
         })
     }
@@ -121,28 +117,23 @@ impl<G> ScopedGlobal<G> {
     ///
     /// Callers check `layout.size() >= self.min_size` first, inline.
     fn take_owner(&self, ptr: *mut u8) -> Option<Arc<dyn Owner>> {
-        // A relaxed load suffices: whoever frees a block got it through some
-        // synchronisation after it was registered, and so sees the count.
-        if REGISTERED.load(Ordering::Relaxed) == 0 || reentry::is_inside() {
+        let registry = REGISTRY.get()?;
+        if registry.is_empty() || reentry::is_inside() {
             return None;
         }
         let _inside = reentry::inside();
-        let (_, owner) = REGISTRY.get()?.remove(&(ptr as usize))?;
-        REGISTERED.fetch_sub(1, Ordering::Relaxed);
-        Some(owner)
+        registry.take(ptr as usize)
     }
 
     fn is_owned(&self, ptr: *mut u8, layout: Layout) -> bool {
-        if layout.size() < self.min_size
-            || REGISTERED.load(Ordering::Relaxed) == 0
-            || reentry::is_inside()
-        {
+        if layout.size() < self.min_size || reentry::is_inside() {
             return false;
         }
+        let Some(registry) = REGISTRY.get() else {
+            return false;
+        };
         let _inside = reentry::inside();
-        REGISTRY
-            .get()
-            .is_some_and(|registry| registry.contains_key(&(ptr as usize)))
+        registry.contains(ptr as usize)
     }
 }
 
@@ -224,22 +215,15 @@ unsafe impl<G: GlobalAlloc> GlobalAlloc for ScopedGlobal<G> {
     }
 }
 
-/// Number of registered (live) cache blocks: lets frees skip the registry
-/// when no cache block exists.
-static REGISTERED: AtomicUsize = AtomicUsize::new(0);
-
-/// Every live block a scope's cache handed out, by address, with its owner
-/// (which the entry keeps alive). A fixed-seed hasher that mixes the low bits
-/// (block addresses are aligned) and a fixed shard count: nothing here is
-/// lazily random, and nothing asks the OS for the core count.
-static REGISTRY: OnceLock<DashMap<usize, Arc<dyn Owner>, FixedState>> = OnceLock::new();
+/// Every live block a scope's owner handed out (see `registry`). Created on
+/// first use, by `enter` (outside the allocator) before any scope block
+/// exists.
+static REGISTRY: OnceLock<Registry<Arc<dyn Owner>>> = OnceLock::new();
 
 /// The registry, created on first use; callers are inside the allocator, so
 /// its allocations go to the inner allocator.
-fn registry() -> &'static DashMap<usize, Arc<dyn Owner>, FixedState> {
-    REGISTRY.get_or_init(|| {
-        DashMap::with_capacity_and_hasher_and_shard_amount(0, FixedState::default(), 16)
-    })
+fn registry() -> &'static Registry<Arc<dyn Owner>> {
+    REGISTRY.get_or_init(Registry::new)
 }
 
 /// Creates the registry outside the allocator (called by `enter`), so its

@@ -58,6 +58,9 @@ pub mod plan;
 mod poison;
 mod policy;
 mod reentry;
+// Under loom only its model tests use it (the global allocator is std-only).
+#[cfg_attr(loom, allow(dead_code))]
+mod registry;
 #[cfg(not(loom))]
 mod scope;
 mod stats;

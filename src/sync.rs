@@ -62,3 +62,57 @@ mod mutex {
 }
 
 pub(crate) use mutex::Mutex;
+
+/// A concurrent map from block addresses to owners: `DashMap` normally (a
+/// fixed-seed hasher that mixes the low bits of aligned addresses, and a
+/// fixed shard count, so nothing is lazily random and nothing asks the OS for
+/// the core count); under loom, which cannot see inside `DashMap`, a
+/// `Mutex<HashMap>` with the same surface, so the registry's logic is still
+/// model-checked.
+#[cfg(not(loom))]
+pub(crate) struct ConcurrentMap<V>(dashmap::DashMap<usize, V, foldhash::fast::FixedState>);
+
+#[cfg(not(loom))]
+impl<V> ConcurrentMap<V> {
+    pub(crate) fn new() -> Self {
+        Self(dashmap::DashMap::with_capacity_and_hasher_and_shard_amount(
+            0,
+            foldhash::fast::FixedState::default(),
+            16,
+        ))
+    }
+
+    pub(crate) fn insert(&self, key: usize, value: V) {
+        self.0.insert(key, value);
+    }
+
+    pub(crate) fn remove(&self, key: usize) -> Option<V> {
+        self.0.remove(&key).map(|(_, value)| value)
+    }
+
+    pub(crate) fn contains(&self, key: usize) -> bool {
+        self.0.contains_key(&key)
+    }
+}
+
+#[cfg(loom)]
+pub(crate) struct ConcurrentMap<V>(Mutex<std::collections::HashMap<usize, V>>);
+
+#[cfg(loom)]
+impl<V> ConcurrentMap<V> {
+    pub(crate) fn new() -> Self {
+        Self(Mutex::new(std::collections::HashMap::new()))
+    }
+
+    pub(crate) fn insert(&self, key: usize, value: V) {
+        self.0.lock().insert(key, value);
+    }
+
+    pub(crate) fn remove(&self, key: usize) -> Option<V> {
+        self.0.lock().remove(&key)
+    }
+
+    pub(crate) fn contains(&self, key: usize) -> bool {
+        self.0.lock().contains_key(&key)
+    }
+}

@@ -7,14 +7,22 @@
 //! cached longest ago (one clock for all members) gives that block back, and
 //! the reservation is tried again.
 //!
+//! Membership: the list holds a strong count of each member cache, so a
+//! member is alive for as long as anyone can reach it through the budget (the
+//! type system sees it; no raw pointer outlives its cache). A cache leaves the
+//! list when its last user goes (`Users` in `handle.rs`); an eviction that
+//! picked it just before still holds its own count, and the cache is freed
+//! when that count goes.
+//!
 //! Locking: the member list has its own lock, taken with no cache lock held;
-//! a member's lock is taken under it only briefly, one member at a time. No
-//! path holds two cache locks, so two caches trimming each other cannot
-//! deadlock, and a member unregisters (in its `Drop`) under the list's lock,
-//! so it is never reached after it is gone.
+//! a member's lock is taken under it only briefly, one member at a time, to
+//! read its oldest age. No user code runs under the list's lock: the victim
+//! gives its block back (to a backing allocator that may be another cache on
+//! this very budget, or on a budget layered crosswise) after the lock is
+//! released. No path holds two cache locks, so two caches trimming each other
+//! cannot deadlock.
 
 use core::fmt;
-use core::ptr::NonNull;
 use core::sync::atomic::Ordering;
 
 use allocator_api2::vec::Vec;
@@ -62,7 +70,7 @@ struct Shared {
     cached: AtomicUsize,
     /// Ages of cached blocks, comparable across members.
     clock: AtomicU64,
-    members: Mutex<Vec<MemberPtr, Bookkeeping>>,
+    members: Mutex<Vec<Arc<dyn Member>, Bookkeeping>>,
 }
 
 /// What a budget needs of a member cache.
@@ -73,21 +81,37 @@ pub(crate) trait Member: Send + Sync {
     /// Gives this member's oldest cached block back to its backing allocator
     /// (and its bytes back to the budget); whether there was one.
     fn evict_oldest(&self) -> bool;
+
+    /// The member's address, which names it in [`Budget::unregister`].
+    fn id(&self) -> *const ();
 }
 
-/// A registered member. Registered right after the cache is placed in its
-/// `Arc`, unregistered at the start of its `Drop`, both under the members'
-/// lock; so while that lock is held, every pointer in the list is live.
-#[derive(Clone, Copy, PartialEq)]
-pub(crate) struct MemberPtr(NonNull<dyn Member>);
+/// A strong count of `member`, as the budget's list holds it.
+pub(crate) fn member_of<M: Member + 'static>(member: &Arc<M>) -> Arc<dyn Member> {
+    #[cfg(not(loom))]
+    {
+        Arc::<M>::clone(member)
+    }
+    // loom's `Arc` cannot be coerced to a trait object; it adopts a std `Arc`
+    // of one (the one place outside `sync.rs` that names `std::sync`).
+    #[cfg(loom)]
+    {
+        Arc::from_std(std::sync::Arc::new(Arc::<M>::clone(member)))
+    }
+}
 
-// SAFETY: a `MemberPtr` is only dereferenced under the members' lock, where
-// the member is live (see above), and `dyn Member` is `Send + Sync`.
-unsafe impl Send for MemberPtr {}
+/// A member held by strong count (under loom, how the list holds one).
+impl<M: Member> Member for Arc<M> {
+    fn oldest(&self) -> Option<u64> {
+        M::oldest(self)
+    }
 
-impl MemberPtr {
-    pub(crate) fn new(member: &(dyn Member + 'static)) -> Self {
-        Self(NonNull::from(member))
+    fn evict_oldest(&self) -> bool {
+        M::evict_oldest(self)
+    }
+
+    fn id(&self) -> *const () {
+        Arc::as_ptr(self).cast()
     }
 }
 
@@ -153,39 +177,44 @@ impl Budget {
 
     /// The member holding the oldest cached block gives it back.
     fn evict_oldest(&self) -> bool {
-        let members = self.shared.members.lock();
-        let mut oldest: Option<(u64, MemberPtr)> = None;
-        for &member in members.iter() {
-            // SAFETY: registered members are live while the lock is held.
-            let age = unsafe { member.0.as_ref() }.oldest();
-            if let Some(age) = age
-                && oldest.is_none_or(|(best, _)| age < best)
-            {
-                oldest = Some((age, member));
+        let victim = {
+            let members = self.shared.members.lock();
+            let mut oldest: Option<(u64, &Arc<dyn Member>)> = None;
+            for member in members.iter() {
+                if let Some(age) = member.oldest()
+                    && oldest.is_none_or(|(best, _)| age < best)
+                {
+                    oldest = Some((age, member));
+                }
             }
-        }
-        match oldest {
-            // SAFETY: as above; the lock is still held. The member may have
-            // lost that block to a hit meanwhile: it then evicts its next
-            // oldest, or reports that it had none.
-            Some((_, member)) => unsafe { member.0.as_ref() }.evict_oldest(),
-            None => false,
-        }
+            // A count of our own: the list's may go once the lock is released.
+            oldest.map(|(_, member)| Arc::clone(member))
+        };
+        // The lock is released: the victim's backing allocator may be a cache
+        // on this budget. It may have lost that block to a hit meanwhile: it
+        // then evicts its next oldest, or reports that it had none. Dropping
+        // `victim` may free the cache (its users left meanwhile), also with no
+        // lock held.
+        victim.is_some_and(|victim| victim.evict_oldest())
     }
 
-    /// Adds a member; it must call [`unregister`](Self::unregister) before
-    /// it is freed.
-    pub(crate) fn register(&self, member: MemberPtr) {
+    /// Adds a member, by strong count, until [`unregister`](Self::unregister).
+    pub(crate) fn register(&self, member: Arc<dyn Member>) {
         let mut members = self.shared.members.lock();
         // The list only grows when a cache is built; failing to grow it would
         // leave the cache outside the budget, so abort like `Vec::push`.
         members.push(member);
     }
 
-    /// Removes the member at `address` (compared by address only).
-    pub(crate) fn unregister(&self, address: *const ()) {
-        let mut members = self.shared.members.lock();
-        members.retain(|&m| !core::ptr::addr_eq(m.0.as_ptr(), address));
+    /// Removes the member named `id`; its count is dropped after the lock is
+    /// released (it may be the cache's last).
+    pub(crate) fn unregister(&self, id: *const ()) {
+        let removed = {
+            let mut members = self.shared.members.lock();
+            let position = members.iter().position(|m| m.id() == id);
+            position.map(|position| members.swap_remove(position))
+        };
+        drop(removed);
     }
 }
 

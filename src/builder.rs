@@ -2,9 +2,9 @@
 
 use allocator_api2::alloc::{Allocator, Global};
 
-use crate::budget::{Budget, MemberPtr};
+use crate::budget::{self, Budget};
 use crate::cache::{Cache, Config};
-use crate::handle::CachingAllocator;
+use crate::handle::{CachingAllocator, Users};
 use crate::policy::SizePolicy;
 use crate::sync::Arc;
 
@@ -92,11 +92,13 @@ impl Builder {
     /// [`CachingAllocator::new_in`] takes any allocator.
     pub fn build_in<A: Allocator + Send + Sync + 'static>(self, backing: A) -> CachingAllocator<A> {
         let budget = self.config.budget.clone();
-        let cache = Arc::new(Cache::new(backing, self.config));
+        let users = Users::new(Cache::new(backing, self.config));
         if let Some(budget) = budget {
-            // Unregistered in `Cache::drop`, before the cache is freed.
-            budget.register(MemberPtr::new(&*cache));
+            // Unregistered when the last user goes (`Users::drop`).
+            budget.register(budget::member_of(users.shared_cache()));
         }
-        CachingAllocator { cache }
+        CachingAllocator {
+            cache: Arc::new(users),
+        }
     }
 }

@@ -6,6 +6,9 @@
 //! backing allocator that allocates (or frees into this very cache) cannot
 //! deadlock, and a slow `malloc`/`munmap` does not stall other threads' hits.
 //! A shared [`Budget`] is only ever called with no cache lock held.
+//!
+//! Panics: a backing `deallocate` that panics is caught, the operation
+//! finishes with consistent books, and the panic is resumed (see `unwind.rs`).
 
 use core::alloc::Layout;
 use core::mem;
@@ -23,6 +26,7 @@ use crate::policy::{Key, SizePolicy};
 use crate::reentry::{self, Bookkeeping};
 use crate::stats::Stats;
 use crate::sync::Mutex;
+use crate::unwind::Deferred;
 
 /// How a cache decides what to keep: set once by the `Builder`.
 #[derive(Clone, Debug, Default)]
@@ -377,11 +381,16 @@ impl<A: Allocator> Cache<A> {
         // caches on it never hold more than it, not even for a moment; and
         // only for a block this cache will list, since reserving may evict
         // other caches' blocks.
+        // A panic reached through the budget or a backing call: resumed once
+        // the block is listed or given back.
+        let mut panics = Deferred::new();
         if let Some(budget) = &self.config.budget
-            && (self.state.lock().caching_stopped || !budget.reserve(key.size))
+            && (self.state.lock().caching_stopped
+                || panics.catch(|| budget.reserve(key.size)) != Some(true))
         {
             // SAFETY: this function's contract.
-            return unsafe { self.give_back(block, key, requested) };
+            unsafe { self.give_back(block, key, requested) };
+            return panics.resume();
         }
         // Poisoned before it is listed: once listed, another thread may take
         // (and unpoison) it at any moment.
@@ -392,7 +401,8 @@ impl<A: Allocator> Cache<A> {
                 drop(state);
                 self.unreserve(key.size);
                 // SAFETY: this function's contract.
-                return unsafe { self.give_back(block, key, requested) };
+                unsafe { self.give_back(block, key, requested) };
+                return panics.resume();
             }
             if let Some(cap) = self.config.max_cached_bytes
                 && state.stats.bytes_cached + key.size > cap
@@ -403,9 +413,13 @@ impl<A: Allocator> Cache<A> {
                 drop(state);
                 if let Some((evicted_key, evicted_block)) = evicted {
                     self.unreserve(evicted_key.size);
-                    // SAFETY: the block left the free lists under the lock, so
-                    // it is ours alone; it was taken with its key's layout.
-                    unsafe { self.backing_deallocate(evicted_block, evicted_key) };
+                    // Caught: `block` is still to be listed.
+                    panics.catch(|| {
+                        // SAFETY: the block left the free lists under the
+                        // lock, so it is ours alone; it was taken with its
+                        // key's layout.
+                        unsafe { self.backing_deallocate(evicted_block, evicted_key) }
+                    });
                 }
                 continue;
             }
@@ -421,10 +435,12 @@ impl<A: Allocator> Cache<A> {
                 drop(state);
                 self.unreserve(key.size);
                 // SAFETY: this function's contract.
-                return unsafe { self.give_back(block, key, requested) };
+                unsafe { self.give_back(block, key, requested) };
+                return panics.resume();
             }
             state.stats.on_free(requested, key.size);
-            return;
+            drop(state);
+            return panics.resume();
         }
     }
 
@@ -503,8 +519,17 @@ impl<A: Allocator> Cache<A> {
     }
 
     /// Gives every cached block back to the backing allocator; returns the
-    /// bytes given back.
+    /// bytes given back. A panicking backing `deallocate` does not stop it:
+    /// every block is handed back, then the first panic is resumed.
     pub(crate) fn release_cached(&self) -> usize {
+        let mut panics = Deferred::new();
+        let bytes = self.release_into(&mut panics);
+        panics.resume();
+        bytes
+    }
+
+    /// `release_cached`, keeping a panic of the backing allocator in `panics`.
+    fn release_into(&self, panics: &mut Deferred) -> usize {
         let (lists, indexes, bytes) = {
             let mut state = self.state.lock();
             let lists = mem::replace(&mut state.free_lists, empty_free_lists());
@@ -520,10 +545,12 @@ impl<A: Allocator> Cache<A> {
         let _inside = reentry::inside();
         for (key, list) in lists {
             for cached in list {
-                // SAFETY: every listed block was taken from the backing
-                // allocator with `key`'s layout, is owned by the cache alone,
-                // and is no longer listed, so it is given back once.
-                unsafe { self.backing_deallocate(cached.block, key) };
+                panics.catch(|| {
+                    // SAFETY: every listed block was taken from the backing
+                    // allocator with `key`'s layout, is owned by the cache
+                    // alone, and is no longer listed, so it is given back once.
+                    unsafe { self.backing_deallocate(cached.block, key) }
+                });
             }
         }
         drop(indexes);
@@ -532,25 +559,33 @@ impl<A: Allocator> Cache<A> {
 
     /// Gives cached blocks back, oldest first, until at most `target_bytes`
     /// stay cached; returns the bytes given back.
+    ///
+    /// A panicking backing `deallocate` does not stop it: the trim goes on,
+    /// then the first panic is resumed.
     pub(crate) fn trim(&self, target_bytes: usize) -> usize {
+        let mut panics = Deferred::new();
         let mut trimmed = 0;
         loop {
             let evicted = {
                 let mut state = self.state.lock();
                 if state.stats.bytes_cached <= target_bytes {
-                    return trimmed;
+                    break;
                 }
                 state.evict(Victim::Oldest)
             };
             let Some((key, block)) = evicted else {
-                return trimmed;
+                break;
             };
             self.unreserve(key.size);
-            // SAFETY: the block left the free lists under the lock: ours alone,
-            // taken with its key's layout.
-            unsafe { self.backing_deallocate(block, key) };
+            panics.catch(|| {
+                // SAFETY: the block left the free lists under the lock: ours
+                // alone, taken with its key's layout.
+                unsafe { self.backing_deallocate(block, key) }
+            });
             trimmed += key.size;
         }
+        panics.resume();
+        trimmed
     }
 }
 
@@ -564,6 +599,8 @@ impl<A: Allocator + Send + Sync> Member for Cache<A> {
         match evicted {
             Some((key, block)) => {
                 self.unreserve(key.size);
+                // The books are complete before the backing call: a panic in
+                // it needs no catching here.
                 // SAFETY: the block left the free lists under the lock: ours
                 // alone, taken with its key's layout.
                 unsafe { self.backing_deallocate(block, key) };
@@ -572,16 +609,19 @@ impl<A: Allocator + Send + Sync> Member for Cache<A> {
             None => false,
         }
     }
+
+    fn id(&self) -> *const () {
+        (self as *const Self).cast()
+    }
 }
 
 impl<A: Allocator> Drop for Cache<A> {
     fn drop(&mut self) {
-        if let Some(budget) = &self.config.budget {
-            // After this, no other cache on the budget can reach this one.
-            budget.unregister((self as *const Self).cast());
-        }
-        // The last handle is gone, so no block is in use (collections hold
-        // handles); everything cached goes back.
-        self.release_cached();
+        // Every user is gone (handles, scopes and live scope blocks hold
+        // `Users`, and a budget let go of the cache when its users did), so no
+        // block is in use: everything cached goes back.
+        let mut panics = Deferred::new();
+        self.release_into(&mut panics);
+        panics.resume_unless_unwinding();
     }
 }

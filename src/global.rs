@@ -5,6 +5,7 @@
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::{self, NonNull};
 use std::alloc::System;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 
 use crate::reentry;
@@ -94,7 +95,8 @@ impl<G> ScopedGlobal<G> {
     }
 
     /// The current cache's block for `layout`, registered to it; `None` if
-    /// this thread has no current cache or is inside the allocator.
+    /// this thread has no current cache, is inside the allocator, or the
+    /// owner panicked (then the request goes to the inner allocator).
     ///
     /// Callers check `layout.size() >= self.min_size` first, inline.
     fn allocate_scoped(&self, layout: Layout, zeroed: bool) -> Option<*mut u8> {
@@ -102,46 +104,89 @@ impl<G> ScopedGlobal<G> {
         if !scope::has_current() || reentry::is_inside() {
             return None;
         }
-        let _inside = reentry::inside();
-        scope::with_current(|owner| {
-            let Ok(block) = owner.allocate(layout, zeroed) else {
-                return ptr::null_mut();
-            };
-            let block = block.cast::<u8>();
-            registry().insert(block.as_ptr() as usize, Arc::clone(owner));
-            block.as_ptr()
-        })
+        let owner = scope::current()?;
+        let served = {
+            let _inside = reentry::inside();
+            panic::catch_unwind(AssertUnwindSafe(|| owner.allocate(layout, zeroed)))
+        };
+        match served {
+            Ok(Ok(block)) => {
+                let block = block.cast::<u8>().as_ptr();
+                let _in_registry = reentry::in_registry();
+                // The owner's count moves into the registry.
+                let replaced = registry().insert(block as usize, owner);
+                drop(_in_registry);
+                // Nothing to replace: a live block is registered once.
+                release(replaced);
+                Some(block)
+            }
+            Ok(Err(_)) => {
+                release(Some(owner));
+                Some(ptr::null_mut())
+            }
+            Err(payload) => {
+                // The owner's books are consistent (its panic policy); the
+                // hook has reported the panic. Serve the request without it.
+                contain(|| drop(payload));
+                release(Some(owner));
+                None
+            }
+        }
     }
 
-    /// Takes `ptr`'s owner out of the registry, if a cache owns it.
+    /// Takes `ptr`'s owner out of the registry, if a scope's owner handed it
+    /// out. Consulted wherever the free happens, inside the allocator too (an
+    /// owner's `Drop` or a backing allocator may free a scope block); only
+    /// the registry's own frees, under its lock, skip it.
     ///
     /// Callers check `layout.size() >= self.min_size` first, inline.
     fn take_owner(&self, ptr: *mut u8) -> Option<Arc<dyn Owner>> {
         let registry = REGISTRY.get()?;
-        if registry.is_empty() || reentry::is_inside() {
+        if registry.is_empty() || reentry::is_in_registry() {
             return None;
         }
-        let _inside = reentry::inside();
+        let _in_registry = reentry::in_registry();
         registry.take(ptr as usize)
     }
 
     fn is_owned(&self, ptr: *mut u8, layout: Layout) -> bool {
-        if layout.size() < self.min_size || reentry::is_inside() {
+        if layout.size() < self.min_size || reentry::is_in_registry() {
             return false;
         }
         let Some(registry) = REGISTRY.get() else {
             return false;
         };
-        let _inside = reentry::inside();
+        let _in_registry = reentry::in_registry();
         registry.contains(ptr as usize)
+    }
+}
+
+/// Drops an owner's count, which may be its last (dropping the owner gives
+/// its blocks back to a backing allocator, user code); never unwinds.
+fn release(owner: Option<Arc<dyn Owner>>) {
+    if let Some(owner) = owner {
+        contain(|| drop(owner));
+    }
+}
+
+/// Runs `f`, containing a panic: a global allocator must not unwind. The
+/// payload is dropped (the hook has reported the panic); one whose own drop
+/// panics is leaked.
+fn contain(f: impl FnOnce()) {
+    if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(f))
+        && let Err(nested) = panic::catch_unwind(AssertUnwindSafe(|| drop(payload)))
+    {
+        core::mem::forget(nested);
     }
 }
 
 // SAFETY: every block comes either from `inner` (and goes back to it, with the
 // layout it was allocated with) or from a cache, which hands out blocks valid
 // for their layout and never twice; a cache block is registered before it is
-// returned and freed through its owner exactly once (`remove` hands the entry
-// to one caller). Nothing here unwinds: the cache returns errors as null.
+// returned and freed through its owner exactly once (`take` hands the entry
+// to one caller; every free of it looks it up, see `take_owner`). Nothing here
+// unwinds: every call into an owner (user code underneath) runs under
+// `catch_unwind`, and the cache returns errors as null.
 unsafe impl<G: GlobalAlloc> GlobalAlloc for ScopedGlobal<G> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
@@ -175,15 +220,17 @@ unsafe impl<G: GlobalAlloc> GlobalAlloc for ScopedGlobal<G> {
         };
         match owner {
             Some(owner) => {
-                let _inside = reentry::inside();
-                // SAFETY: the registry entry proves `owner` handed out `ptr`
-                // (for `layout`, the caller's contract) and it is live; the
-                // entry is gone, so this is the one free of it. `ptr` is not
-                // null: it was registered.
-                unsafe { owner.deallocate(NonNull::new_unchecked(ptr), layout) };
+                contain(|| {
+                    let _inside = reentry::inside();
+                    // SAFETY: the registry entry proves `owner` handed out
+                    // `ptr` (for `layout`, the caller's contract) and it is
+                    // live; the entry is gone, so this is the one free of it.
+                    // `ptr` is not null: it was registered.
+                    unsafe { owner.deallocate(NonNull::new_unchecked(ptr), layout) };
+                });
                 // If this was the last count of an orphaned cache, it is freed
-                // here, still inside the allocator.
-                drop(owner);
+                // here; its frees of scope blocks still reach their owners.
+                release(Some(owner));
             }
             // SAFETY: not a cache block, so `inner` allocated it with `layout`.
             None => unsafe { self.inner.dealloc(ptr, layout) },

@@ -1,9 +1,13 @@
 //! [`CachingAllocator`]: the cheaply clonable handle users hold.
 
+use core::alloc::Layout;
 use core::fmt;
+use core::ops::Deref;
+use core::ptr::NonNull;
 
-use allocator_api2::alloc::{Allocator, Global};
+use allocator_api2::alloc::{AllocError, Allocator, Global};
 
+use crate::api::RawAllocator;
 use crate::builder::Builder;
 use crate::cache::{Cache, Config};
 use crate::policy::SizePolicy;
@@ -49,7 +53,76 @@ use crate::sync::Arc;
 /// assert_eq!(cache.release_cached(), 4 << 16);
 /// ```
 pub struct CachingAllocator<A: Allocator = Global> {
-    pub(crate) cache: Arc<Cache<A>>,
+    pub(crate) cache: Arc<Users<A>>,
+}
+
+/// What all users of one cache share: handles, scopes, and the registry
+/// entries of live scope blocks each hold a count of it.
+///
+/// The cache itself is counted apart, so that a [`Budget`](crate::Budget) can
+/// hold it too without keeping it alive for users: when the last user goes,
+/// the cache leaves its budget, and it is freed (giving its blocks back) with
+/// its last count, which an eviction in progress on another thread may hold
+/// for a moment longer.
+pub(crate) struct Users<A: Allocator> {
+    cache: Arc<Cache<A>>,
+}
+
+impl<A: Allocator> Users<A> {
+    pub(crate) fn new(cache: Cache<A>) -> Self {
+        Self {
+            cache: Arc::new(cache),
+        }
+    }
+
+    /// The cache, by strong count (what a budget holds).
+    pub(crate) fn shared_cache(&self) -> &Arc<Cache<A>> {
+        &self.cache
+    }
+}
+
+impl<A: Allocator> Deref for Users<A> {
+    type Target = Cache<A>;
+
+    #[inline]
+    fn deref(&self) -> &Cache<A> {
+        &self.cache
+    }
+}
+
+impl<A: Allocator> Drop for Users<A> {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.cache.config().budget {
+            // No user is left to free into the cache; other members stop
+            // evicting from it.
+            budget.unregister(Arc::as_ptr(&self.cache).cast());
+        }
+    }
+}
+
+// SAFETY: forwards to the cache, whose contract this is; users keep it alive.
+unsafe impl<A: Allocator> RawAllocator for Users<A> {
+    #[inline]
+    fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
+        RawAllocator::allocate(&*self.cache, layout, zeroed)
+    }
+
+    #[inline]
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { RawAllocator::deallocate(&*self.cache, ptr, layout) }
+    }
+
+    unsafe fn resize(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        // SAFETY: forwarded contract.
+        unsafe { RawAllocator::resize(&*self.cache, ptr, old, new, zeroed) }
+    }
 }
 
 impl CachingAllocator {
@@ -86,7 +159,7 @@ impl<A: Allocator> CachingAllocator<A> {
     /// ```
     pub fn new_in(backing: A) -> Self {
         Self {
-            cache: Arc::new(Cache::new(backing, Config::default())),
+            cache: Arc::new(Users::new(Cache::new(backing, Config::default()))),
         }
     }
 

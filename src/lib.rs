@@ -65,6 +65,7 @@ mod registry;
 mod scope;
 mod stats;
 mod sync;
+mod unwind;
 
 pub use allocator_api2::alloc::{AllocError, Allocator, Global};
 pub use budget::Budget;

@@ -26,10 +26,15 @@ impl<V> Registry<V> {
     }
 
     /// Records that `owner` handed out the block at `addr`. Called before the
-    /// block is returned to anyone.
-    pub(crate) fn insert(&self, addr: usize, owner: V) {
-        self.blocks.insert(addr, owner);
-        self.live.fetch_add(1, Ordering::Relaxed);
+    /// block is returned to anyone. Returns the entry it replaced (none while
+    /// every registered block is freed through `take`), for the caller to drop
+    /// outside the registry.
+    pub(crate) fn insert(&self, addr: usize, owner: V) -> Option<V> {
+        let replaced = self.blocks.insert(addr, owner);
+        if replaced.is_none() {
+            self.live.fetch_add(1, Ordering::Relaxed);
+        }
+        replaced
     }
 
     /// The owner of the block at `addr`, removed: the one caller that gets it

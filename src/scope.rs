@@ -140,17 +140,22 @@ impl Drop for Scope {
     }
 }
 
-/// Runs `f` with the current owner of this thread, if there is one.
+/// A strong count of this thread's current owner, if there is one.
+///
+/// A count, not a borrow: the owner's backing allocator is user code, and may
+/// end the scope that holds the owner's last count (a `Scope` kept in a
+/// thread-local, say) while the owner is serving a request.
 #[inline]
-pub(crate) fn with_current<R>(f: impl FnOnce(&Arc<dyn Owner>) -> R) -> Option<R> {
+pub(crate) fn current() -> Option<Arc<dyn Owner>> {
     let current = SCOPES.try_with(|scopes| scopes.current.get()).ok()??;
+    let current = current.as_ptr().cast_const();
     // SAFETY: `current` stands for a strong count held by this thread's
-    // `ThreadScopes`; only this thread can release it, and not while `f`
-    // runs unless `f` drops a scope guard (it is our own code, it does not).
-    // `ManuallyDrop` borrows the `Arc` without giving the count back.
-    let owner =
-        core::mem::ManuallyDrop::new(unsafe { Arc::from_raw(current.as_ptr().cast_const()) });
-    Some(f(&owner))
+    // `ThreadScopes`, which only this thread releases; nothing runs between
+    // the read above and this increment, so that count is still held.
+    unsafe { Arc::increment_strong_count(current) };
+    // SAFETY: `current` came from `Arc::into_raw`, and the count just taken is
+    // the one the returned `Arc` gives back.
+    Some(unsafe { Arc::from_raw(current) })
 }
 
 /// Whether this thread has a current cache.

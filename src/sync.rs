@@ -82,8 +82,8 @@ impl<V> ConcurrentMap<V> {
         ))
     }
 
-    pub(crate) fn insert(&self, key: usize, value: V) {
-        self.0.insert(key, value);
+    pub(crate) fn insert(&self, key: usize, value: V) -> Option<V> {
+        self.0.insert(key, value)
     }
 
     pub(crate) fn remove(&self, key: usize) -> Option<V> {
@@ -104,8 +104,8 @@ impl<V> ConcurrentMap<V> {
         Self(Mutex::new(std::collections::HashMap::new()))
     }
 
-    pub(crate) fn insert(&self, key: usize, value: V) {
-        self.0.lock().insert(key, value);
+    pub(crate) fn insert(&self, key: usize, value: V) -> Option<V> {
+        self.0.lock().insert(key, value)
     }
 
     pub(crate) fn remove(&self, key: usize) -> Option<V> {

@@ -369,3 +369,54 @@ fn two_threads_free_twice_into_their_caches() {
         assert_eq!(budget.bytes_cached(), 0);
     });
 }
+
+/// A cache whose backing is another cache on the same budget: the upper
+/// cache's eviction hands its block to the lower cache, whose own reservation
+/// must evict again, while another thread takes and frees through the upper
+/// cache. No lock is held across a backing call, so nothing deadlocks (loom
+/// reports a deadlock as a failure), and the budget's books stay exact.
+#[test]
+fn layered_caches_on_one_budget_evict_through_each_other() {
+    model(|| {
+        // Room for the upper cache's two blocks, not for a third of any size.
+        let budget = Budget::new(150);
+        let backing = Counting::default();
+        // The lower cache rounds the upper cache's 72-byte blocks up to 128:
+        // giving one back needs more budget than evicting it freed.
+        let lower = CachingAllocator::builder()
+            .budget(&budget)
+            .size_policy(caching_allocator::SizePolicy::PowerOfTwoDivisions(1))
+            .build_in(backing.clone());
+        let upper = CachingAllocator::builder()
+            .budget(&budget)
+            .build_in(lower.clone());
+        let small = Layout::from_size_align(72, 8).unwrap();
+        let big = Layout::from_size_align(128, 8).unwrap();
+        let blocks = [small, small].map(|l| Block(upper.allocate(l).unwrap().cast()));
+        for block in blocks {
+            // SAFETY: handed out by `upper` for `small`, not used again.
+            unsafe { upper.deallocate(block.0, small) };
+        }
+        let freed_below = Block(lower.allocate(big).unwrap().cast());
+
+        let worker = {
+            let upper = upper.clone();
+            thread::spawn(move || {
+                let block = upper.allocate(small).unwrap().cast::<u8>();
+                // SAFETY: handed out by `upper` for `small`, not used again.
+                unsafe { upper.deallocate(block, small) };
+            })
+        };
+        // SAFETY: handed out by `lower` for `big`, not used again.
+        unsafe { lower.deallocate(freed_below.0, big) };
+        worker.join().unwrap();
+
+        let (up, low) = (upper.stats(), lower.stats());
+        assert_eq!(budget.bytes_cached(), up.bytes_cached + low.bytes_cached);
+        assert_within(&budget);
+        drop(upper);
+        drop(lower);
+        assert_eq!(backing.live_blocks(), 0);
+        assert_eq!(budget.bytes_cached(), 0);
+    });
+}

@@ -1,0 +1,470 @@
+//! Regression tests for the soundness findings of an adversarial review: each
+//! one failed (a use-after-free, a wrong owner, a hang, an unwind out of the
+//! global allocator, wrong books) before its fix.
+//!
+//! This binary installs `ScopedGlobal`, so plain `Vec`s of at least 4 KiB
+//! inside a scope come from the scope's cache. A scenario that used to hang
+//! runs on its own thread with a timeout: a hang fails the test instead of
+//! stalling the suite.
+
+use std::alloc::Layout;
+use std::cell::RefCell;
+use std::panic::{self, AssertUnwindSafe};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use allocator_api2::alloc::{AllocError, Allocator, Global};
+use allocator_api2::vec::Vec as ApiVec;
+use caching_allocator::plan::{Planned, Recorder};
+use caching_allocator::{Budget, CachingAllocator, Scope, ScopedGlobal, SizePolicy};
+
+#[global_allocator]
+static GLOBAL: ScopedGlobal = ScopedGlobal::new();
+
+/// Runs `f` on a thread and fails the test if it does not finish in time.
+fn within<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(f());
+    });
+    finished
+        .recv_timeout(Duration::from_secs(if cfg!(miri) { 600 } else { 20 }))
+        .unwrap_or_else(|_| panic!("{what}: hung (a deadlock) or panicked"))
+}
+
+/// A backing allocator over `Global` that counts its live blocks and bytes,
+/// and panics on demand: on the next allocation, or on a chosen deallocation
+/// (after freeing the block, so its ledger stays exact).
+#[derive(Clone, Default)]
+struct Backing(Arc<Ledger>);
+
+#[derive(Default)]
+struct Ledger {
+    blocks: AtomicUsize,
+    bytes: AtomicUsize,
+    panic_on_allocate: AtomicBool,
+    /// Deallocations to let through before one panics; negative: never.
+    frees_before_panic: AtomicIsize,
+}
+
+impl Backing {
+    fn new() -> Self {
+        let backing = Self::default();
+        backing.0.frees_before_panic.store(-1, Ordering::SeqCst);
+        backing
+    }
+
+    fn blocks(&self) -> usize {
+        self.0.blocks.load(Ordering::SeqCst)
+    }
+
+    fn bytes(&self) -> usize {
+        self.0.bytes.load(Ordering::SeqCst)
+    }
+
+    fn panic_on_next_allocate(&self) {
+        self.0.panic_on_allocate.store(true, Ordering::SeqCst);
+    }
+
+    fn panic_after_frees(&self, frees: isize) {
+        self.0.frees_before_panic.store(frees, Ordering::SeqCst);
+    }
+}
+
+// SAFETY: forwards to `Global` and only counts; a panic happens before a
+// block is taken or after it was given back.
+unsafe impl Allocator for Backing {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        if self.0.panic_on_allocate.swap(false, Ordering::SeqCst) {
+            panic!("backing allocate panics on purpose");
+        }
+        let block = Global.allocate(layout)?;
+        self.0.blocks.fetch_add(1, Ordering::SeqCst);
+        self.0.bytes.fetch_add(layout.size(), Ordering::SeqCst);
+        Ok(block)
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        self.0.blocks.fetch_sub(1, Ordering::SeqCst);
+        self.0.bytes.fetch_sub(layout.size(), Ordering::SeqCst);
+        // SAFETY: the caller's contract; `allocate` took it from `Global`.
+        unsafe { Global.deallocate(ptr, layout) };
+        if self.0.frees_before_panic.fetch_sub(1, Ordering::SeqCst) == 0 {
+            panic!("backing deallocate panics on purpose");
+        }
+    }
+}
+
+/// Drops an allocator-api2 `Vec` of `bytes` bytes in `cache`: one cached block.
+fn cache_one(cache: &CachingAllocator<Backing>, bytes: usize) {
+    drop(ApiVec::<u8, _>::with_capacity_in(bytes, cache.clone()));
+}
+
+// 1. A backing allocator that ends the scope holding the cache's last count.
+
+std::thread_local! {
+    static HELD_SCOPE: RefCell<Option<Scope>> = const { RefCell::new(None) };
+}
+
+/// Ends this thread's held scope on every allocation.
+#[derive(Clone, Default)]
+struct EndsScope(Backing);
+
+// SAFETY: forwards to `Backing`; ending a scope does not touch the memory.
+unsafe impl Allocator for EndsScope {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        let scope = HELD_SCOPE.with(|held| held.borrow_mut().take());
+        drop(scope);
+        self.0.allocate(layout)
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { self.0.deallocate(ptr, layout) }
+    }
+}
+
+#[test]
+fn a_backing_that_ends_the_scope_holding_the_last_count_frees_nothing_in_use() {
+    let backing = EndsScope(Backing::new());
+    let cache = CachingAllocator::new_in(backing.clone());
+    HELD_SCOPE.with(|held| *held.borrow_mut() = Some(cache.enter()));
+    drop(cache); // the held scope has the last count
+    // The miss calls the backing, which ends the scope: the cache must live on.
+    let block = vec![7u8; 8192];
+    assert!(block.iter().all(|&b| b == 7));
+    assert_eq!(backing.0.blocks(), 1);
+    // The registry held the last count; freeing the block frees the cache,
+    // which gives the block back.
+    drop(block);
+    assert_eq!(backing.0.blocks(), 0);
+}
+
+// 2. A budget member dropped while another thread evicts from it.
+
+#[test]
+fn budget_members_come_and_go_while_others_evict_from_them() {
+    let rounds = if cfg!(miri) { 4 } else { 300 };
+    let budget = Budget::new(3 * 4096);
+    let backing = Backing::new();
+    let threads: Vec<_> = (0..2)
+        .map(|seed| {
+            let (budget, backing) = (budget.clone(), backing.clone());
+            std::thread::spawn(move || {
+                for round in 0..rounds {
+                    let cache = CachingAllocator::builder()
+                        .budget(&budget)
+                        .build_in(backing.clone());
+                    for i in 0..3 {
+                        cache_one(&cache, 4096 * (1 + (i + round + seed) % 2));
+                    }
+                    if round % 3 == 0 {
+                        cache.trim(4096);
+                    }
+                    drop(cache); // racing the other thread's evictions
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert_eq!(budget.bytes_cached(), 0);
+    assert_eq!(backing.blocks(), 0);
+}
+
+// 3. Frees made inside the allocator reach the block's owner.
+
+#[test]
+fn a_planned_arena_dropped_as_an_orphan_gives_its_plan_copy_back_to_its_cache() {
+    let recorder = Recorder::new();
+    for _ in 0..300 {
+        drop(ApiVec::<u8, _>::with_capacity_in(64, recorder.clone()));
+    }
+    let plan = recorder.plan();
+    let cache = CachingAllocator::new();
+    // The arena's copy of the plan (300 slots, over 4 KiB) is a block of `cache`.
+    let planned = {
+        let _scope = cache.enter();
+        Planned::new(&plan)
+    };
+    assert_eq!(cache.stats().blocks_in_use, 1);
+    // A scope block of the arena outlives every handle of it...
+    let block = {
+        let _scope = planned.enter();
+        vec![1u8; 8192]
+    };
+    drop(planned);
+    // ...so the arena is dropped inside this free, and frees its plan copy.
+    drop(block);
+    let stats = cache.stats();
+    assert_eq!((stats.blocks_in_use, stats.blocks_cached), (0, 1));
+    // The address is the cache's again, not a stale registry entry's: a plain
+    // block there later goes to the system allocator, not to the cache.
+    cache.release_cached();
+    drop(vec![0u8; 8192]);
+    assert_eq!(cache.stats().blocks_cached, 0);
+}
+
+/// A backing allocator large enough that a cache over it (its `Arc`) is over
+/// the 4 KiB minimum, so it is a scope block when built inside a scope.
+#[derive(Clone)]
+struct Padded {
+    _pad: [u8; 8192],
+    inner: Backing,
+}
+
+// SAFETY: forwards to `Backing`.
+unsafe impl Allocator for Padded {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        self.inner.allocate(layout)
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { self.inner.deallocate(ptr, layout) }
+    }
+}
+
+#[test]
+fn a_cache_built_inside_another_caches_scope_goes_back_to_it_when_dropped_as_an_orphan() {
+    let outer = CachingAllocator::new();
+    let backing = Backing::new();
+    let inner = {
+        let _scope = outer.enter();
+        CachingAllocator::new_in(Padded {
+            _pad: [0; 8192],
+            inner: backing.clone(),
+        })
+    };
+    assert_eq!(
+        outer.stats().blocks_in_use,
+        1,
+        "the inner cache lives in outer"
+    );
+    let block = {
+        let _scope = inner.enter();
+        vec![2u8; 8192]
+    };
+    drop(inner);
+    drop(block); // the inner cache is freed inside this free
+    assert_eq!(backing.blocks(), 0);
+    let stats = outer.stats();
+    assert_eq!((stats.blocks_in_use, stats.blocks_cached), (0, 1));
+}
+
+// 4. `Recorder::plan()` inside the recorder's own scope.
+
+#[test]
+fn a_recorder_plans_inside_its_own_scope() {
+    let slots = within("plan() inside the recorder's scope", || {
+        let recorder = Recorder::new();
+        let _scope = recorder.enter();
+        for _ in 0..200 {
+            drop(vec![0u8; 4096]);
+        }
+        // The planner's buffers are at least 4 KiB: they must not be routed
+        // to the recorder, whose log lock `plan()` holds.
+        recorder.plan().allocations()
+    });
+    assert!(slots >= 200, "{slots} allocations planned");
+}
+
+// 5. Layered caches on one budget, and budgets layered crosswise.
+
+#[test]
+fn a_cache_whose_backing_is_a_cache_on_the_same_budget_does_not_deadlock() {
+    let (upper_cached, lower_cached, budget_cached) = within("layered caches", || {
+        let budget = Budget::new(3000);
+        // The lower cache rounds 1152 up to 2048: giving a block back to it
+        // needs more budget than the upper cache's eviction freed.
+        let lower = CachingAllocator::builder()
+            .budget(&budget)
+            .size_policy(SizePolicy::PowerOfTwoDivisions(1))
+            .build();
+        let upper = CachingAllocator::builder()
+            .budget(&budget)
+            .build_in(lower.clone());
+        let a = ApiVec::<u8, _>::with_capacity_in(1152, upper.clone());
+        let b = ApiVec::<u8, _>::with_capacity_in(1152, upper.clone());
+        drop((a, b)); // the upper cache holds 2 x 1152
+        // Caching 1024 bytes in the lower cache evicts the upper cache's
+        // oldest block, which goes back to the lower cache, which must evict.
+        drop(ApiVec::<u8, _>::with_capacity_in(1024, lower.clone()));
+        (
+            upper.stats().bytes_cached,
+            lower.stats().bytes_cached,
+            budget.bytes_cached(),
+        )
+    });
+    assert_eq!(budget_cached, upper_cached + lower_cached);
+    assert!(budget_cached <= 3000);
+    assert!(lower_cached >= 1024, "the freed block was cached");
+}
+
+#[test]
+fn budgets_layered_crosswise_do_not_deadlock() {
+    let rounds = if cfg!(miri) { 3 } else { 20_000 };
+    within("crosswise budgets", move || {
+        let (p, q) = (Budget::new(8192), Budget::new(8192));
+        let p_lower = CachingAllocator::builder().budget(&p).build();
+        let q_lower = CachingAllocator::builder().budget(&q).build();
+        // Each upper cache is on one budget and backed by a cache on the other.
+        let p_upper = CachingAllocator::builder()
+            .budget(&p)
+            .build_in(q_lower.clone());
+        let q_upper = CachingAllocator::builder()
+            .budget(&q)
+            .build_in(p_lower.clone());
+        let threads: Vec<_> = [(p_upper, p_lower), (q_upper, q_lower)]
+            .into_iter()
+            .map(|(upper, lower)| {
+                std::thread::spawn(move || {
+                    for round in 0..rounds {
+                        let bytes = 1024 * (1 + round % 4);
+                        drop(ApiVec::<u8, _>::with_capacity_in(bytes, upper.clone()));
+                        drop(ApiVec::<u8, _>::with_capacity_in(5000, lower.clone()));
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert!(p.bytes_cached() <= p.limit() && q.bytes_cached() <= q.limit());
+    });
+}
+
+// 6. Panics never unwind out of `ScopedGlobal`.
+
+#[test]
+fn a_backing_that_panics_inside_a_scope_does_not_unwind_out_of_the_global_allocator() {
+    let backing = Backing::new();
+    let cache = CachingAllocator::builder()
+        .max_cached_bytes(0) // every free goes straight back to the backing
+        .build_in(backing.clone());
+    let scope = cache.enter();
+    backing.panic_on_next_allocate();
+    let served = panic::catch_unwind(|| vec![3u8; 8192]);
+    let block = served.expect("a panic unwound out of `GlobalAlloc::alloc`");
+    assert!(block.iter().all(|&b| b == 3));
+    drop(block); // served by the inner allocator, freed there
+    assert_eq!(backing.blocks(), 0);
+    // The cache still works, and a panicking free is contained too.
+    let block = vec![4u8; 8192];
+    assert_eq!(backing.blocks(), 1);
+    backing.panic_after_frees(0);
+    let freed = panic::catch_unwind(AssertUnwindSafe(|| drop(block)));
+    assert!(
+        freed.is_ok(),
+        "a panic unwound out of `GlobalAlloc::dealloc`"
+    );
+    drop(scope);
+    let stats = cache.stats();
+    assert_eq!((stats.bytes_in_use, stats.bytes_reserved), (0, 0));
+    assert_eq!(backing.blocks(), 0);
+}
+
+// 7. A panicking backing `deallocate` leaves the books right.
+
+#[test]
+fn a_panic_during_cap_eviction_keeps_the_budget_and_the_stats_exact() {
+    let backing = Backing::new();
+    let budget = Budget::new(1 << 20);
+    let cache = CachingAllocator::builder()
+        .budget(&budget)
+        .max_cached_bytes(8192)
+        .build_in(backing.clone());
+    cache_one(&cache, 8192); // cached: the cap is full
+    let block = ApiVec::<u8, _>::with_capacity_in(4096, cache.clone());
+    backing.panic_after_frees(0); // the eviction's give-back panics
+    let freed = panic::catch_unwind(AssertUnwindSafe(|| drop(block)));
+    assert!(freed.is_err(), "the backing's panic reaches the caller");
+    let stats = cache.stats();
+    assert_eq!(stats.bytes_cached, 4096, "the freed block was listed");
+    assert_eq!(budget.bytes_cached(), stats.bytes_cached);
+    assert_eq!(backing.bytes(), stats.bytes_reserved);
+    cache.trim(0);
+    assert_eq!(budget.bytes_cached(), 0);
+    assert_eq!(backing.blocks(), 0);
+}
+
+#[test]
+fn a_panic_during_release_gives_every_other_block_back() {
+    let backing = Backing::new();
+    let cache = CachingAllocator::new_in(backing.clone());
+    let blocks: Vec<_> = (1..=4)
+        .map(|i| ApiVec::<u8, _>::with_capacity_in(1000 * i, cache.clone()))
+        .collect();
+    drop(blocks);
+    backing.panic_after_frees(1); // the second give-back panics
+    let released = panic::catch_unwind(AssertUnwindSafe(|| cache.release_cached()));
+    assert!(released.is_err());
+    let stats = cache.stats();
+    assert_eq!((stats.blocks_cached, stats.bytes_reserved), (0, 0));
+    assert_eq!(
+        backing.blocks(),
+        0,
+        "the blocks after the panic were given back"
+    );
+}
+
+#[test]
+fn a_panic_during_trim_or_budget_eviction_keeps_the_books() {
+    let backing = Backing::new();
+    let budget = Budget::new(3 * 4096);
+    let cache = CachingAllocator::builder()
+        .budget(&budget)
+        .build_in(backing.clone());
+    let other = CachingAllocator::builder()
+        .budget(&budget)
+        .build_in(backing.clone());
+    for _ in 0..3 {
+        let blocks: Vec<_> = (0..3)
+            .map(|_| ApiVec::<u8, _>::with_capacity_in(4096, cache.clone()))
+            .collect();
+        drop(blocks);
+    }
+    // A trim whose first give-back panics still trims to its target.
+    backing.panic_after_frees(0);
+    assert!(panic::catch_unwind(AssertUnwindSafe(|| cache.trim(4096))).is_err());
+    assert_eq!(cache.stats().bytes_cached, 4096);
+    assert_eq!(budget.bytes_cached(), 4096);
+    // The budget evicts `cache`'s block for `other`'s, and that give-back panics.
+    let blocks: Vec<_> = (0..3)
+        .map(|_| ApiVec::<u8, _>::with_capacity_in(4096, cache.clone()))
+        .collect();
+    drop(blocks);
+    assert_eq!(budget.bytes_cached(), budget.limit());
+    let block = ApiVec::<u8, _>::with_capacity_in(4096, other.clone());
+    backing.panic_after_frees(0);
+    assert!(panic::catch_unwind(AssertUnwindSafe(|| drop(block))).is_err());
+    let (mine, theirs) = (cache.stats(), other.stats());
+    assert_eq!(
+        budget.bytes_cached(),
+        mine.bytes_cached + theirs.bytes_cached
+    );
+    assert_eq!(backing.bytes(), mine.bytes_reserved + theirs.bytes_reserved);
+    drop((cache, other));
+    assert_eq!(budget.bytes_cached(), 0);
+    assert_eq!(backing.blocks(), 0);
+}
+
+#[test]
+fn a_panicking_backing_allocate_changes_nothing() {
+    let backing = Backing::new();
+    let cache = CachingAllocator::new_in(backing.clone());
+    cache_one(&cache, 4096);
+    let before = cache.stats();
+    backing.panic_on_next_allocate();
+    let taken = panic::catch_unwind(AssertUnwindSafe(|| {
+        ApiVec::<u8, _>::with_capacity_in(8192, cache.clone())
+    }));
+    assert!(taken.is_err());
+    let after = cache.stats();
+    assert_eq!((after.hits, after.misses), (before.hits, before.misses));
+    assert_eq!(after.bytes_in_use, 0);
+    assert_eq!(backing.bytes(), after.bytes_reserved);
+}

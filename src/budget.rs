@@ -93,7 +93,7 @@ pub(crate) fn member_of<M: Member + 'static>(member: &Arc<M>) -> Arc<dyn Member>
         Arc::<M>::clone(member)
     }
     // loom's `Arc` cannot be coerced to a trait object; it adopts a std `Arc`
-    // of one (the one place outside `sync.rs` that names `std::sync`).
+    // of one (see `sync.rs` for where else `std::sync` is named).
     #[cfg(loom)]
     {
         Arc::from_std(std::sync::Arc::new(Arc::<M>::clone(member)))

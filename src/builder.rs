@@ -9,7 +9,7 @@ use crate::policy::SizePolicy;
 use crate::sync::Arc;
 
 /// Configures a [`CachingAllocator`]: created by
-/// [`CachingAllocator::builder`]. Every setting's default is the seed's
+/// [`CachingAllocator::builder`]. Every setting's default is c10's
 /// behaviour: exact sizes, no cap, no budget, keep caching after a failure.
 ///
 /// | setting | when to use it |
@@ -40,11 +40,14 @@ pub struct Builder {
     config: Config,
 }
 
-impl Builder {
-    pub(crate) fn new() -> Self {
-        Self::default()
+impl CachingAllocator {
+    /// Configures a cache: size classes, a cap, a shared budget.
+    pub fn builder() -> Builder {
+        Builder::default()
     }
+}
 
+impl Builder {
     /// Which block size serves a request: see [`SizePolicy`]. Default
     /// `Exact`.
     pub fn size_policy(mut self, policy: SizePolicy) -> Self {

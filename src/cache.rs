@@ -13,14 +13,15 @@
 use core::alloc::Layout;
 use core::mem;
 use core::ptr::{self, NonNull};
-use std::collections::BTreeMap;
 
 use allocator_api2::alloc::{AllocError, Allocator};
 use allocator_api2::vec::Vec;
 use foldhash::fast::FixedState;
 use hashbrown::HashMap;
 
+use crate::alloc::{RawAllocator, dangling};
 use crate::budget::{Budget, Member};
+use crate::eviction::{EvictionIndex, Victim};
 use crate::poison;
 use crate::policy::{Key, SizePolicy};
 use crate::reentry::{self, Bookkeeping};
@@ -38,36 +39,21 @@ pub(crate) struct Config {
 }
 
 impl Config {
-    /// Whether blocks are ever evicted one by one: then an age index is kept
-    /// so the oldest is found in `O(log n)`.
+    /// Whether blocks are ever evicted one by one: then an eviction index is
+    /// kept so the victim is found in `O(log n)`.
     fn evicts(&self) -> bool {
         self.max_cached_bytes.is_some() || self.budget.is_some()
     }
 }
 
 /// A cached block, its age (a clock reading taken when it was listed) and its
-/// GreedyDual-Size priority (see [`State::evict`]).
+/// GreedyDual-Size priority (see `eviction.rs`).
 #[derive(Clone, Copy)]
 struct Cached {
     block: NonNull<u8>,
     age: u64,
     priority: u64,
 }
-
-/// Which cached block an eviction takes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Victim {
-    /// The one cached longest ago: a shared budget (its contract) and `trim`.
-    Oldest,
-    /// The lowest GreedyDual-Size priority: the cap.
-    Cheapest,
-}
-
-/// The priority scale: a block of `size` bytes adds `SCALE / size` to the
-/// inflation, so smaller blocks (more hits per byte kept) rank higher. Blocks
-/// of 4 GiB and more all add 0; the inflation grows by at most `SCALE / 64`
-/// per eviction, so a `u64` lasts for 2^38 evictions and then saturates.
-const PRIORITY_SCALE: u64 = 1 << 32;
 
 /// Cached blocks of one key, oldest first. Hits take the last (most recently
 /// freed: its cache lines and pages are the warmest); evictions the first.
@@ -85,15 +71,9 @@ pub(crate) struct Cache<A: Allocator> {
 
 struct State {
     free_lists: FreeLists,
-    /// Age -> key of every cached block, when the cache evicts (a cap or a
-    /// budget is set). B-tree nodes come from the global allocator: mutations
-    /// run marked as inside the allocator.
-    ages: Option<BTreeMap<u64, Key>>,
-    /// (priority, age) -> key of every cached block, when a cap is set.
-    priorities: Option<BTreeMap<(u64, u64), Key>>,
-    /// GreedyDual-Size's inflation `L`: the priority of the last block the
-    /// cap evicted. Never decreases.
-    inflation: u64,
+    /// Every cached block by age (and priority), when the cache evicts (a
+    /// cap or a budget is set).
+    index: Option<EvictionIndex>,
     /// The clock of a cache without a budget (a budget has one for all).
     clock: u64,
     /// Set after an allocation failed even after release and retry, if the
@@ -111,9 +91,9 @@ impl State {
     fn new(config: &Config) -> Self {
         Self {
             free_lists: empty_free_lists(),
-            ages: config.evicts().then(BTreeMap::new),
-            priorities: config.max_cached_bytes.is_some().then(BTreeMap::new),
-            inflation: 0,
+            index: config
+                .evicts()
+                .then(|| EvictionIndex::new(config.max_cached_bytes.is_some())),
             clock: 0,
             caching_stopped: false,
             stats: Stats::default(),
@@ -124,40 +104,19 @@ impl State {
     #[inline]
     fn pop(&mut self, key: Key) -> Option<NonNull<u8>> {
         let cached = self.free_lists.get_mut(&key)?.pop()?;
-        self.unindex(&cached);
+        if let Some(index) = &mut self.index {
+            index.remove(cached.age, cached.priority);
+        }
         Some(cached.block)
-    }
-
-    /// Removes a block leaving its list from the indexes.
-    #[inline]
-    fn unindex(&mut self, cached: &Cached) {
-        if self.ages.is_none() {
-            return;
-        }
-        let _inside = reentry::inside();
-        if let Some(ages) = &mut self.ages {
-            ages.remove(&cached.age);
-        }
-        if let Some(priorities) = &mut self.priorities {
-            priorities.remove(&(cached.priority, cached.age));
-        }
     }
 
     /// A block of `key` freed now: its age and priority.
     #[inline]
-    fn stamp(&mut self, key: Key, block: NonNull<u8>, age: u64) -> Cached {
-        // Only a cap orders blocks by priority; the division is not free, so
-        // caches without one skip it.
-        let priority = if self.priorities.is_some() {
-            self.inflation
-                .saturating_add(PRIORITY_SCALE / key.size.max(1) as u64)
-        } else {
-            0
-        };
+    fn stamp(&self, key: Key, block: NonNull<u8>, age: u64) -> Cached {
         Cached {
             block,
             age,
-            priority,
+            priority: self.index.as_ref().map_or(0, |index| index.priority(key)),
         }
     }
 
@@ -172,64 +131,40 @@ impl State {
             .or_insert_with(|| Vec::new_in(Bookkeeping));
         list.try_reserve(1).map_err(|_| ())?;
         list.push(cached);
-        if self.ages.is_some() {
-            let _inside = reentry::inside();
-            if let Some(ages) = &mut self.ages {
-                ages.insert(cached.age, key);
-            }
-            if let Some(priorities) = &mut self.priorities {
-                priorities.insert((cached.priority, cached.age), key);
-            }
+        if let Some(index) = &mut self.index {
+            index.insert(key, cached.age, cached.priority);
         }
         Ok(())
     }
 
-    /// Takes a cached block off its list, counts it evicted, and returns it.
-    ///
-    /// The cap evicts by GreedyDual-Size (Cao and Irani, 1997) with unit
-    /// cost: a block's priority is `L + 1/size` when it is cached, the lowest
-    /// priority goes first and `L` becomes its priority. Small blocks (more
-    /// hits per byte kept) stay longer, and aging through `L` lets blocks that
-    /// stopped recurring go. On the bundled traces with a cap of the peak live
-    /// bytes it keeps more hits than oldest-first on all three (README has
-    /// the figures): oldest-first is LRU, which thrashes on the cyclic pattern
-    /// of a static model's passes.
+    /// Takes the cached block `victim` picks off its list, counts it
+    /// evicted, and returns it. Without an index (no cap, no budget: a
+    /// `trim`), the oldest, found by scanning the lists' fronts.
     fn evict(&mut self, victim: Victim) -> Option<(Key, NonNull<u8>)> {
-        let (key, age) = match victim {
-            Victim::Cheapest => match &self.priorities {
-                Some(priorities) => {
-                    let (&(priority, age), &key) = priorities.iter().next()?;
-                    self.inflation = self.inflation.max(priority);
-                    (key, age)
-                }
-                None => return self.evict(Victim::Oldest),
-            },
-            Victim::Oldest => match &self.ages {
-                Some(ages) => {
-                    let (&age, &key) = ages.iter().next()?;
-                    (key, age)
-                }
-                None => self
-                    .free_lists
-                    .iter()
-                    .filter_map(|(&key, list)| list.first().map(|cached| (key, cached.age)))
-                    .min_by_key(|&(_, age)| age)?,
-            },
+        let (key, age) = match &mut self.index {
+            Some(index) => index.pick(victim)?,
+            None => self
+                .free_lists
+                .iter()
+                .filter_map(|(&key, list)| list.first().map(|cached| (key, cached.age)))
+                .min_by_key(|&(_, age)| age)?,
         };
         let list = self.free_lists.get_mut(&key)?;
         // Ages grow along a list (they are taken under the lock), so the
         // victim is usually at the front.
         let position = list.iter().position(|cached| cached.age == age)?;
         let cached = list.remove(position);
-        self.unindex(&cached);
-        self.stats.on_evict(key.size);
+        if let Some(index) = &mut self.index {
+            index.remove(cached.age, cached.priority);
+        }
+        self.stats.on_evict(key.size());
         Some((key, cached.block))
     }
 
     /// The age of the oldest cached block.
     fn oldest_age(&self) -> Option<u64> {
-        match &self.ages {
-            Some(ages) => ages.keys().next().copied(),
+        match &self.index {
+            Some(index) => index.oldest_age(),
             None => self
                 .free_lists
                 .values()
@@ -242,14 +177,6 @@ impl State {
 
 fn empty_free_lists() -> FreeLists {
     HashMap::with_hasher_in(FixedState::default(), Bookkeeping)
-}
-
-/// A non-null pointer aligned to `layout.align()`, for zero-sized requests.
-#[inline]
-pub(crate) fn dangling(layout: Layout) -> NonNull<[u8]> {
-    // An alignment is never zero; the fallback only satisfies the type.
-    let addr = core::num::NonZeroUsize::new(layout.align()).unwrap_or(core::num::NonZeroUsize::MIN);
-    NonNull::slice_from_raw_parts(NonNull::without_provenance(addr), 0)
 }
 
 impl<A: Allocator> Cache<A> {
@@ -300,19 +227,19 @@ impl<A: Allocator> Cache<A> {
             let mut state = self.state.lock();
             let popped = state.pop(key);
             if popped.is_some() {
-                state.stats.on_hit(layout.size(), key.size);
+                state.stats.on_hit(layout.size(), key.size());
             }
             popped
         };
         let block = match popped {
             Some(block) => {
-                poison::unpoison(block, key.size);
+                poison::unpoison(block, key.size());
                 if let Some(budget) = &self.config.budget {
-                    budget.unreserve(key.size);
+                    budget.unreserve(key.size());
                 }
                 if zeroed {
                     // SAFETY: the block was just taken off a free list, so
-                    // nobody else references it, and it holds `key.size >=
+                    // nobody else references it, and it holds `key.size() >=
                     // layout.size()` writable bytes.
                     unsafe { ptr::write_bytes(block.as_ptr(), 0, layout.size()) };
                 }
@@ -320,7 +247,7 @@ impl<A: Allocator> Cache<A> {
             }
             None => {
                 let block = self.allocate_block(key, zeroed)?;
-                self.state.lock().stats.on_miss(layout.size(), key.size);
+                self.state.lock().stats.on_miss(layout.size(), key.size());
                 block
             }
         };
@@ -328,7 +255,7 @@ impl<A: Allocator> Cache<A> {
     }
 
     /// A new block of `key` from the backing allocator. If it fails, the
-    /// cache is released and the allocation tried once more (the seed's
+    /// cache is released and the allocation tried once more (c10's
     /// out-of-memory path).
     fn allocate_block(&self, key: Key, zeroed: bool) -> Result<NonNull<u8>, AllocError> {
         let layout = key.block_layout();
@@ -372,7 +299,7 @@ impl<A: Allocator> Cache<A> {
         if self
             .config
             .max_cached_bytes
-            .is_some_and(|cap| key.size > cap)
+            .is_some_and(|cap| key.size() > cap)
         {
             // SAFETY: this function's contract.
             return unsafe { self.give_back(block, key, requested) };
@@ -386,7 +313,7 @@ impl<A: Allocator> Cache<A> {
         let mut panics = Deferred::new();
         if let Some(budget) = &self.config.budget
             && (self.state.lock().caching_stopped
-                || panics.catch(|| budget.reserve(key.size)) != Some(true))
+                || panics.catch(|| budget.reserve(key.size())) != Some(true))
         {
             // SAFETY: this function's contract.
             unsafe { self.give_back(block, key, requested) };
@@ -394,25 +321,25 @@ impl<A: Allocator> Cache<A> {
         }
         // Poisoned before it is listed: once listed, another thread may take
         // (and unpoison) it at any moment.
-        poison::poison(block, key.size);
+        poison::poison(block, key.size());
         loop {
             let mut state = self.state.lock();
             if state.caching_stopped {
                 drop(state);
-                self.unreserve(key.size);
+                self.unreserve(key.size());
                 // SAFETY: this function's contract.
                 unsafe { self.give_back(block, key, requested) };
                 return panics.resume();
             }
             if let Some(cap) = self.config.max_cached_bytes
-                && state.stats.bytes_cached + key.size > cap
+                && state.stats.bytes_cached + key.size() > cap
             {
                 // Make room: the cheapest cached block goes back. One at a
                 // time, with the lock released around the backing call.
                 let evicted = state.evict(Victim::Cheapest);
                 drop(state);
                 if let Some((evicted_key, evicted_block)) = evicted {
-                    self.unreserve(evicted_key.size);
+                    self.unreserve(evicted_key.size());
                     // Caught: `block` is still to be listed.
                     panics.catch(|| {
                         // SAFETY: the block left the free lists under the
@@ -433,12 +360,12 @@ impl<A: Allocator> Cache<A> {
             let cached = state.stamp(key, block, age);
             if state.push(key, cached).is_err() {
                 drop(state);
-                self.unreserve(key.size);
+                self.unreserve(key.size());
                 // SAFETY: this function's contract.
                 unsafe { self.give_back(block, key, requested) };
                 return panics.resume();
             }
-            state.stats.on_free(requested, key.size);
+            state.stats.on_free(requested, key.size());
             drop(state);
             return panics.resume();
         }
@@ -454,7 +381,7 @@ impl<A: Allocator> Cache<A> {
         self.state
             .lock()
             .stats
-            .on_free_uncached(requested, key.size);
+            .on_free_uncached(requested, key.size());
         // SAFETY: the caller's contract: the block is ours and was taken with
         // `key`'s layout.
         unsafe { self.backing_deallocate(block, key) };
@@ -465,7 +392,7 @@ impl<A: Allocator> Cache<A> {
     /// `block` was taken from the backing allocator with `key`'s layout, is
     /// owned by this cache alone, and is not listed.
     unsafe fn backing_deallocate(&self, block: NonNull<u8>, key: Key) {
-        poison::unpoison(block, key.size);
+        poison::unpoison(block, key.size());
         let _inside = reentry::inside();
         // SAFETY: the caller's contract.
         unsafe { self.backing.deallocate(block, key.block_layout()) };
@@ -533,11 +460,10 @@ impl<A: Allocator> Cache<A> {
         let (lists, indexes, bytes) = {
             let mut state = self.state.lock();
             let lists = mem::replace(&mut state.free_lists, empty_free_lists());
-            let ages = state.ages.as_mut().map(mem::take);
-            let priorities = state.priorities.as_mut().map(mem::take);
+            let index = state.index.as_mut().map(EvictionIndex::take);
             let (blocks, bytes) = (state.stats.blocks_cached, state.stats.bytes_cached);
             state.stats.on_release(blocks, bytes);
-            (lists, (ages, priorities), bytes)
+            (lists, index, bytes)
         };
         self.unreserve(bytes);
         // The blocks left the free lists under the lock, so no other thread
@@ -576,16 +502,46 @@ impl<A: Allocator> Cache<A> {
             let Some((key, block)) = evicted else {
                 break;
             };
-            self.unreserve(key.size);
+            self.unreserve(key.size());
             panics.catch(|| {
                 // SAFETY: the block left the free lists under the lock: ours
                 // alone, taken with its key's layout.
                 unsafe { self.backing_deallocate(block, key) }
             });
-            trimmed += key.size;
+            trimmed += key.size();
         }
         panics.resume();
         trimmed
+    }
+}
+
+// SAFETY: the free lists never hold a live block (a block is listed only
+// when freed and unlisted before it is handed out, both under the lock); a
+// block is taken with its key's layout, which holds at least the request's
+// size at at least its alignment (`Key::for_layout`); a reused block is
+// zeroed on request; `resize` copies and frees the old block only once the
+// new one is taken.
+unsafe impl<A: Allocator> RawAllocator for Cache<A> {
+    #[inline]
+    fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
+        Cache::allocate(self, layout, zeroed)
+    }
+
+    #[inline]
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { Cache::deallocate(self, ptr, layout) }
+    }
+
+    unsafe fn resize(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        // SAFETY: forwarded contract.
+        unsafe { Cache::resize(self, ptr, old, new, zeroed) }
     }
 }
 
@@ -598,7 +554,7 @@ impl<A: Allocator + Send + Sync> Member for Cache<A> {
         let evicted = self.state.lock().evict(Victim::Oldest);
         match evicted {
             Some((key, block)) => {
-                self.unreserve(key.size);
+                self.unreserve(key.size());
                 // The books are complete before the backing call: a panic in
                 // it needs no catching here.
                 // SAFETY: the block left the free lists under the lock: ours

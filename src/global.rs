@@ -6,11 +6,12 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::{self, NonNull};
 use std::alloc::System;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
+use crate::alloc::Owner;
 use crate::reentry;
-use crate::registry::Registry;
-use crate::scope::{self, Owner};
+use crate::registry::{self, scope_blocks};
+use crate::scope;
 
 /// Allocations smaller than this stay with the inner allocator by default:
 /// tensors, not strings.
@@ -57,6 +58,15 @@ pub const DEFAULT_MIN_SIZE: usize = 4096;
 pub struct ScopedGlobal<G = System> {
     inner: G,
     min_size: usize,
+}
+
+impl<G> core::fmt::Debug for ScopedGlobal<G> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ScopedGlobal")
+            .field("inner", &core::any::type_name::<G>())
+            .field("min_size", &self.min_size)
+            .finish()
+    }
 }
 
 impl ScopedGlobal<System> {
@@ -112,9 +122,11 @@ impl<G> ScopedGlobal<G> {
         match served {
             Ok(Ok(block)) => {
                 let block = block.cast::<u8>().as_ptr();
+                // `enter` created the registry before this scope began.
+                let registry = registry::prepare();
                 let _in_registry = reentry::in_registry();
                 // The owner's count moves into the registry.
-                let replaced = registry().insert(block as usize, owner);
+                let replaced = registry.insert(block as usize, owner);
                 drop(_in_registry);
                 // Nothing to replace: a live block is registered once.
                 release(replaced);
@@ -141,7 +153,7 @@ impl<G> ScopedGlobal<G> {
     ///
     /// Callers check `layout.size() >= self.min_size` first, inline.
     fn take_owner(&self, ptr: *mut u8) -> Option<Arc<dyn Owner>> {
-        let registry = REGISTRY.get()?;
+        let registry = scope_blocks()?;
         if registry.is_empty() || reentry::is_in_registry() {
             return None;
         }
@@ -153,7 +165,7 @@ impl<G> ScopedGlobal<G> {
         if layout.size() < self.min_size || reentry::is_in_registry() {
             return false;
         }
-        let Some(registry) = REGISTRY.get() else {
+        let Some(registry) = scope_blocks() else {
             return false;
         };
         let _in_registry = reentry::in_registry();
@@ -260,22 +272,4 @@ unsafe impl<G: GlobalAlloc> GlobalAlloc for ScopedGlobal<G> {
         }
         moved
     }
-}
-
-/// Every live block a scope's owner handed out (see `registry`). Created on
-/// first use, by `enter` (outside the allocator) before any scope block
-/// exists.
-static REGISTRY: OnceLock<Registry<Arc<dyn Owner>>> = OnceLock::new();
-
-/// The registry, created on first use; callers are inside the allocator, so
-/// its allocations go to the inner allocator.
-fn registry() -> &'static Registry<Arc<dyn Owner>> {
-    REGISTRY.get_or_init(Registry::new)
-}
-
-/// Creates the registry outside the allocator (called by `enter`), so its
-/// first use never happens inside an allocation.
-pub(crate) fn prepare() {
-    let _inside = reentry::inside();
-    registry();
 }

@@ -7,8 +7,7 @@ use core::ptr::NonNull;
 
 use allocator_api2::alloc::{AllocError, Allocator, Global};
 
-use crate::api::RawAllocator;
-use crate::builder::Builder;
+use crate::alloc::{RawAllocator, allocator_impls};
 use crate::cache::{Cache, Config};
 use crate::policy::SizePolicy;
 use crate::stats::Stats;
@@ -126,15 +125,10 @@ unsafe impl<A: Allocator> RawAllocator for Users<A> {
 }
 
 impl CachingAllocator {
-    /// A new, empty cache backed by the global allocator, with the seed's
+    /// A new, empty cache backed by the global allocator, with c10's
     /// policy: exact sizes, no cap. The same as `builder().build()`.
     pub fn new() -> Self {
-        Self::builder().build()
-    }
-
-    /// Configures a cache: size classes, a cap, a shared budget.
-    pub fn builder() -> Builder {
-        Builder::new()
+        Self::new_in(Global)
     }
 }
 
@@ -222,7 +216,7 @@ impl<A: Allocator> CachingAllocator<A> {
     }
 
     /// Whether caching stopped after an allocation failure (only with
-    /// [`Builder::stop_caching_after_failure`]).
+    /// [`Builder::stop_caching_after_failure`](crate::Builder::stop_caching_after_failure)).
     pub fn is_caching_stopped(&self) -> bool {
         self.cache.is_caching_stopped()
     }
@@ -287,10 +281,11 @@ impl<A: Allocator + Send + Sync + 'static> CachingAllocator<A> {
     /// assert_eq!(model_b.stats().bytes_cached, 8192);
     /// ```
     pub fn enter(&self) -> crate::Scope {
-        crate::global::prepare();
         crate::scope::enter(self.cache.clone())
     }
 }
+
+allocator_impls!(CachingAllocator, cache);
 
 impl<A: Allocator> Clone for CachingAllocator<A> {
     /// Another handle of the same cache.

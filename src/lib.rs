@@ -44,13 +44,12 @@ assert_eq!(cache.stats().hits, 1);
 //! See the README for the feature table, how the crate maps onto c10's
 //! allocator, and measured figures.
 #![cfg_attr(feature = "nightly", feature(allocator_api))]
-#![deny(unsafe_op_in_unsafe_fn)]
-#![warn(missing_docs)]
 
-mod api;
+mod alloc;
 mod budget;
 mod builder;
 mod cache;
+mod eviction;
 #[cfg(not(loom))]
 mod global;
 mod handle;

@@ -22,7 +22,7 @@ pub const SIZE_GRANULARITY: usize = 64;
 ///
 /// | policy | use it for | cost |
 /// |---|---|---|
-/// | `Exact` (default, the seed's) | static shapes: the same sizes every pass | none: a block is exactly the size asked for |
+/// | `Exact` (default, c10's) | static shapes: the same sizes every pass | none: a block is exactly the size asked for |
 /// | `PowerOfTwoDivisions(n)` | dynamic shapes (variable sequence length, a growing KV cache) | up to `1/n` of a block lost to rounding |
 ///
 /// # Examples
@@ -74,49 +74,41 @@ impl SizePolicy {
     }
 }
 
-/// A free list: blocks of one size and one alignment class.
+/// A free list: blocks of one size and one alignment class. It holds the
+/// layout its blocks are taken from and given back to the backing allocator
+/// with, so that layout exists by construction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Key {
-    /// Size of the block in the backing allocator.
-    pub(crate) size: usize,
-    /// `max(layout.align(), MIN_ALIGN)`.
-    pub(crate) align: usize,
+    /// Size: the policy's block size; alignment: `max(request's, MIN_ALIGN)`.
+    block: Layout,
 }
 
 impl Key {
     /// The free list for `layout` under `policy`, or `None` if no block can be
-    /// made for it (the block size, raised to the alignment class, would
-    /// exceed `isize::MAX`).
+    /// made for it (the block size overflows, or raised to the alignment
+    /// class exceeds `isize::MAX`).
     ///
     /// `layout` must not be zero-sized; zero-sized requests never reach the
     /// cache.
     #[inline]
     pub(crate) fn for_layout(layout: Layout, policy: SizePolicy) -> Option<Key> {
-        let align = if layout.align() > MIN_ALIGN {
-            layout.align()
-        } else {
-            MIN_ALIGN
-        };
+        let align = layout.align().max(MIN_ALIGN);
         let size = policy.block_size(layout.size())?;
-        // Same check as `Layout::from_size_align`: size rounded up to `align`
-        // must not overflow `isize`.
-        if size > isize::MAX as usize - (align - 1) {
-            return None;
-        }
-        Some(Key { size, align })
+        let block = Layout::from_size_align(size, align).ok()?;
+        Some(Key { block })
+    }
+
+    /// The size of the key's blocks.
+    #[inline]
+    pub(crate) fn size(self) -> usize {
+        self.block.size()
     }
 
     /// The layout the block is taken from and given back to the backing
     /// allocator with.
     #[inline]
     pub(crate) fn block_layout(self) -> Layout {
-        // `for_layout` checked what `from_size_align` checks, and `align` is a
-        // power of two (the larger of two powers of two).
-        match Layout::from_size_align(self.size, self.align) {
-            Ok(layout) => layout,
-            // Unreachable by construction.
-            Err(_) => Layout::new::<()>(),
-        }
+        self.block
     }
 }
 

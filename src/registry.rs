@@ -11,6 +11,38 @@ use core::sync::atomic::Ordering;
 
 use crate::sync::{AtomicUsize, ConcurrentMap};
 
+#[cfg(not(loom))]
+pub(crate) use scope_blocks::{prepare, scope_blocks};
+
+/// The one registry `ScopedGlobal` and the scopes share (std only: loom
+/// models install no global allocator).
+#[cfg(not(loom))]
+mod scope_blocks {
+    use std::sync::{Arc, OnceLock};
+
+    use super::Registry;
+    use crate::alloc::Owner;
+    use crate::reentry;
+
+    /// Every live block a scope's owner handed out.
+    static SCOPE_BLOCKS: OnceLock<Registry<Arc<dyn Owner>>> = OnceLock::new();
+
+    /// The registry, if a scope was ever entered (no scope block exists
+    /// before that).
+    #[inline]
+    pub(crate) fn scope_blocks() -> Option<&'static Registry<Arc<dyn Owner>>> {
+        SCOPE_BLOCKS.get()
+    }
+
+    /// The registry, created if need be, marked inside so its tables come
+    /// from the inner allocator. Every `enter` calls it first, so it is never
+    /// created inside an allocation.
+    pub(crate) fn prepare() -> &'static Registry<Arc<dyn Owner>> {
+        let _inside = reentry::inside();
+        SCOPE_BLOCKS.get_or_init(Registry::new)
+    }
+}
+
 /// Live blocks by address, each with (a strong handle of) its owner `V`.
 pub(crate) struct Registry<V> {
     blocks: ConcurrentMap<V>,

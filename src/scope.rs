@@ -13,14 +13,8 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 use std::sync::Arc;
 
-use crate::api::RawAllocator;
-
-/// What a scope and the global allocator need of a block's owner (a cache, a
-/// recorder, a planned arena), type-erased so one thread-local and one
-/// registry serve them all.
-pub(crate) trait Owner: RawAllocator + Send + Sync {}
-
-impl<T: RawAllocator + Send + Sync> Owner for T {}
+use crate::alloc::Owner;
+use crate::registry;
 
 /// A strong count of an owner, as a raw pointer (from `Arc::into_raw`).
 type OwnerPtr = NonNull<dyn Owner>;
@@ -78,7 +72,12 @@ fn release(owner: Option<OwnerPtr>) {
     }
 }
 
+/// Makes `owner` current for this thread until the returned guard drops: the
+/// `enter` of every handle (cache, recorder, planned arena).
 pub(crate) fn enter(owner: Arc<dyn Owner>) -> Scope {
+    // The registry exists before any scope block does, so it is never
+    // created inside an allocation.
+    registry::prepare();
     let raw = Arc::into_raw(owner);
     // `Arc::into_raw` never returns null.
     let owner = NonNull::new(raw.cast_mut());

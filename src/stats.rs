@@ -83,7 +83,7 @@ pub struct Stats {
     /// Bytes of those blocks, in total.
     pub bytes_evicted: u64,
     /// Backing allocations that failed and were retried after releasing the
-    /// cache (the seed's out-of-memory path).
+    /// cache (c10's out-of-memory path).
     pub retries: u64,
     /// Requests answered with `AllocError`: absurd sizes, or a backing
     /// allocation that failed again after the retry.
@@ -101,7 +101,6 @@ impl Stats {
         }
     }
 
-    /// A cached block of `block` bytes served a request of `requested`.
     /// Fraction of requested bytes served from the cache, `0.0` before any.
     pub fn byte_hit_ratio(&self) -> f64 {
         let total = self.bytes_hit + self.bytes_missed;

@@ -1,7 +1,13 @@
-//! The only module that names `std::sync` or `loom`.
+//! The synchronisation types of everything loom checks: the cache, the
+//! budget, the plans and the registry's map.
 //!
 //! Normally these are std's types; under `--cfg loom` they are loom's, so the
-//! same cache code is model-checked by `loom-tests/`. The std `Mutex` ignores
+//! same cache code is model-checked by `loom-tests/`. Exceptions, each
+//! because loom cannot stand in there: the global allocator's modules
+//! (`global.rs`, `scope.rs`, the registry's static in `registry.rs`) exist only
+//! outside loom (a loom model installs no global allocator) and use std's
+//! `Arc` and `OnceLock` directly; and under loom, `budget::member_of` wraps a
+//! loom `Arc` in a std one, since loom's cannot be coerced to a trait object. The std `Mutex` ignores
 //! poisoning: an allocator must never fail because some other thread panicked
 //! while holding the lock (the state it guards is updated without panicking
 //! code in between, so it is consistent whenever the lock is free).

@@ -327,7 +327,7 @@ fn grow_and_shrink_within_a_class_stay_in_place() {
     block.fill(3);
     let ptr = block.ptr;
 
-    // SAFETY (all calls below): `ptr` is live for the old layout, handed out
+    // SAFETY: (and for the calls below) `ptr` is live for the old layout, handed out
     // by this cache; the new sizes are larger (grow) or smaller (shrink).
     let grown = unsafe { cache.grow(ptr, l(1000), l(1024)) }.unwrap();
     assert_eq!(grown.cast::<u8>(), ptr, "1000 -> 1024 is one class");
@@ -343,6 +343,7 @@ fn grow_and_shrink_within_a_class_stay_in_place() {
         (1024, 0)
     );
 
+    // SAFETY: as above: live for the old layout, handed out by this cache.
     let shrunk = unsafe { cache.shrink(ptr, l(1024), l(897)) }.unwrap();
     assert_eq!(shrunk.cast::<u8>(), ptr, "1024 -> 897 is one class");
     let stats = cache.stats();
@@ -353,6 +354,7 @@ fn grow_and_shrink_within_a_class_stay_in_place() {
 
     // grow_zeroed in place zeroes the new tail (the old bytes past 897 still
     // hold the pattern).
+    // SAFETY: as above: live for the old layout, handed out by this cache.
     let zeroed = unsafe { cache.grow_zeroed(ptr, l(897), l(1000)) }.unwrap();
     assert_eq!(zeroed.cast::<u8>(), ptr);
     let held = Held {
@@ -363,6 +365,7 @@ fn grow_and_shrink_within_a_class_stay_in_place() {
     assert!(held.bytes()[897..] == *zeros(1000 - 897));
 
     // A small alignment change stays in the same class too.
+    // SAFETY: as above: live for the old layout, handed out by this cache.
     let realigned = unsafe { cache.shrink(ptr, l(1000), la(950, 64)) }.unwrap();
     assert_eq!(realigned.cast::<u8>(), ptr);
 
@@ -403,7 +406,7 @@ fn resizing_across_classes_moves_and_keeps_contents() {
     block.fill(9);
     let old = block.ptr;
 
-    // SAFETY (all calls below): the pointer is live for the old layout; the
+    // SAFETY: (and for the calls below) the pointer is live for the old layout; the
     // new sizes are larger (grow) or smaller (shrink).
     let grown = unsafe { cache.grow(old, l(1000), l(1500)) }.unwrap();
     assert_ne!(grown.cast::<u8>(), old, "1024 and 1536 are two classes");
@@ -421,6 +424,7 @@ fn resizing_across_classes_moves_and_keeps_contents() {
     assert_eq!(backing.history(), [la(1024, 64), la(1536, 64)]);
     grown.fill(10);
 
+    // SAFETY: as above: live for the old layout, handed out by this cache.
     let zeroed = unsafe { cache.grow_zeroed(grown.ptr, l(1500), l(3000)) }.unwrap();
     let zeroed = Held {
         ptr: zeroed.cast(),
@@ -431,6 +435,7 @@ fn resizing_across_classes_moves_and_keeps_contents() {
     zeroed.fill(11);
 
     // Shrinking into a cached class reuses that block.
+    // SAFETY: as above: live for the old layout, handed out by this cache.
     let shrunk = unsafe { cache.shrink(zeroed.ptr, l(3000), l(950)) }.unwrap();
     assert_eq!(shrunk.cast::<u8>(), old, "950 is in the cached 1024 class");
     let shrunk = Held {
@@ -440,6 +445,7 @@ fn resizing_across_classes_moves_and_keeps_contents() {
     assert!(shrunk.bytes() == pattern(11, 950));
 
     // Same class size, larger alignment: another free list, so it moves.
+    // SAFETY: as above: live for the old layout, handed out by this cache.
     let realigned = unsafe { cache.grow(shrunk.ptr, l(950), la(950, 128)) }.unwrap();
     assert_ne!(realigned.cast::<u8>(), old);
     assert_eq!(realigned.cast::<u8>().as_ptr() as usize % 128, 0);

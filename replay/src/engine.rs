@@ -305,7 +305,7 @@ pub struct Outcome {
 }
 
 /// Thread 0's pass-boundary bookkeeping.
-struct Recorder<'a, A> {
+struct PassMeter<'a, A> {
     alloc: &'a A,
     trace: &'a Trace,
     threads: usize,
@@ -323,7 +323,7 @@ struct Recorder<'a, A> {
     events_done: u64,
 }
 
-impl<A: ReplayAlloc> Recorder<'_, A> {
+impl<A: ReplayAlloc> PassMeter<'_, A> {
     /// Readings at the start of pass `pass` (= the end of pass `pass - 1`);
     /// `pass == passes` is the end of the replay.
     fn boundary(&mut self, pass: usize, passes: usize) {
@@ -388,7 +388,7 @@ pub fn replay<A: ReplayAlloc>(
     let peak_rss_reset = measure::reset_peak_rss();
     let rss = RssReader::new();
     let baseline_rss = rss.resident();
-    let mut recorder = Recorder {
+    let mut meter = PassMeter {
         alloc,
         trace,
         threads,
@@ -406,7 +406,7 @@ pub fn replay<A: ReplayAlloc>(
     };
     if let Some(every) = options.sample_every {
         let expected = trace.events.len() * options.passes.div_ceil(trace.passes.len());
-        recorder
+        meter
             .samples
             .reserve(expected / every.max(1) + options.passes + 1);
     }
@@ -419,7 +419,7 @@ pub fn replay<A: ReplayAlloc>(
             options,
             &barrier,
             first,
-            Some(&mut recorder),
+            Some(&mut meter),
         )]
     } else {
         std::thread::scope(|scope| {
@@ -437,7 +437,7 @@ pub fn replay<A: ReplayAlloc>(
                 options,
                 &barrier,
                 first,
-                Some(&mut recorder),
+                Some(&mut meter),
             )];
             results.extend(handles.into_iter().map(|handle| {
                 handle
@@ -456,19 +456,19 @@ pub fn replay<A: ReplayAlloc>(
     // The peak of the steady passes (reset at the end of pass 0), and of the
     // whole replay (the highest of that and pass 0's, read just before).
     let steady_peak_rss = measure::status_bytes("VmHWM").unwrap_or(0);
-    let peak_rss = steady_peak_rss.max(recorder.first_pass_peak_rss);
+    let peak_rss = steady_peak_rss.max(meter.first_pass_peak_rss);
     Ok(Outcome {
         pass_ns,
-        faults_first: recorder.faults_after_first - recorder.faults_start,
-        faults_steady: recorder.faults_end - recorder.faults_after_first,
+        faults_first: meter.faults_after_first - meter.faults_start,
+        faults_steady: meter.faults_end - meter.faults_after_first,
         baseline_rss,
         peak_rss,
         steady_peak_rss,
         peak_rss_reset,
-        cache_after_first: recorder.cache_after_first,
-        cache_final: recorder.cache_final,
-        in_use_at_pass_end: recorder.in_use_at_pass_end,
-        samples: recorder.samples,
+        cache_after_first: meter.cache_after_first,
+        cache_final: meter.cache_final,
+        in_use_at_pass_end: meter.in_use_at_pass_end,
+        samples: meter.samples,
     })
 }
 
@@ -481,7 +481,7 @@ fn worker<A: ReplayAlloc>(
     options: &Options,
     barrier: &Barrier,
     slots: &mut Slots,
-    mut recorder: Option<&mut Recorder<'_, A>>,
+    mut meter: Option<&mut PassMeter<'_, A>>,
 ) -> Result<Vec<u64>, String> {
     let file_passes = trace.passes.len();
     let mut times = Vec::with_capacity(options.passes);
@@ -491,16 +491,16 @@ fn worker<A: ReplayAlloc>(
         slots,
         options.touch,
     );
-    if let Some(recorder) = recorder.as_deref_mut() {
-        recorder.events_done += trace.setup.len() as u64;
+    if let Some(meter) = meter.as_deref_mut() {
+        meter.events_done += trace.setup.len() as u64;
     }
     for pass in 0..options.passes {
         if pass > 0 && !options.gap.is_zero() {
             std::thread::sleep(options.gap);
         }
         barrier.wait();
-        if let Some(recorder) = recorder.as_deref_mut() {
-            recorder.boundary(pass, options.passes);
+        if let Some(meter) = meter.as_deref_mut() {
+            meter.boundary(pass, options.passes);
         }
         barrier.wait();
         if pass > 0 && pass % file_passes == 0 && failure.is_ok() {
@@ -513,23 +513,23 @@ fn worker<A: ReplayAlloc>(
         let events = trace.pass_events(pass);
         let start = Instant::now();
         if failure.is_ok() {
-            failure = match (options.sample_every, recorder.as_deref_mut()) {
-                (Some(every), Some(recorder)) => {
-                    run_sampled(&alloc, events, slots, options.touch, every, pass, recorder)
+            failure = match (options.sample_every, meter.as_deref_mut()) {
+                (Some(every), Some(meter)) => {
+                    run_sampled(&alloc, events, slots, options.touch, every, pass, meter)
                 }
                 _ => run_events(&alloc, events, slots, options.touch),
             };
         }
         times.push(start.elapsed().as_nanos() as u64);
-        if let Some(recorder) = recorder.as_deref_mut()
+        if let Some(meter) = meter.as_deref_mut()
             && options.sample_every.is_none()
         {
-            recorder.events_done += events.len() as u64;
+            meter.events_done += events.len() as u64;
         }
     }
     barrier.wait();
-    if let Some(recorder) = recorder {
-        recorder.boundary(options.passes, options.passes);
+    if let Some(meter) = meter {
+        meter.boundary(options.passes, options.passes);
     }
     barrier.wait();
     // Free whatever is still live (outputs, caches, set-up blocks).
@@ -554,19 +554,19 @@ fn run_sampled<A: ReplayAlloc>(
     touch: Touch,
     every: usize,
     pass: usize,
-    recorder: &mut Recorder<'_, A>,
+    meter: &mut PassMeter<'_, A>,
 ) -> Result<(), String> {
     let mut live = live_bytes(slots);
     for chunk in events.chunks(every.max(1)) {
         run_events(alloc, chunk, slots, touch)?;
-        recorder.events_done += chunk.len() as u64;
+        meter.events_done += chunk.len() as u64;
         for event in chunk {
             match *event {
                 Event::Alloc { size, .. } => live += size,
                 Event::Free { size, .. } => live -= size,
             }
         }
-        recorder.sample(pass, live * recorder.threads, None);
+        meter.sample(pass, live * meter.threads, None);
     }
     Ok(())
 }

@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 use allocator_api2::alloc::{AllocError, Allocator, Global};
 
 use super::Plan;
-use crate::api::RawAllocator;
-use crate::cache::dangling;
+use crate::alloc::{RawAllocator, allocator_impls, dangling};
 use crate::poison;
 use crate::reentry;
 use crate::stats::Stats;
@@ -202,7 +201,6 @@ impl<A: Allocator + Send + Sync + 'static> Planned<A> {
     /// [`ScopedGlobal`](crate::ScopedGlobal) installed, a model written with
     /// plain `Vec`s is served from its plan, pass by pass.
     pub fn enter(&self) -> crate::Scope {
-        crate::global::prepare();
         crate::scope::enter(self.inner.clone())
     }
 }
@@ -327,6 +325,8 @@ impl<A: Allocator> fmt::Debug for Pass<A> {
         f.debug_struct("Pass").finish_non_exhaustive()
     }
 }
+
+allocator_impls!(Planned, inner);
 
 impl<A: Allocator> Clone for Planned<A> {
     fn clone(&self) -> Self {

@@ -12,8 +12,7 @@ use hashbrown::HashMap;
 
 use super::planner::{self, Lifetime};
 use super::{Plan, Slot};
-use crate::api::RawAllocator;
-use crate::cache::dangling;
+use crate::alloc::{RawAllocator, allocator_impls, dangling};
 use crate::reentry::{self, Bookkeeping};
 use crate::sync::{Arc, Mutex};
 
@@ -167,7 +166,6 @@ impl<A: Allocator + Send + Sync + 'static> Recorder<A> {
     /// allocations of at least its minimum size are recorded, so a model
     /// written with plain `Vec`s can be planned.
     pub fn enter(&self) -> crate::Scope {
-        crate::global::prepare();
         crate::scope::enter(self.inner.clone())
     }
 }
@@ -225,6 +223,8 @@ unsafe impl<A: Allocator> RawAllocator for Inner<A> {
         unsafe { self.backing.deallocate(ptr, layout) };
     }
 }
+
+allocator_impls!(Recorder, inner);
 
 impl<A: Allocator> Clone for Recorder<A> {
     fn clone(&self) -> Self {

@@ -6,11 +6,12 @@
 //! Tests run on parallel threads; scopes are per thread and every test has
 //! its own recorder and arena, so their counters do not mix.
 
-mod common;
+#[path = "all/fixture/mod.rs"]
+mod fixture;
 
 use caching_allocator::ScopedGlobal;
 use caching_allocator::plan::{Plan, Planned, Recorder};
-use common::Counting;
+use fixture::Counting;
 
 #[global_allocator]
 static GLOBAL: ScopedGlobal = ScopedGlobal::new();

@@ -16,8 +16,8 @@
 //!   workers overlap), plus short private record-plan-run rounds;
 //! - `trim`, `release_cached` and stats snapshots, checked for consistency.
 //!
-//! Half the caches (and the private plans) take their blocks from a `Faulty`
-//! backing that refuses 2% of attempts on a seeded schedule, so the
+//! Half the caches (and the private plans) take their blocks from a `Counting`
+//! backing whose refusal knob refuses 2% of attempts on a seeded schedule, so the
 //! release-and-retry path and clean `AllocError`s run under load; code on
 //! those caches uses only fallible calls (`try_reserve`, `try_new_in`).
 //!
@@ -33,7 +33,8 @@
 //!   derived from it and printed; the interleaving is up to the scheduler,
 //!   but each worker's choices follow its seed.
 
-mod common;
+#[path = "all/fixture/mod.rs"]
+mod fixture;
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -46,7 +47,7 @@ use allocator_api2::boxed::Box as ABox;
 use allocator_api2::vec::Vec as AVec;
 use caching_allocator::plan::{Plan, Planned, Recorder};
 use caching_allocator::{Budget, CachingAllocator, ScopedGlobal, SizePolicy, Stats};
-use common::{Counting, Faulty, Rng, pattern, splitmix64};
+use fixture::{Counting, Rng, pattern, splitmix64};
 
 #[global_allocator]
 static GLOBAL: ScopedGlobal = ScopedGlobal::new();
@@ -56,22 +57,22 @@ const DEFAULT_SECONDS: f64 = 15.0;
 const DEFAULT_SEED: u64 = 0x50A4_7E57;
 /// The shared budget: small enough that caches evict each other all the time.
 const BUDGET: usize = 1 << 20;
-/// Probability that a `Faulty` backing refuses an attempt.
+/// Probability that the faulty backing refuses an attempt.
 const FAULT_PROBABILITY: f64 = 0.02;
 /// Buffers a worker keeps (past scopes, across operations) at most.
 const HELD: usize = 48;
 const BOXED: usize = 3000;
 
-type Cache = CachingAllocator<Faulty>;
+type Cache = CachingAllocator<Counting>;
 type Map = hashbrown::HashMap<u32, AVec<u8, Cache>, hashbrown::DefaultHashBuilder, Cache>;
 
 /// What the workers share: built by the test before they start.
 struct Shared {
     budget: Budget,
     /// Never fails (probability 0): code on it may use infallible calls.
-    reliable: Faulty,
+    reliable: Counting,
     /// Fails `FAULT_PROBABILITY` of attempts.
-    faulty: Faulty,
+    faulty: Counting,
     /// Caches every worker uses at once.
     caches: Vec<Cache>,
     plan: Plan,
@@ -768,12 +769,9 @@ fn soak() {
     let reliable_ledger = Counting::without_log();
     let faulty_ledger = Counting::without_log();
     let plan_ledger = Counting::without_log();
-    let reliable = Faulty::with_counting(reliable_ledger.clone(), splitmix64(base_seed), 0.0);
-    let faulty = Faulty::with_counting(
-        faulty_ledger.clone(),
-        splitmix64(base_seed ^ 1),
-        FAULT_PROBABILITY,
-    );
+    reliable_ledger.set_faults(splitmix64(base_seed), 0.0);
+    faulty_ledger.set_faults(splitmix64(base_seed ^ 1), FAULT_PROBABILITY);
+    let (reliable, faulty) = (reliable_ledger.clone(), faulty_ledger.clone());
     let budget = Budget::new(BUDGET);
 
     // The pass, recorded once.
@@ -885,7 +883,7 @@ fn soak() {
         "faulty backing: {} attempts, {} refused; reliable backing: {} attempts; \
          shared caches: {retries} retries, {failures} failures; planned: {planned_stats}",
         faulty.attempts(),
-        faulty.failures(),
+        faulty.refused(),
         reliable.attempts(),
     ));
 

@@ -2,19 +2,17 @@
 //! recovery, absurd layouts, and failed grows that must leave the old block
 //! alone.
 
-mod common;
-
 use std::ptr::NonNull;
 
+use crate::fixture::{Counting, assert_cache_agrees, pattern};
 use allocator_api2::alloc::{AllocError, Allocator, Layout};
 use allocator_api2::vec::Vec;
 use caching_allocator::CachingAllocator;
-use common::{Counting, Failing, pattern};
 
-type Cache = CachingAllocator<Failing>;
+type Cache = CachingAllocator<Counting>;
 
-fn failing() -> (Cache, Failing) {
-    let backing = Failing::new();
+fn failing() -> (Cache, Counting) {
+    let backing = Counting::new();
     (CachingAllocator::new_in(backing.clone()), backing)
 }
 
@@ -44,23 +42,15 @@ fn cache_blocks(cache: &Cache, n: usize, size: usize) {
     }
 }
 
-fn assert_nothing_lost(cache: &Cache, backing: &Failing) {
-    let stats = cache.stats();
-    let counting = backing.counting();
-    assert_eq!(counting.live_bytes(), stats.bytes_reserved);
-    assert_eq!(
-        counting.live_blocks(),
-        stats.blocks_in_use + stats.blocks_cached
-    );
-    assert_eq!(counting.allocs(), stats.backing_allocs);
-    assert_eq!(counting.frees(), stats.backing_frees);
+fn assert_nothing_lost(cache: &Cache, backing: &Counting) {
+    assert_cache_agrees(&cache.stats(), backing);
 }
 
 #[test]
 fn a_failed_allocation_is_retried_after_releasing_the_cache() {
     let (cache, backing) = failing();
     cache_blocks(&cache, 3, 1000);
-    assert_eq!(backing.counting().live_blocks(), 3);
+    assert_eq!(backing.live_blocks(), 3);
     backing.fail_next(1);
     let block = cache.allocate(layout(2000, 8)).expect("the retry succeeds");
     let stats = cache.stats();
@@ -71,14 +61,14 @@ fn a_failed_allocation_is_retried_after_releasing_the_cache() {
         (4, 2000, 0)
     );
     // The cached blocks really went back; only the new one is held.
-    assert_eq!(backing.counting().live_blocks(), 1);
-    assert_eq!(backing.counting().live_bytes(), 2000);
+    assert_eq!(backing.live_blocks(), 1);
+    assert_eq!(backing.live_bytes(), 2000);
     assert_eq!((backing.attempts(), backing.refused()), (5, 1));
     assert_nothing_lost(&cache, &backing);
     // SAFETY: allocated above with this layout.
     unsafe { cache.deallocate(block.cast(), layout(2000, 8)) };
     drop(cache);
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 #[test]
@@ -105,7 +95,7 @@ fn a_budget_is_met_by_releasing_the_cache() {
     assert_nothing_lost(&cache, &backing);
     drop((v, w, x));
     drop(cache);
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 #[test]
@@ -139,7 +129,7 @@ fn two_failures_in_a_row_are_an_error_and_leak_nothing() {
     }
     assert_nothing_lost(&cache, &backing);
     drop(cache);
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 #[test]
@@ -290,7 +280,7 @@ fn a_failed_grow_leaves_the_old_block_valid() {
     unsafe { cache.deallocate(grown.cast(), layout(600, 16)) };
     assert_nothing_lost(&cache, &backing);
     drop(cache);
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 #[test]
@@ -315,26 +305,26 @@ fn a_vec_that_cannot_grow_keeps_its_elements() {
     drop((v, map));
     assert_nothing_lost(&cache, &backing);
     drop(cache);
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 #[test]
 fn failing_fixture_scripts_decisions() {
     // The fixture itself: a script is consumed front first, then attempts
     // succeed; leaks would still be caught by the Counting underneath.
-    let backing = Failing::new();
+    let backing = Counting::new();
     backing.script([false, true, false]);
     assert!(backing.allocate(layout(8, 8)).is_ok());
     assert!(backing.allocate(layout(8, 8)).is_err());
     assert!(backing.allocate(layout(8, 8)).is_ok());
     assert!(backing.allocate(layout(8, 8)).is_ok());
     assert_eq!((backing.attempts(), backing.refused()), (4, 1));
-    assert_eq!(backing.counting().live_blocks(), 3);
-    for (addr, l) in backing.counting().live_layouts() {
+    assert_eq!(backing.live_blocks(), 3);
+    for (addr, l) in backing.live_layouts() {
         // SAFETY: live blocks of this backing with their recorded layouts.
         unsafe { backing.deallocate(NonNull::new(addr as *mut u8).unwrap(), l) };
     }
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 /// Runs `f`, which must panic with a message containing `expected`.

@@ -1,4 +1,4 @@
-//! Shared by the plan tests (`tests/plan*.rs`): a reference planner written
+//! Shared by the plan tests (`tests/all/plan*.rs`): a reference planner written
 //! from the documented rule, a recording script, and `Watch`, an allocator
 //! wrapper that checks every block it sees.
 //!

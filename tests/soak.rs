@@ -176,58 +176,30 @@ enum Deviation {
 /// minimum, so a planned scope sees the same sequence as the API.
 const PASS: [usize; 4] = [16 << 10, 8 << 10, 32 << 10, 4 << 10];
 
-/// A small model pass through an allocator: four blocks with overlapping
-/// lifetimes, each checked. Returns the block kept with `Deviation::Keep`.
-fn forward_in<A: Allocator + Clone>(
-    alloc: &A,
+/// A small model pass: four blocks with overlapping lifetimes, each made by
+/// `fill(len, seed)` and checked. Returns the block kept with
+/// `Deviation::Keep`; `None` if `fill` failed.
+fn forward<V: std::ops::Deref<Target = [u8]>>(
+    fill: impl Fn(usize, u8) -> Option<V>,
     seed: u8,
     deviation: Deviation,
-) -> Result<Option<AVec<u8, A>>, AllocError> {
+) -> Option<Option<V>> {
     let first = if deviation == Deviation::Bigger {
         PASS[0] * 2
     } else {
         PASS[0]
     };
-    let a = filled(alloc.clone(), first, seed)?;
-    let b = filled(alloc.clone(), PASS[1], seed.wrapping_add(1))?;
+    let a = fill(first, seed)?;
+    let b = fill(PASS[1], seed.wrapping_add(1))?;
     assert!(a[..] == *pattern(seed, first));
     drop(a);
     let extra = if deviation == Deviation::Extra {
-        Some(filled(alloc.clone(), 12 << 10, seed.wrapping_add(9))?)
+        Some(fill(12 << 10, seed.wrapping_add(9))?)
     } else {
         None
     };
-    let c = filled(alloc.clone(), PASS[2], seed.wrapping_add(2))?;
-    let d = filled(alloc.clone(), PASS[3], seed.wrapping_add(3))?;
-    assert!(b[..] == *pattern(seed.wrapping_add(1), PASS[1]));
-    drop(b);
-    assert!(c[..] == *pattern(seed.wrapping_add(2), PASS[2]));
-    if let Some(extra) = &extra {
-        assert!(extra[..] == *pattern(seed.wrapping_add(9), 12 << 10));
-    }
-    drop(c);
-    assert!(d[..] == *pattern(seed.wrapping_add(3), PASS[3]));
-    Ok((deviation == Deviation::Keep).then_some(d))
-}
-
-/// The same pass with plain `Vec`s, for a planned scope.
-fn forward_plain(seed: u8, deviation: Deviation) -> Option<Option<Vec<u8>>> {
-    let first = if deviation == Deviation::Bigger {
-        PASS[0] * 2
-    } else {
-        PASS[0]
-    };
-    let a = filled_plain(first, seed)?;
-    let b = filled_plain(PASS[1], seed.wrapping_add(1))?;
-    assert!(a[..] == *pattern(seed, first));
-    drop(a);
-    let extra = if deviation == Deviation::Extra {
-        Some(filled_plain(12 << 10, seed.wrapping_add(9))?)
-    } else {
-        None
-    };
-    let c = filled_plain(PASS[2], seed.wrapping_add(2))?;
-    let d = filled_plain(PASS[3], seed.wrapping_add(3))?;
+    let c = fill(PASS[2], seed.wrapping_add(2))?;
+    let d = fill(PASS[3], seed.wrapping_add(3))?;
     assert!(b[..] == *pattern(seed.wrapping_add(1), PASS[1]));
     drop(b);
     assert!(c[..] == *pattern(seed.wrapping_add(2), PASS[2]));
@@ -237,6 +209,25 @@ fn forward_plain(seed: u8, deviation: Deviation) -> Option<Option<Vec<u8>>> {
     drop(c);
     assert!(d[..] == *pattern(seed.wrapping_add(3), PASS[3]));
     Some((deviation == Deviation::Keep).then_some(d))
+}
+
+/// The model pass through an allocator.
+fn forward_in<A: Allocator + Clone>(
+    alloc: &A,
+    seed: u8,
+    deviation: Deviation,
+) -> Result<Option<AVec<u8, A>>, AllocError> {
+    forward(
+        |len, seed| filled(alloc.clone(), len, seed).ok(),
+        seed,
+        deviation,
+    )
+    .ok_or(AllocError)
+}
+
+/// The same pass with plain `Vec`s, for a planned scope.
+fn forward_plain(seed: u8, deviation: Deviation) -> Option<Option<Vec<u8>>> {
+    forward(filled_plain, seed, deviation)
 }
 
 /// What every snapshot of a cache's counters must satisfy, whatever other

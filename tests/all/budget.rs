@@ -47,6 +47,16 @@ fn assert_at_rest(budget: &Budget, members: &[(&Cache, &Counting)]) {
     }
 }
 
+/// Once every member is dropped: the budget and every backing hold nothing,
+/// and every block went back once.
+fn assert_all_back(budget: &Budget, backings: &[Counting]) {
+    assert_eq!(budget.bytes_cached(), 0);
+    for backing in backings {
+        assert_eq!(backing.live_blocks(), 0);
+        assert_eq!(backing.frees(), backing.allocs());
+    }
+}
+
 #[test]
 fn a_budget_is_send_sync_and_clone() {
     fn assert_shareable<T: Send + Sync + Clone + std::fmt::Debug + 'static>() {}
@@ -192,11 +202,7 @@ fn the_sum_stays_within_the_limit_after_every_operation() {
     assert_at_rest(&budget, &members);
     drop(members);
     drop(caches);
-    assert_eq!(budget.bytes_cached(), 0);
-    for backing in &backings {
-        assert_eq!(backing.live_blocks(), 0);
-        assert_eq!(backing.frees(), backing.allocs());
-    }
+    assert_all_back(&budget, &backings);
 }
 
 #[test]
@@ -536,11 +542,7 @@ fn threads_with_their_own_caches_keep_the_budget() {
     assert!(evictions > 0);
     drop(members);
     drop(caches);
-    assert_eq!(budget.bytes_cached(), 0);
-    for backing in &backings {
-        assert_eq!(backing.live_blocks(), 0);
-        assert_eq!(backing.frees(), backing.allocs());
-    }
+    assert_all_back(&budget, &backings);
 }
 
 /// Two caches on a budget of two small blocks, freed into from two threads:

@@ -6,22 +6,15 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::fixture::{Counting, FRESH_BYTE, assert_cache_agrees, block_layout, pattern, zeros};
+use crate::fixture::{
+    Counting, FRESH_BYTE, assert_cache_agrees, block_layout, counted, layout, pattern, zeros,
+};
 use allocator_api2::alloc::{AllocError, Allocator, Layout};
 use allocator_api2::boxed::Box;
 use allocator_api2::vec::Vec;
 use caching_allocator::{CachingAllocator, MIN_ALIGN, Stats};
 
 type Cache = CachingAllocator<Counting>;
-
-fn counted() -> (Cache, Counting) {
-    let backing = Counting::new();
-    (CachingAllocator::new_in(backing.clone()), backing)
-}
-
-fn layout(size: usize, align: usize) -> Layout {
-    Layout::from_size_align(size, align).unwrap()
-}
 
 fn addr(block: NonNull<[u8]>) -> usize {
     block.cast::<u8>().as_ptr() as usize

@@ -4,21 +4,12 @@
 
 use std::ptr::NonNull;
 
-use crate::fixture::{Counting, assert_cache_agrees, pattern};
-use allocator_api2::alloc::{AllocError, Allocator, Layout};
+use crate::fixture::{Counting, assert_cache_agrees, counted, layout, pattern};
+use allocator_api2::alloc::{AllocError, Allocator};
 use allocator_api2::vec::Vec;
 use caching_allocator::CachingAllocator;
 
 type Cache = CachingAllocator<Counting>;
-
-fn failing() -> (Cache, Counting) {
-    let backing = Counting::new();
-    (CachingAllocator::new_in(backing.clone()), backing)
-}
-
-fn layout(size: usize, align: usize) -> Layout {
-    Layout::from_size_align(size, align).unwrap()
-}
 
 fn write(block: NonNull<[u8]>, bytes: &[u8]) {
     // SAFETY: callers pass a live block of at least `bytes.len()` bytes.
@@ -48,7 +39,7 @@ fn assert_nothing_lost(cache: &Cache, backing: &Counting) {
 
 #[test]
 fn a_failed_allocation_is_retried_after_releasing_the_cache() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     cache_blocks(&cache, 3, 1000);
     assert_eq!(backing.live_blocks(), 3);
     backing.fail_next(1);
@@ -73,7 +64,7 @@ fn a_failed_allocation_is_retried_after_releasing_the_cache() {
 
 #[test]
 fn a_budget_is_met_by_releasing_the_cache() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     backing.set_budget(Some(4096));
     cache_blocks(&cache, 3, 1000);
     // 3000 cached + 2000 would exceed the budget: release, then it fits.
@@ -100,7 +91,7 @@ fn a_budget_is_met_by_releasing_the_cache() {
 
 #[test]
 fn two_failures_in_a_row_are_an_error_and_leak_nothing() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     let held = cache.allocate(layout(64, 8)).unwrap();
     cache_blocks(&cache, 2, 500);
     backing.fail_next(2);
@@ -134,7 +125,7 @@ fn two_failures_in_a_row_are_an_error_and_leak_nothing() {
 
 #[test]
 fn a_failing_backing_with_nothing_cached() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     backing.fail_all(true);
     for size in [1, 64, 4096, 1 << 20] {
         assert_eq!(cache.allocate(layout(size, 8)), Err(AllocError));
@@ -155,7 +146,7 @@ fn a_failing_backing_with_nothing_cached() {
 
 #[test]
 fn absurd_layouts_are_errors_not_panics() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     let max = isize::MAX as usize;
     // No block layout exists for these (the size raised to the 64 class, or
     // to their own alignment, overflows isize): refused without asking the
@@ -199,7 +190,7 @@ fn absurd_layouts_are_errors_not_panics() {
 
 #[test]
 fn growing_to_an_absurd_size_fails_and_keeps_the_block() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     let old = layout(100, 8);
     let block = cache.allocate(old).unwrap();
     write(block, pattern(3, 100));
@@ -224,7 +215,7 @@ fn growing_to_an_absurd_size_fails_and_keeps_the_block() {
 
 #[test]
 fn try_reserve_with_an_absurd_capacity_is_an_error() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     let mut bytes: Vec<u8, _> = Vec::new_in(cache.clone());
     bytes.extend_from_slice(b"keep me");
     assert!(bytes.try_reserve(usize::MAX).is_err());
@@ -246,7 +237,7 @@ fn try_reserve_with_an_absurd_capacity_is_an_error() {
 
 #[test]
 fn a_failed_grow_leaves_the_old_block_valid() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     let old = layout(300, 16);
     let block = cache.allocate(old).unwrap();
     write(block, pattern(7, 300));
@@ -285,7 +276,7 @@ fn a_failed_grow_leaves_the_old_block_valid() {
 
 #[test]
 fn a_vec_that_cannot_grow_keeps_its_elements() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     let mut v: Vec<u32, _> = Vec::with_capacity_in(100, cache.clone());
     v.extend(0..100);
     backing.fail_all(true);

@@ -20,13 +20,12 @@
 
 use std::collections::BTreeMap;
 
-use crate::fixture::{Counting, assert_ledger_agrees, assert_stats_eq, cases_from_env_or};
+use crate::fixture::{Counting, assert_ledger_agrees, assert_stats_eq, proptest_config};
 use crate::plan_support::{Block, Op, Watch, assert_plan_matches, give, layout, lifetimes, take};
 use allocator_api2::alloc::Allocator;
 use caching_allocator::Stats;
 use caching_allocator::plan::{Pass, Plan, Planned, Recorder};
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 
 const ALIGNS: [usize; 5] = [1, 8, 64, 128, 4096];
 
@@ -527,19 +526,8 @@ fn run(ops: &[Op], passes: &[Vec<Deviation>]) {
     assert_eq!(backing.allocs(), backing.frees());
 }
 
-fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: cases_from_env_or(512),
-        // Relative to the package root, where `cargo test` runs test binaries.
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
-            "proptest-regressions/plan_properties.txt",
-        ))),
-        ..ProptestConfig::default()
-    }
-}
-
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(proptest_config("proptest-regressions/plan_properties.txt", 512))]
 
     #[test]
     fn planned_passes_match_the_model(

@@ -27,9 +27,7 @@ pub fn round64(size: usize) -> usize {
     size.div_ceil(GRANULE) * GRANULE
 }
 
-pub fn layout(size: usize, align: usize) -> Layout {
-    Layout::from_size_align(size, align).unwrap()
-}
+pub use crate::fixture::layout;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex

@@ -37,13 +37,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
 
 use crate::fixture::{
-    Counting, assert_cache_agrees, assert_stats_eq, cases_from_env_or, class_layout, pattern,
+    Counting, assert_cache_agrees, assert_stats_eq, class_layout, pattern, proptest_config,
     reference_class, zeros,
 };
 use allocator_api2::alloc::{AllocError, Allocator, Layout};
 use caching_allocator::{CachingAllocator, MIN_ALIGN, SizePolicy, Stats};
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 
 /// `(size, alignment class)`: one free list.
 type Key = (usize, usize);
@@ -176,6 +175,27 @@ enum Op {
         target: usize,
         handle: Pick,
     },
+}
+
+impl Op {
+    /// `Allocate` through the first handle.
+    fn allocate(size: usize, align: usize, zeroed: bool, fail: Fail) -> Self {
+        Op::Allocate {
+            size,
+            align,
+            zeroed,
+            handle: Pick(0),
+            fail,
+        }
+    }
+
+    /// `Deallocate` of live block `index` through the first handle.
+    fn free(index: usize) -> Self {
+        Op::Deallocate {
+            index: Pick(index),
+            handle: Pick(0),
+        }
+    }
 }
 
 fn size() -> impl Strategy<Value = usize> {
@@ -1033,19 +1053,10 @@ fn run_in(mut harness: Harness, ops: &[Op]) {
     harness.finish();
 }
 
-fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: cases_from_env_or(2000),
-        // Relative to the package root, where `cargo test` runs test binaries.
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
-            "proptest-regressions/properties.txt",
-        ))),
-        ..ProptestConfig::default()
-    }
-}
+const REGRESSIONS: &str = "proptest-regressions/properties.txt";
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(proptest_config(REGRESSIONS, 2000))]
 
     #[test]
     fn cache_matches_its_model(ops in prop::collection::vec(op(false), 1..64)) {
@@ -1058,15 +1069,8 @@ proptest! {
     }
 }
 
-fn policy_config() -> ProptestConfig {
-    ProptestConfig {
-        cases: cases_from_env_or(600),
-        ..config()
-    }
-}
-
 proptest! {
-    #![proptest_config(policy_config())]
+    #![proptest_config(proptest_config(REGRESSIONS, 600))]
 
     #[test]
     fn configured_cache_matches_its_model(
@@ -1138,17 +1142,8 @@ fn the_model_follows_a_known_sequence_under_a_policy() {
     assert_eq!(model.stats.evictions, 4);
 
     // And the cache agrees on a sequence like it.
-    let allocate = |size| Op::Allocate {
-        size,
-        align: 8,
-        zeroed: false,
-        handle: Pick(0),
-        fail: NO_FAIL,
-    };
-    let free_first = Op::Deallocate {
-        index: Pick(0),
-        handle: Pick(0),
-    };
+    let allocate = |size| Op::allocate(size, 8, false, NO_FAIL);
+    let free_first = Op::free(0);
     run_with(
         config,
         &[
@@ -1174,13 +1169,7 @@ fn the_model_follows_a_known_sequence_under_a_policy() {
             },
             allocate(3001),
             free_first.clone(),
-            Op::Allocate {
-                size: 5000,
-                align: 8,
-                zeroed: false,
-                handle: Pick(0),
-                fail: both,
-            },
+            Op::allocate(5000, 8, false, both),
             free_first,
         ],
     );
@@ -1217,42 +1206,12 @@ fn the_model_follows_a_known_sequence() {
     assert_eq!(model.stats.failures, 1);
     // And the cache agrees on the same sequence.
     run(&[
-        Op::Allocate {
-            size: 100,
-            align: 8,
-            zeroed: false,
-            handle: Pick(0),
-            fail: NO_FAIL,
-        },
-        Op::Deallocate {
-            index: Pick(0),
-            handle: Pick(0),
-        },
-        Op::Allocate {
-            size: 100,
-            align: 1,
-            zeroed: true,
-            handle: Pick(0),
-            fail: NO_FAIL,
-        },
-        Op::Deallocate {
-            index: Pick(0),
-            handle: Pick(0),
-        },
-        Op::Allocate {
-            size: 200,
-            align: 8,
-            zeroed: false,
-            handle: Pick(0),
-            fail: first,
-        },
-        Op::Allocate {
-            size: 300,
-            align: 8,
-            zeroed: false,
-            handle: Pick(0),
-            fail: both,
-        },
+        Op::allocate(100, 8, false, NO_FAIL),
+        Op::free(0),
+        Op::allocate(100, 1, true, NO_FAIL),
+        Op::free(0),
+        Op::allocate(200, 8, false, first),
+        Op::allocate(300, 8, false, both),
         Op::Grow {
             index: Pick(0),
             size: 5000,
@@ -1271,15 +1230,8 @@ fn the_model_follows_a_known_sequence() {
     ]);
 }
 
-fn fault_config() -> ProptestConfig {
-    ProptestConfig {
-        cases: cases_from_env_or(300),
-        ..config()
-    }
-}
-
 proptest! {
-    #![proptest_config(fault_config())]
+    #![proptest_config(proptest_config(REGRESSIONS, 300))]
 
     /// Seeded random backing faults (0–30% of attempts): every request is a
     /// success or a clean `AllocError`, the counters follow the model, the

@@ -151,10 +151,15 @@ pub struct Hooked {
 }
 
 impl Hooked {
-    /// Sets the hook (`None` breaks the cycle a hook holding its owner makes,
-    /// so the owner can drop).
-    pub fn set_hook(&self, hook: Option<Hook>) {
-        *self.hook.lock().unwrap() = hook;
+    /// Sets the hook, run from inside every call from now on.
+    pub fn set_hook(&self, hook: impl Fn() + Send + Sync + 'static) {
+        *self.hook.lock().unwrap() = Some(std::sync::Arc::new(hook));
+    }
+
+    /// Removes the hook, breaking the cycle a hook holding its owner makes
+    /// (so the owner can drop).
+    pub fn clear_hook(&self) {
+        *self.hook.lock().unwrap() = None;
     }
 
     fn run_hook(&self) {

@@ -50,8 +50,14 @@ fn assert_consistent(stats: &Stats, size: usize) {
     );
 }
 
-/// At rest (no thread inside the cache): the cache and its backing agree.
-fn assert_at_rest(cache: &CachingAllocator<Counting>, backing: &Counting) {
+fn counted() -> (CachingAllocator<Counting>, Counting) {
+    let backing = Counting::default();
+    (CachingAllocator::new_in(backing.clone()), backing)
+}
+
+/// At rest (no thread inside the cache): the cache and its backing agree;
+/// then the cache is dropped and every block it took has gone back, once.
+fn assert_at_rest_then_drop(cache: CachingAllocator<Counting>, backing: &Counting) {
     let stats = cache.stats();
     assert_consistent(&stats, SIZE);
     assert_eq!(
@@ -63,6 +69,10 @@ fn assert_at_rest(cache: &CachingAllocator<Counting>, backing: &Counting) {
         backing.allocs_and_frees(),
         (stats.backing_allocs, stats.backing_frees)
     );
+    drop(cache);
+    let (allocs, frees) = backing.allocs_and_frees();
+    assert_eq!(backing.live_blocks(), 0);
+    assert_eq!(allocs, frees);
 }
 
 /// Takes a block, stamps it with `owner`, lets others run, checks the stamp
@@ -96,8 +106,7 @@ fn use_one_block(
 #[test]
 fn a_block_never_has_two_owners() {
     model(|| {
-        let backing = Counting::default();
-        let cache = CachingAllocator::new_in(backing.clone());
+        let (cache, backing) = counted();
         let owners = Arc::new(Mutex::new(BTreeMap::new()));
         // Two spawned threads and the main thread: three owners.
         let threads: Vec<_> = (1..=2u8)
@@ -121,17 +130,14 @@ fn a_block_never_has_two_owners() {
         // made.
         assert!((1..=3).contains(&stats.misses), "{stats:?}");
         assert_eq!(stats.bytes_in_use, 0);
-        assert_at_rest(&cache, &backing);
-        drop(cache);
-        assert_eq!(backing.live_blocks(), 0);
+        assert_at_rest_then_drop(cache, &backing);
     });
 }
 
 #[test]
 fn release_cached_races_with_allocate_and_free() {
     model(|| {
-        let backing = Counting::default();
-        let cache = CachingAllocator::new_in(backing.clone());
+        let (cache, backing) = counted();
         // One block cached before the race.
         let warm = cache.allocate(layout()).unwrap();
         // SAFETY: allocated just above with this layout.
@@ -168,19 +174,14 @@ fn release_cached_races_with_allocate_and_free() {
         // Every block made was released or is still cached.
         assert_eq!(released / SIZE + stats.blocks_cached, stats.misses as usize);
         assert!(stats.blocks_cached <= 1, "{stats:?}");
-        assert_at_rest(&cache, &backing);
-        drop(cache);
-        let (allocs, frees) = backing.allocs_and_frees();
-        assert_eq!(backing.live_blocks(), 0);
-        assert_eq!(allocs, frees);
+        assert_at_rest_then_drop(cache, &backing);
     });
 }
 
 #[test]
 fn stats_snapshots_are_consistent_under_traffic() {
     model(|| {
-        let backing = Counting::default();
-        let cache = CachingAllocator::new_in(backing.clone());
+        let (cache, backing) = counted();
         let workers: Vec<_> = (0..2)
             .map(|_| {
                 let cache = cache.clone();
@@ -206,17 +207,14 @@ fn stats_snapshots_are_consistent_under_traffic() {
         assert!((2..=4).contains(&stats.misses), "{stats:?}");
         assert_eq!(stats.peak_bytes_reserved, stats.misses as usize * SIZE);
         assert!(stats.peak_bytes_in_use >= 2 * SIZE, "{stats:?}");
-        assert_at_rest(&cache, &backing);
-        drop(cache);
-        assert_eq!(backing.live_blocks(), 0);
+        assert_at_rest_then_drop(cache, &backing);
     });
 }
 
 #[test]
 fn the_out_of_memory_retry_races_with_a_free() {
     model(|| {
-        let backing = Counting::default();
-        let cache = CachingAllocator::new_in(backing.clone());
+        let (cache, backing) = counted();
         // One block cached, one held by the freeing thread.
         let cached = cache.allocate(layout()).unwrap();
         let held = Block(cache.allocate(layout()).unwrap().cast());
@@ -262,9 +260,9 @@ fn the_backing_is_called_without_the_lock() {
         let backing = Hooked::default();
         let cache = CachingAllocator::new_in(backing.clone());
         let peeked = cache.clone();
-        backing.set_hook(Some(std::sync::Arc::new(move || {
+        backing.set_hook(move || {
             assert_consistent(&peeked.stats(), SIZE);
-        })));
+        });
         let worker = {
             let cache = cache.clone();
             thread::spawn(move || {
@@ -278,7 +276,7 @@ fn the_backing_is_called_without_the_lock() {
         cache.release_cached();
         assert_eq!(backing.counting.live_blocks(), 0);
         // Break the cycle so the cache can drop.
-        backing.set_hook(None);
+        backing.clear_hook();
         drop(cache);
     });
 }

@@ -12,8 +12,8 @@ use std::sync::mpsc;
 use std::thread;
 
 use crate::fixture::{
-    Counting, Held, Rng, assert_cache_agrees, cache_one, give_stamped as give, l, reference_class,
-    take,
+    Counting, Held, Rng, assert_cache_agrees, built, cache_one, give_stamped as give, l,
+    reference_class, take,
 };
 use allocator_api2::alloc::{Allocator, Layout};
 use caching_allocator::{Budget, CachingAllocator, SizePolicy};
@@ -25,11 +25,7 @@ fn block_layout(size: usize) -> Layout {
 }
 
 fn member(budget: &Budget) -> (Cache, Counting) {
-    let backing = Counting::new();
-    let cache = CachingAllocator::builder()
-        .budget(budget)
-        .build_in(backing.clone());
-    (cache, backing)
+    built(CachingAllocator::builder().budget(budget))
 }
 
 /// At rest: the budget counts exactly its members' cached bytes, within the
@@ -346,11 +342,11 @@ fn clones_share_the_budget() {
 #[test]
 fn the_cap_and_the_budget_both_hold() {
     let budget = Budget::new(8000);
-    let backing = Counting::new();
-    let capped = CachingAllocator::builder()
-        .budget(&budget)
-        .max_cached_bytes(3000)
-        .build_in(backing.clone());
+    let (capped, backing) = built(
+        CachingAllocator::builder()
+            .budget(&budget)
+            .max_cached_bytes(3000),
+    );
     let (other, other_backing) = member(&budget);
     let mut rng = Rng::new(5);
     for _ in 0..500 {
@@ -405,11 +401,11 @@ fn a_budget_of_zero_caches_nothing() {
 fn a_block_over_its_caches_cap_evicts_nothing_from_the_budget() {
     let budget = Budget::new(10_000);
     let (other, other_backing) = member(&budget);
-    let backing = Counting::new();
-    let capped = CachingAllocator::builder()
-        .budget(&budget)
-        .max_cached_bytes(1000)
-        .build_in(backing.clone());
+    let (capped, backing) = built(
+        CachingAllocator::builder()
+            .budget(&budget)
+            .max_cached_bytes(1000),
+    );
     let kept = cache_one(&other, 8000);
     // 3000 > the cap of 1000: not cached, whatever the budget holds.
     let big = cache_one(&capped, 3000);
@@ -430,11 +426,11 @@ fn a_block_over_its_caches_cap_evicts_nothing_from_the_budget() {
 fn a_cache_that_stopped_caching_evicts_nothing_from_the_budget() {
     let budget = Budget::new(10_000);
     let (other, other_backing) = member(&budget);
-    let failing = Counting::new();
-    let stopped = CachingAllocator::builder()
-        .budget(&budget)
-        .stop_caching_after_failure(true)
-        .build_in(failing.clone());
+    let (stopped, failing) = built(
+        CachingAllocator::builder()
+            .budget(&budget)
+            .stop_caching_after_failure(true),
+    );
     let held = take(&stopped, l(3000));
     failing.fail_next(2);
     assert!(stopped.allocate(l(5000)).is_err());

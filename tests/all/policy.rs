@@ -16,8 +16,8 @@
 use std::collections::BTreeSet;
 
 use crate::fixture::{
-    Counting, Held, Rng, assert_cache_agrees, assert_stats_eq, cache_one, class_layout, give, l,
-    pattern, reference_class, take, zeros,
+    Counting, Held, Rng, assert_cache_agrees, assert_stats_eq, built, cache_one, class_layout,
+    give, l, pattern, reference_class, take, zeros,
 };
 use allocator_api2::alloc::{Allocator, Layout};
 use allocator_api2::vec::Vec as AVec;
@@ -30,20 +30,15 @@ fn la(size: usize, align: usize) -> Layout {
 }
 
 fn with_policy(policy: SizePolicy) -> (CachingAllocator<Counting>, Counting) {
-    let backing = Counting::new();
-    let cache = CachingAllocator::builder()
-        .size_policy(policy)
-        .build_in(backing.clone());
-    (cache, backing)
+    built(CachingAllocator::builder().size_policy(policy))
 }
 
 fn capped(policy: SizePolicy, cap: usize) -> (CachingAllocator<Counting>, Counting) {
-    let backing = Counting::new();
-    let cache = CachingAllocator::builder()
-        .size_policy(policy)
-        .max_cached_bytes(cap)
-        .build_in(backing.clone());
-    (cache, backing)
+    built(
+        CachingAllocator::builder()
+            .size_policy(policy)
+            .max_cached_bytes(cap),
+    )
 }
 
 /// Addresses the backing holds now.
@@ -778,10 +773,7 @@ fn stop_caching_after_failure_sends_later_frees_straight_back() {
 
 #[test]
 fn by_default_caching_goes_on_after_a_failure() {
-    let failing = Counting::new();
-    let cache = CachingAllocator::builder()
-        .size_policy(CLASSES)
-        .build_in(failing.clone());
+    let (cache, failing) = built(CachingAllocator::builder().size_policy(CLASSES));
     failing.fail_next(2);
     assert!(cache.allocate(l(7000)).is_err());
     assert!(!cache.is_caching_stopped());

@@ -3,13 +3,13 @@
 //! against a `Counting` backing allocator.
 
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use crate::fixture::{
     Counting, FRESH_BYTE, assert_cache_agrees, block_layout, counted, layout, pattern, zeros,
 };
-use allocator_api2::alloc::{AllocError, Allocator, Layout};
+use allocator_api2::alloc::{Allocator, Layout};
 use allocator_api2::boxed::Box;
 use allocator_api2::vec::Vec;
 use caching_allocator::{CachingAllocator, MIN_ALIGN, Stats};
@@ -621,73 +621,47 @@ fn the_backing_sees_exactly_the_user_blocks() {
     assert_eq!(backing.frees(), 300);
 }
 
-/// A backing allocator that calls back into the cache it backs: it would
-/// deadlock if the cache called it with its lock held.
-#[derive(Clone, Default)]
-struct Reentrant {
-    counting: Counting,
-    cache: Arc<Mutex<Option<CachingAllocator<Reentrant>>>>,
-    callbacks: Arc<AtomicUsize>,
-}
-
 thread_local! {
     static IN_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-impl Reentrant {
-    fn call_back(&self) {
-        let cache = self.cache.lock().unwrap().clone();
-        let Some(cache) = cache else { return };
+/// The backing calls back into the cache it backs from inside every call:
+/// it would deadlock if the cache called it with its lock held.
+#[test]
+fn the_backing_is_never_called_with_the_lock_held() {
+    let (cache, backing) = counted();
+    let callbacks = Arc::new(AtomicUsize::new(0));
+    let (peer, count) = (cache.clone(), callbacks.clone());
+    backing.set_hook(move || {
         if IN_CALLBACK.get() {
             return;
         }
         IN_CALLBACK.set(true);
-        let before = cache.stats();
+        let before = peer.stats();
         // Allocate from and free into the very cache that called us.
-        let block = cache.allocate(Layout::new::<[u64; 3]>()).unwrap();
+        let block = peer.allocate(Layout::new::<[u64; 3]>()).unwrap();
         // SAFETY: allocated just above with this layout.
-        unsafe { cache.deallocate(block.cast(), Layout::new::<[u64; 3]>()) };
-        assert_eq!(cache.stats().frees, before.frees + 1);
+        unsafe { peer.deallocate(block.cast(), Layout::new::<[u64; 3]>()) };
+        assert_eq!(peer.stats().frees, before.frees + 1);
         IN_CALLBACK.set(false);
-        self.callbacks.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-// SAFETY: delegates to `Counting`.
-unsafe impl Allocator for Reentrant {
-    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        self.call_back();
-        self.counting.allocate(layout)
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        self.call_back();
-        // SAFETY: forwarded contract.
-        unsafe { self.counting.deallocate(ptr, layout) }
-    }
-}
-
-#[test]
-fn the_backing_is_never_called_with_the_lock_held() {
-    let backing = Reentrant::default();
-    let cache = CachingAllocator::new_in(backing.clone());
-    *backing.cache.lock().unwrap() = Some(cache.clone());
+        count.fetch_add(1, Ordering::SeqCst);
+    });
 
     let mut v: Vec<u32, _> = Vec::new_in(cache.clone());
     for i in 0..10_000 {
         v.push(i);
     }
     drop(v);
-    assert!(backing.callbacks.load(Ordering::SeqCst) > 3);
-    let calls = backing.callbacks.load(Ordering::SeqCst);
+    assert!(callbacks.load(Ordering::SeqCst) > 3);
+    let calls = callbacks.load(Ordering::SeqCst);
     assert!(cache.release_cached() > 0);
-    assert!(backing.callbacks.load(Ordering::SeqCst) > calls);
+    assert!(callbacks.load(Ordering::SeqCst) > calls);
 
     // Break the cycle, then the last handle's drop returns everything.
-    backing.cache.lock().unwrap().take();
+    backing.clear_hook();
     drop(cache);
-    assert_eq!(backing.counting.live_blocks(), 0);
-    assert_eq!(backing.counting.frees(), backing.counting.allocs());
+    assert_eq!(backing.live_blocks(), 0);
+    assert_eq!(backing.frees(), backing.allocs());
 }
 
 #[test]

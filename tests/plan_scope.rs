@@ -202,8 +202,7 @@ fn frees_after_the_scope_go_to_the_owner() {
     assert_eq!(backing.live_blocks(), 1);
     assert!(kept.iter().all(|&b| b == 2));
     drop(kept);
-    assert_eq!(backing.live_blocks(), 0);
-    assert_eq!(backing.allocs(), backing.frees());
+    backing.assert_all_returned();
 }
 
 #[test]

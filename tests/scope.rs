@@ -133,8 +133,7 @@ fn a_free_after_every_handle_dropped_frees_the_orphaned_cache() {
     );
     drop(b);
     // The last block freed the cache, which gave everything back.
-    assert_eq!(backing.live_blocks(), 0);
-    assert_eq!(backing.frees(), backing.allocs());
+    backing.assert_all_returned();
 }
 
 #[test]

@@ -48,8 +48,7 @@ fn assert_at_rest(budget: &Budget, members: &[(&Cache, &Counting)]) {
 fn assert_all_back(budget: &Budget, backings: &[Counting]) {
     assert_eq!(budget.bytes_cached(), 0);
     for backing in backings {
-        assert_eq!(backing.live_blocks(), 0);
-        assert_eq!(backing.frees(), backing.allocs());
+        backing.assert_all_returned();
     }
 }
 

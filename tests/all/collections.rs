@@ -594,9 +594,7 @@ fn dropping_the_last_handle_returns_everything() {
         assert_eq!(clone.stats().bytes_in_use, 0);
         assert_eq!(backing.allocs(), clone.stats().misses);
     }
-    assert_eq!(backing.live_blocks(), 0);
-    assert_eq!(backing.live_bytes(), 0);
-    assert_eq!(backing.frees(), backing.allocs());
+    backing.assert_all_returned();
 }
 
 #[test]
@@ -660,8 +658,7 @@ fn the_backing_is_never_called_with_the_lock_held() {
     // Break the cycle, then the last handle's drop returns everything.
     backing.clear_hook();
     drop(cache);
-    assert_eq!(backing.live_blocks(), 0);
-    assert_eq!(backing.frees(), backing.allocs());
+    backing.assert_all_returned();
 }
 
 #[test]

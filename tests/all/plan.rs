@@ -42,8 +42,7 @@ fn record(ops: &[Op]) -> Plan {
         give(&recorder, block);
     }
     drop(recorder);
-    assert_eq!(backing.live_blocks(), 0);
-    assert_eq!(backing.allocs(), backing.frees());
+    backing.assert_all_returned();
     plan
 }
 

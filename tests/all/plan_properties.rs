@@ -522,8 +522,7 @@ fn run(ops: &[Op], passes: &[Vec<Deviation>]) {
     assert_eq!((stats.bytes_in_use, stats.blocks_in_use), (0, 0));
     assert_eq!(backing.live_blocks(), 1);
     drop(planned);
-    assert_eq!(backing.live_blocks(), 0);
-    assert_eq!(backing.allocs(), backing.frees());
+    backing.assert_all_returned();
 }
 
 proptest! {

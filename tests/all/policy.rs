@@ -160,8 +160,7 @@ fn nearby_sequence_lengths_share_a_size_class() {
         assert_eq!(held, expected, "{policy:?}");
         assert_cache_agrees(&stats, &backing);
         drop(cache);
-        assert_eq!(backing.live_blocks(), 0);
-        assert_eq!(backing.frees(), backing.allocs());
+        backing.assert_all_returned();
     }
 }
 
@@ -431,8 +430,7 @@ fn cached_bytes_never_exceed_the_cap() {
             }
             assert!(cache.stats().bytes_cached <= cap);
             drop(cache);
-            assert_eq!(backing.live_blocks(), 0);
-            assert_eq!(backing.frees(), backing.allocs());
+            backing.assert_all_returned();
         }
     }
 }

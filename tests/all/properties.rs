@@ -1021,9 +1021,7 @@ impl Harness {
         }
         drop(cache);
         drop(self.handles);
-        assert_eq!(counting.live_blocks(), 0);
-        assert_eq!(counting.live_bytes(), 0);
-        assert_eq!(counting.frees(), counting.allocs());
+        counting.assert_all_returned();
         // Every block went back with a layout of its policy's classes (and
         // `Counting` checked it was the layout it was taken with).
         let policy = self.model.config.policy;

@@ -162,8 +162,7 @@ fn release_cached_and_stats_race_with_traffic() {
         stats.blocks_cached as u64
     );
     drop(cache);
-    assert_eq!(backing.live_blocks(), 0);
-    assert_eq!(backing.frees(), backing.allocs());
+    backing.assert_all_returned();
 }
 
 #[test]

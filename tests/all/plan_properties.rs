@@ -21,7 +21,9 @@
 use std::collections::BTreeMap;
 
 use crate::fixture::{Counting, assert_ledger_agrees, assert_stats_eq, proptest_config};
-use crate::plan_support::{Block, Op, Watch, assert_plan_matches, give, layout, lifetimes, take};
+use crate::plan_support::{
+    Block, Op, Watch, assert_plan_matches, give, layout, lifetimes, planned_over, take,
+};
 use allocator_api2::alloc::Allocator;
 use caching_allocator::Stats;
 use caching_allocator::plan::{Pass, Plan, Planned, Recorder};
@@ -312,19 +314,8 @@ struct Harness {
 
 impl Harness {
     fn new(plan: Plan) -> Self {
-        let backing = Counting::new();
-        let planned = Watch::new(Planned::new_in(&plan, backing.clone()));
+        let (planned, backing, (base, _)) = planned_over(&plan);
         let arena = plan.arena_bytes();
-        let live = backing.live_layouts();
-        assert_eq!(live.len(), 1, "the arena is the backing's only block");
-        let (base, arena_layout) = live[0];
-        assert_eq!(arena_layout.size(), arena);
-        let widest = (0..plan.allocations())
-            .filter_map(|i| plan.slot(i))
-            .map(|slot| slot.align)
-            .max()
-            .unwrap();
-        assert_eq!(base % widest, 0, "arena not aligned for its slots");
         // The counters the model predicts (every other one stays 0: nothing
         // is cached, released, evicted or retried, nothing lost to rounding).
         let mut expected = Stats::default();

@@ -6,11 +6,12 @@
 //! Tests run on parallel threads; scopes are per thread and every test has
 //! its own recorder and arena, so their counters do not mix.
 
-mod common;
+#[path = "all/fixture/mod.rs"]
+mod fixture;
 
 use caching_allocator::ScopedGlobal;
 use caching_allocator::plan::{Plan, Planned, Recorder};
-use common::Counting;
+use fixture::Counting;
 
 #[global_allocator]
 static GLOBAL: ScopedGlobal = ScopedGlobal::new();
@@ -201,8 +202,7 @@ fn frees_after_the_scope_go_to_the_owner() {
     assert_eq!(backing.live_blocks(), 1);
     assert!(kept.iter().all(|&b| b == 2));
     drop(kept);
-    assert_eq!(backing.live_blocks(), 0);
-    assert_eq!(backing.allocs(), backing.frees());
+    backing.assert_all_returned();
 }
 
 #[test]

@@ -6,43 +6,19 @@
 
 use std::alloc::Layout;
 use std::panic;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use allocator_api2::alloc::{AllocError, Allocator, Global};
+use allocator_api2::alloc::Allocator;
 use caching_allocator::{CachingAllocator, ScopedGlobal};
+use fixture::Counting;
+
+#[path = "all/fixture/mod.rs"]
+mod fixture;
 
 #[global_allocator]
 static GLOBAL: ScopedGlobal = ScopedGlobal::new();
 
 const FLOATS: usize = 50_000; // 200 KB: far above the 4 KiB minimum
-
-/// A backing allocator that counts its live blocks, to see what a cache
-/// really gave back.
-#[derive(Clone, Default)]
-struct Live(Arc<AtomicUsize>);
-
-impl Live {
-    fn blocks(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-// SAFETY: forwards to `Global` and only counts.
-unsafe impl Allocator for Live {
-    fn allocate(&self, layout: Layout) -> Result<std::ptr::NonNull<[u8]>, AllocError> {
-        let block = Global.allocate(layout)?;
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(block)
-    }
-
-    unsafe fn deallocate(&self, ptr: std::ptr::NonNull<u8>, layout: Layout) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-        // SAFETY: the caller's contract; `allocate` took it from `Global`.
-        unsafe { Global.deallocate(ptr, layout) }
-    }
-}
 
 /// One "forward pass": three activations, each computed from the last.
 fn forward(input: &[f32]) -> f32 {
@@ -138,7 +114,7 @@ fn a_free_inside_another_caches_scope_goes_to_the_owner() {
 
 #[test]
 fn a_free_after_every_handle_dropped_frees_the_orphaned_cache() {
-    let backing = Live::default();
+    let backing = Counting::new();
     let cache = CachingAllocator::new_in(backing.clone());
     let (a, b) = {
         let _scope = cache.enter();
@@ -148,12 +124,16 @@ fn a_free_after_every_handle_dropped_frees_the_orphaned_cache() {
     };
     drop(cache);
     // Live blocks keep the cache alive.
-    assert_eq!(backing.blocks(), 3);
+    assert_eq!(backing.live_blocks(), 3);
     drop(a);
-    assert_eq!(backing.blocks(), 3, "a goes back to the orphaned cache");
+    assert_eq!(
+        backing.live_blocks(),
+        3,
+        "a goes back to the orphaned cache"
+    );
     drop(b);
     // The last block freed the cache, which gave everything back.
-    assert_eq!(backing.blocks(), 0);
+    backing.assert_all_returned();
 }
 
 #[test]

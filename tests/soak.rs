@@ -16,8 +16,8 @@
 //!   workers overlap), plus short private record-plan-run rounds;
 //! - `trim`, `release_cached` and stats snapshots, checked for consistency.
 //!
-//! Half the caches (and the private plans) take their blocks from a `Faulty`
-//! backing that refuses 2% of attempts on a seeded schedule, so the
+//! Half the caches (and the private plans) take their blocks from a `Counting`
+//! backing whose refusal knob refuses 2% of attempts on a seeded schedule, so the
 //! release-and-retry path and clean `AllocError`s run under load; code on
 //! those caches uses only fallible calls (`try_reserve`, `try_new_in`).
 //!
@@ -33,7 +33,8 @@
 //!   derived from it and printed; the interleaving is up to the scheduler,
 //!   but each worker's choices follow its seed.
 
-mod common;
+#[path = "all/fixture/mod.rs"]
+mod fixture;
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -46,7 +47,7 @@ use allocator_api2::boxed::Box as ABox;
 use allocator_api2::vec::Vec as AVec;
 use caching_allocator::plan::{Plan, Planned, Recorder};
 use caching_allocator::{Budget, CachingAllocator, ScopedGlobal, SizePolicy, Stats};
-use common::{Counting, Faulty, Rng, pattern, splitmix64};
+use fixture::{Counting, Rng, pattern, splitmix64};
 
 #[global_allocator]
 static GLOBAL: ScopedGlobal = ScopedGlobal::new();
@@ -56,22 +57,22 @@ const DEFAULT_SECONDS: f64 = 15.0;
 const DEFAULT_SEED: u64 = 0x50A4_7E57;
 /// The shared budget: small enough that caches evict each other all the time.
 const BUDGET: usize = 1 << 20;
-/// Probability that a `Faulty` backing refuses an attempt.
+/// Probability that the faulty backing refuses an attempt.
 const FAULT_PROBABILITY: f64 = 0.02;
 /// Buffers a worker keeps (past scopes, across operations) at most.
 const HELD: usize = 48;
 const BOXED: usize = 3000;
 
-type Cache = CachingAllocator<Faulty>;
+type Cache = CachingAllocator<Counting>;
 type Map = hashbrown::HashMap<u32, AVec<u8, Cache>, hashbrown::DefaultHashBuilder, Cache>;
 
 /// What the workers share: built by the test before they start.
 struct Shared {
     budget: Budget,
     /// Never fails (probability 0): code on it may use infallible calls.
-    reliable: Faulty,
+    reliable: Counting,
     /// Fails `FAULT_PROBABILITY` of attempts.
-    faulty: Faulty,
+    faulty: Counting,
     /// Caches every worker uses at once.
     caches: Vec<Cache>,
     plan: Plan,
@@ -175,58 +176,30 @@ enum Deviation {
 /// minimum, so a planned scope sees the same sequence as the API.
 const PASS: [usize; 4] = [16 << 10, 8 << 10, 32 << 10, 4 << 10];
 
-/// A small model pass through an allocator: four blocks with overlapping
-/// lifetimes, each checked. Returns the block kept with `Deviation::Keep`.
-fn forward_in<A: Allocator + Clone>(
-    alloc: &A,
+/// A small model pass: four blocks with overlapping lifetimes, each made by
+/// `fill(len, seed)` and checked. Returns the block kept with
+/// `Deviation::Keep`; `None` if `fill` failed.
+fn forward<V: std::ops::Deref<Target = [u8]>>(
+    fill: impl Fn(usize, u8) -> Option<V>,
     seed: u8,
     deviation: Deviation,
-) -> Result<Option<AVec<u8, A>>, AllocError> {
+) -> Option<Option<V>> {
     let first = if deviation == Deviation::Bigger {
         PASS[0] * 2
     } else {
         PASS[0]
     };
-    let a = filled(alloc.clone(), first, seed)?;
-    let b = filled(alloc.clone(), PASS[1], seed.wrapping_add(1))?;
+    let a = fill(first, seed)?;
+    let b = fill(PASS[1], seed.wrapping_add(1))?;
     assert!(a[..] == *pattern(seed, first));
     drop(a);
     let extra = if deviation == Deviation::Extra {
-        Some(filled(alloc.clone(), 12 << 10, seed.wrapping_add(9))?)
+        Some(fill(12 << 10, seed.wrapping_add(9))?)
     } else {
         None
     };
-    let c = filled(alloc.clone(), PASS[2], seed.wrapping_add(2))?;
-    let d = filled(alloc.clone(), PASS[3], seed.wrapping_add(3))?;
-    assert!(b[..] == *pattern(seed.wrapping_add(1), PASS[1]));
-    drop(b);
-    assert!(c[..] == *pattern(seed.wrapping_add(2), PASS[2]));
-    if let Some(extra) = &extra {
-        assert!(extra[..] == *pattern(seed.wrapping_add(9), 12 << 10));
-    }
-    drop(c);
-    assert!(d[..] == *pattern(seed.wrapping_add(3), PASS[3]));
-    Ok((deviation == Deviation::Keep).then_some(d))
-}
-
-/// The same pass with plain `Vec`s, for a planned scope.
-fn forward_plain(seed: u8, deviation: Deviation) -> Option<Option<Vec<u8>>> {
-    let first = if deviation == Deviation::Bigger {
-        PASS[0] * 2
-    } else {
-        PASS[0]
-    };
-    let a = filled_plain(first, seed)?;
-    let b = filled_plain(PASS[1], seed.wrapping_add(1))?;
-    assert!(a[..] == *pattern(seed, first));
-    drop(a);
-    let extra = if deviation == Deviation::Extra {
-        Some(filled_plain(12 << 10, seed.wrapping_add(9))?)
-    } else {
-        None
-    };
-    let c = filled_plain(PASS[2], seed.wrapping_add(2))?;
-    let d = filled_plain(PASS[3], seed.wrapping_add(3))?;
+    let c = fill(PASS[2], seed.wrapping_add(2))?;
+    let d = fill(PASS[3], seed.wrapping_add(3))?;
     assert!(b[..] == *pattern(seed.wrapping_add(1), PASS[1]));
     drop(b);
     assert!(c[..] == *pattern(seed.wrapping_add(2), PASS[2]));
@@ -236,6 +209,25 @@ fn forward_plain(seed: u8, deviation: Deviation) -> Option<Option<Vec<u8>>> {
     drop(c);
     assert!(d[..] == *pattern(seed.wrapping_add(3), PASS[3]));
     Some((deviation == Deviation::Keep).then_some(d))
+}
+
+/// The model pass through an allocator.
+fn forward_in<A: Allocator + Clone>(
+    alloc: &A,
+    seed: u8,
+    deviation: Deviation,
+) -> Result<Option<AVec<u8, A>>, AllocError> {
+    forward(
+        |len, seed| filled(alloc.clone(), len, seed).ok(),
+        seed,
+        deviation,
+    )
+    .ok_or(AllocError)
+}
+
+/// The same pass with plain `Vec`s, for a planned scope.
+fn forward_plain(seed: u8, deviation: Deviation) -> Option<Option<Vec<u8>>> {
+    forward(filled_plain, seed, deviation)
 }
 
 /// What every snapshot of a cache's counters must satisfy, whatever other
@@ -768,12 +760,9 @@ fn soak() {
     let reliable_ledger = Counting::without_log();
     let faulty_ledger = Counting::without_log();
     let plan_ledger = Counting::without_log();
-    let reliable = Faulty::with_counting(reliable_ledger.clone(), splitmix64(base_seed), 0.0);
-    let faulty = Faulty::with_counting(
-        faulty_ledger.clone(),
-        splitmix64(base_seed ^ 1),
-        FAULT_PROBABILITY,
-    );
+    reliable_ledger.set_faults(splitmix64(base_seed), 0.0);
+    faulty_ledger.set_faults(splitmix64(base_seed ^ 1), FAULT_PROBABILITY);
+    let (reliable, faulty) = (reliable_ledger.clone(), faulty_ledger.clone());
     let budget = Budget::new(BUDGET);
 
     // The pass, recorded once.
@@ -885,7 +874,7 @@ fn soak() {
         "faulty backing: {} attempts, {} refused; reliable backing: {} attempts; \
          shared caches: {retries} retries, {failures} failures; planned: {planned_stats}",
         faulty.attempts(),
-        faulty.failures(),
+        faulty.refused(),
         reliable.attempts(),
     ));
 

@@ -7,121 +7,11 @@
 //! Run: `RUSTFLAGS="--cfg loom" cargo test -p loom-tests --release`.
 #![cfg(loom)]
 
-use std::collections::BTreeMap;
-use std::ptr::NonNull;
-
-use caching_allocator::{AllocError, Allocator, Budget, CachingAllocator, Global};
+use caching_allocator::{Allocator, Budget, CachingAllocator};
 use core::alloc::Layout;
-use loom::sync::{Arc, Mutex};
 use loom::thread;
+use loom_tests::{Block, Counting, model, model_outcomes};
 
-/// Runs `f` under loom and returns the distinct outcomes it reported, so a
-/// test can check that the races it is about were explored.
-fn model_outcomes<T, F>(f: F) -> std::collections::BTreeSet<T>
-where
-    T: Ord + Send + 'static,
-    F: Fn() -> T + Sync + Send + 'static,
-{
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-    let sink = seen.clone();
-    model(move || {
-        let outcome = f();
-        sink.lock().unwrap().insert(outcome);
-    });
-    std::mem::take(&mut *seen.lock().unwrap())
-}
-
-fn model<F>(f: F)
-where
-    F: Fn() + Sync + Send + 'static,
-{
-    let mut builder = loom::model::Builder::new();
-    builder.preemption_bound = Some(
-        std::env::var("LOOM_MAX_PREEMPTIONS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2),
-    );
-    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = runs.clone();
-    builder.check(move || {
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        f()
-    });
-    eprintln!("RUNS {}", runs.load(std::sync::atomic::Ordering::Relaxed));
-}
-
-#[derive(Default)]
-struct Ledger {
-    live: BTreeMap<usize, Layout>,
-    allocs: u64,
-    frees: u64,
-}
-
-/// A backing allocator with a loom-visible ledger: panics on a double return,
-/// a return with another layout, or a block it never handed out (a block
-/// given back to the wrong cache's backing).
-#[derive(Clone, Default)]
-struct Counting {
-    ledger: Arc<Mutex<Ledger>>,
-}
-
-impl Counting {
-    fn live_blocks(&self) -> usize {
-        self.ledger.lock().unwrap().live.len()
-    }
-
-    fn live_bytes(&self) -> usize {
-        let ledger = self.ledger.lock().unwrap();
-        ledger.live.values().map(Layout::size).sum()
-    }
-
-    fn allocs_and_frees(&self) -> (u64, u64) {
-        let ledger = self.ledger.lock().unwrap();
-        (ledger.allocs, ledger.frees)
-    }
-}
-
-// SAFETY: blocks come from `Global` and go back to it unchanged.
-unsafe impl Allocator for Counting {
-    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        let block = Global.allocate(layout)?;
-        let mut ledger = self.ledger.lock().unwrap();
-        let previous = ledger
-            .live
-            .insert(block.cast::<u8>().as_ptr() as usize, layout);
-        assert!(
-            previous.is_none(),
-            "the global allocator handed out a live block"
-        );
-        ledger.allocs += 1;
-        Ok(block)
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        {
-            let mut ledger = self.ledger.lock().unwrap();
-            let recorded = ledger.live.remove(&(ptr.as_ptr() as usize));
-            assert_eq!(
-                recorded,
-                Some(layout),
-                "double return, wrong backing or layout mismatch"
-            );
-            ledger.frees += 1;
-        }
-        // SAFETY: the ledger had it live with this layout: it came from
-        // `Global` with it and goes back once.
-        unsafe { Global.deallocate(ptr, layout) }
-    }
-}
-
-/// A block pointer that may cross threads.
-struct Block(NonNull<u8>);
-
-// SAFETY: a block is plain memory owned by whoever holds the pointer.
-unsafe impl Send for Block {}
-
-/// Every block is 16 bytes (exact sizes): the budget counts in these.
 const SIZE: usize = 16;
 
 fn layout() -> Layout {
@@ -146,6 +36,29 @@ fn give(cache: &Cache, block: Block) {
     // SAFETY: every `Block` here was handed out by `cache` for `layout()`
     // and is not used again.
     unsafe { cache.deallocate(block.0, layout()) };
+}
+
+/// A budget of `limit` bytes and two members on it.
+fn pair(limit: usize) -> (Budget, (Cache, Counting), (Cache, Counting)) {
+    let budget = Budget::new(limit);
+    let (a, b) = (member(&budget), member(&budget));
+    (budget, a, b)
+}
+
+/// Frees `block` into `cache` on a new thread, and checks the limit after.
+fn give_on_a_thread(cache: &Cache, budget: &Budget, block: Block) -> thread::JoinHandle<()> {
+    let (cache, budget) = (cache.clone(), budget.clone());
+    thread::spawn(move || {
+        give(&cache, block);
+        assert_within(&budget);
+    })
+}
+
+/// Once the members are dropped, their backings and the budget hold nothing.
+fn assert_all_back(budget: &Budget, backings: &[&Counting]) {
+    let live: usize = backings.iter().map(|b| b.live_blocks()).sum();
+    assert_eq!(live, 0);
+    assert_eq!(budget.bytes_cached(), 0);
 }
 
 fn assert_within(budget: &Budget) {
@@ -176,22 +89,14 @@ fn assert_at_rest(budget: &Budget, members: &[(&Cache, &Counting)]) {
 #[test]
 fn concurrent_frees_into_two_caches_stay_within_the_limit() {
     let outcomes = model_outcomes(|| {
-        let budget = Budget::new(SIZE);
-        let (a, a_backing) = member(&budget);
-        let (b, b_backing) = member(&budget);
+        let (budget, (a, a_backing), (b, b_backing)) = pair(SIZE);
         let a_block = take(&a);
         let b_block = take(&b);
         // The budget starts full with a block of a's.
         give(&a, take(&a));
         assert_eq!(budget.bytes_cached(), SIZE);
 
-        let worker = {
-            let (b, budget) = (b.clone(), budget.clone());
-            thread::spawn(move || {
-                give(&b, b_block);
-                assert_within(&budget);
-            })
-        };
+        let worker = give_on_a_thread(&b, &budget, b_block);
         give(&a, a_block);
         assert_within(&budget);
         worker.join().unwrap();
@@ -203,8 +108,7 @@ fn concurrent_frees_into_two_caches_stay_within_the_limit() {
         assert_eq!(sa.blocks_cached + sb.blocks_cached, 1, "{sa:?} {sb:?}");
         assert_eq!(sa.evictions + sb.evictions, 2, "{sa:?} {sb:?}");
         drop((a, b));
-        assert_eq!(a_backing.live_blocks() + b_backing.live_blocks(), 0);
-        assert_eq!(budget.bytes_cached(), 0);
+        assert_all_back(&budget, &[&a_backing, &b_backing]);
         (sa.blocks_cached, sb.blocks_cached)
     });
     // Both ways round were explored: b's free evicting a's block, and a's
@@ -218,20 +122,12 @@ fn concurrent_frees_into_two_caches_stay_within_the_limit() {
 #[test]
 fn a_hit_races_with_an_eviction_by_another_cache() {
     model(|| {
-        let budget = Budget::new(SIZE);
-        let (a, a_backing) = member(&budget);
-        let (b, b_backing) = member(&budget);
+        let (budget, (a, a_backing), (b, b_backing)) = pair(SIZE);
         let b_block = take(&b);
         give(&a, take(&a));
         assert_eq!(budget.bytes_cached(), SIZE);
 
-        let worker = {
-            let (b, budget) = (b.clone(), budget.clone());
-            thread::spawn(move || {
-                give(&b, b_block);
-                assert_within(&budget);
-            })
-        };
+        let worker = give_on_a_thread(&b, &budget, b_block);
         let block = take(&a);
         // SAFETY: a live block of SIZE bytes owned by this thread: if the
         // other thread evicted it too, the ledger or this write shows it.
@@ -248,8 +144,7 @@ fn a_hit_races_with_an_eviction_by_another_cache() {
         assert_eq!(sa.hits + sa.misses, 2, "{sa:?}");
         assert_eq!(sa.bytes_in_use + sb.bytes_in_use, 0);
         drop((a, b));
-        assert_eq!(a_backing.live_blocks() + b_backing.live_blocks(), 0);
-        assert_eq!(budget.bytes_cached(), 0);
+        assert_all_back(&budget, &[&a_backing, &b_backing]);
     });
 }
 
@@ -260,9 +155,7 @@ fn a_hit_races_with_an_eviction_by_another_cache() {
 #[test]
 fn dropping_a_member_races_with_an_eviction_of_its_block() {
     let outcomes = model_outcomes(|| {
-        let budget = Budget::new(SIZE);
-        let (a, a_backing) = member(&budget);
-        let (b, b_backing) = member(&budget);
+        let (budget, (a, a_backing), (b, b_backing)) = pair(SIZE);
         let b_block = take(&b);
         give(&a, take(&a));
         assert_eq!(budget.bytes_cached(), SIZE);
@@ -280,8 +173,7 @@ fn dropping_a_member_races_with_an_eviction_of_its_block() {
         // by a's block that was already leaving (then b's went back).
         assert!(stats.blocks_cached <= 1, "{stats:?}");
         drop(b);
-        assert_eq!(b_backing.live_blocks(), 0);
-        assert_eq!(budget.bytes_cached(), 0);
+        assert_all_back(&budget, &[&b_backing]);
         stats.blocks_cached
     });
     // Both were explored: b's block cached (a's evicted or released first),
@@ -294,20 +186,12 @@ fn dropping_a_member_races_with_an_eviction_of_its_block() {
 #[test]
 fn trim_races_with_frees_on_one_budget() {
     model(|| {
-        let budget = Budget::new(SIZE);
-        let (a, a_backing) = member(&budget);
-        let (b, b_backing) = member(&budget);
+        let (budget, (a, a_backing), (b, b_backing)) = pair(SIZE);
         let a_block = take(&a);
         let b_block = take(&b);
         give(&a, take(&a));
 
-        let freer = {
-            let (b, budget) = (b.clone(), budget.clone());
-            thread::spawn(move || {
-                give(&b, b_block);
-                assert_within(&budget);
-            })
-        };
+        let freer = give_on_a_thread(&b, &budget, b_block);
         let trimmer = {
             let a = a.clone();
             thread::spawn(move || a.trim(0))
@@ -322,8 +206,7 @@ fn trim_races_with_frees_on_one_budget() {
         let (sa, sb) = (a.stats(), b.stats());
         assert!(sa.blocks_cached + sb.blocks_cached <= 1, "{sa:?} {sb:?}");
         drop((a, b));
-        assert_eq!(a_backing.live_blocks() + b_backing.live_blocks(), 0);
-        assert_eq!(budget.bytes_cached(), 0);
+        assert_all_back(&budget, &[&a_backing, &b_backing]);
     });
 }
 
@@ -333,9 +216,7 @@ fn trim_races_with_frees_on_one_budget() {
 #[test]
 fn two_threads_free_twice_into_their_caches() {
     model(|| {
-        let budget = Budget::new(3 * SIZE);
-        let (a, a_backing) = member(&budget);
-        let (b, b_backing) = member(&budget);
+        let (budget, (a, a_backing), (b, b_backing)) = pair(3 * SIZE);
         let big = Layout::from_size_align(2 * SIZE, 8).unwrap();
         let a_blocks = [take(&a), take(&a)];
         let b_small = take(&b);
@@ -365,8 +246,7 @@ fn two_threads_free_twice_into_their_caches() {
         assert_eq!((sa.frees, sb.frees), (3, 3));
         assert!(sa.bytes_cached + sb.bytes_cached <= 3 * SIZE);
         drop((a, b));
-        assert_eq!(a_backing.live_blocks() + b_backing.live_blocks(), 0);
-        assert_eq!(budget.bytes_cached(), 0);
+        assert_all_back(&budget, &[&a_backing, &b_backing]);
     });
 }
 

@@ -9,114 +9,11 @@
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
 
-use caching_allocator::{AllocError, Allocator, CachingAllocator, Global, Stats};
+use caching_allocator::{Allocator, CachingAllocator, Stats};
 use core::alloc::Layout;
 use loom::sync::{Arc, Mutex};
 use loom::thread;
-
-fn model<F>(f: F)
-where
-    F: Fn() + Sync + Send + 'static,
-{
-    let mut builder = loom::model::Builder::new();
-    builder.preemption_bound = Some(
-        std::env::var("LOOM_MAX_PREEMPTIONS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2),
-    );
-    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = runs.clone();
-    builder.check(move || {
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        f()
-    });
-    eprintln!("RUNS {}", runs.load(std::sync::atomic::Ordering::Relaxed));
-}
-
-#[derive(Default)]
-struct Ledger {
-    live: BTreeMap<usize, Layout>,
-    allocs: u64,
-    frees: u64,
-    /// Backing allocations still to refuse.
-    refuse: usize,
-}
-
-/// A backing allocator with a loom-visible ledger: panics on a double return
-/// or a return with another layout; can refuse the next allocations.
-#[derive(Clone, Default)]
-struct Counting {
-    ledger: Arc<Mutex<Ledger>>,
-}
-
-impl Counting {
-    fn live_blocks(&self) -> usize {
-        self.ledger.lock().unwrap().live.len()
-    }
-
-    fn live_bytes(&self) -> usize {
-        self.ledger
-            .lock()
-            .unwrap()
-            .live
-            .values()
-            .map(Layout::size)
-            .sum()
-    }
-
-    fn allocs_and_frees(&self) -> (u64, u64) {
-        let ledger = self.ledger.lock().unwrap();
-        (ledger.allocs, ledger.frees)
-    }
-
-    fn refuse_next(&self, n: usize) {
-        self.ledger.lock().unwrap().refuse = n;
-    }
-}
-
-// SAFETY: blocks come from `Global` and go back to it unchanged.
-unsafe impl Allocator for Counting {
-    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        {
-            let mut ledger = self.ledger.lock().unwrap();
-            if ledger.refuse > 0 {
-                ledger.refuse -= 1;
-                return Err(AllocError);
-            }
-        }
-        let block = Global.allocate(layout)?;
-        let mut ledger = self.ledger.lock().unwrap();
-        let previous = ledger
-            .live
-            .insert(block.cast::<u8>().as_ptr() as usize, layout);
-        assert!(
-            previous.is_none(),
-            "the global allocator handed out a live block"
-        );
-        ledger.allocs += 1;
-        Ok(block)
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        {
-            let mut ledger = self.ledger.lock().unwrap();
-            let recorded = ledger.live.remove(&(ptr.as_ptr() as usize));
-            assert_eq!(recorded, Some(layout), "double return or layout mismatch");
-            ledger.frees += 1;
-        }
-        // SAFETY: the ledger had it live with this layout: it came from
-        // `Global` with it and goes back once.
-        unsafe { Global.deallocate(ptr, layout) }
-    }
-}
-
-/// A block pointer that may cross threads (the cache hands blocks out to
-/// whichever thread asks; ownership moves with the pointer).
-struct Block(NonNull<u8>);
-
-// SAFETY: a block is plain memory owned by whoever holds the pointer.
-unsafe impl Send for Block {}
+use loom_tests::{Block, Counting, Hooked, model};
 
 const SIZE: usize = 16;
 
@@ -153,8 +50,14 @@ fn assert_consistent(stats: &Stats, size: usize) {
     );
 }
 
-/// At rest (no thread inside the cache): the cache and its backing agree.
-fn assert_at_rest(cache: &CachingAllocator<Counting>, backing: &Counting) {
+fn counted() -> (CachingAllocator<Counting>, Counting) {
+    let backing = Counting::default();
+    (CachingAllocator::new_in(backing.clone()), backing)
+}
+
+/// At rest (no thread inside the cache): the cache and its backing agree;
+/// then the cache is dropped and every block it took has gone back, once.
+fn assert_at_rest_then_drop(cache: CachingAllocator<Counting>, backing: &Counting) {
     let stats = cache.stats();
     assert_consistent(&stats, SIZE);
     assert_eq!(
@@ -166,6 +69,10 @@ fn assert_at_rest(cache: &CachingAllocator<Counting>, backing: &Counting) {
         backing.allocs_and_frees(),
         (stats.backing_allocs, stats.backing_frees)
     );
+    drop(cache);
+    let (allocs, frees) = backing.allocs_and_frees();
+    assert_eq!(backing.live_blocks(), 0);
+    assert_eq!(allocs, frees);
 }
 
 /// Takes a block, stamps it with `owner`, lets others run, checks the stamp
@@ -199,8 +106,7 @@ fn use_one_block(
 #[test]
 fn a_block_never_has_two_owners() {
     model(|| {
-        let backing = Counting::default();
-        let cache = CachingAllocator::new_in(backing.clone());
+        let (cache, backing) = counted();
         let owners = Arc::new(Mutex::new(BTreeMap::new()));
         // Two spawned threads and the main thread: three owners.
         let threads: Vec<_> = (1..=2u8)
@@ -224,17 +130,14 @@ fn a_block_never_has_two_owners() {
         // made.
         assert!((1..=3).contains(&stats.misses), "{stats:?}");
         assert_eq!(stats.bytes_in_use, 0);
-        assert_at_rest(&cache, &backing);
-        drop(cache);
-        assert_eq!(backing.live_blocks(), 0);
+        assert_at_rest_then_drop(cache, &backing);
     });
 }
 
 #[test]
 fn release_cached_races_with_allocate_and_free() {
     model(|| {
-        let backing = Counting::default();
-        let cache = CachingAllocator::new_in(backing.clone());
+        let (cache, backing) = counted();
         // One block cached before the race.
         let warm = cache.allocate(layout()).unwrap();
         // SAFETY: allocated just above with this layout.
@@ -271,19 +174,14 @@ fn release_cached_races_with_allocate_and_free() {
         // Every block made was released or is still cached.
         assert_eq!(released / SIZE + stats.blocks_cached, stats.misses as usize);
         assert!(stats.blocks_cached <= 1, "{stats:?}");
-        assert_at_rest(&cache, &backing);
-        drop(cache);
-        let (allocs, frees) = backing.allocs_and_frees();
-        assert_eq!(backing.live_blocks(), 0);
-        assert_eq!(allocs, frees);
+        assert_at_rest_then_drop(cache, &backing);
     });
 }
 
 #[test]
 fn stats_snapshots_are_consistent_under_traffic() {
     model(|| {
-        let backing = Counting::default();
-        let cache = CachingAllocator::new_in(backing.clone());
+        let (cache, backing) = counted();
         let workers: Vec<_> = (0..2)
             .map(|_| {
                 let cache = cache.clone();
@@ -309,17 +207,14 @@ fn stats_snapshots_are_consistent_under_traffic() {
         assert!((2..=4).contains(&stats.misses), "{stats:?}");
         assert_eq!(stats.peak_bytes_reserved, stats.misses as usize * SIZE);
         assert!(stats.peak_bytes_in_use >= 2 * SIZE, "{stats:?}");
-        assert_at_rest(&cache, &backing);
-        drop(cache);
-        assert_eq!(backing.live_blocks(), 0);
+        assert_at_rest_then_drop(cache, &backing);
     });
 }
 
 #[test]
 fn the_out_of_memory_retry_races_with_a_free() {
     model(|| {
-        let backing = Counting::default();
-        let cache = CachingAllocator::new_in(backing.clone());
+        let (cache, backing) = counted();
         // One block cached, one held by the freeing thread.
         let cached = cache.allocate(layout()).unwrap();
         let held = Block(cache.allocate(layout()).unwrap().cast());
@@ -357,43 +252,17 @@ fn the_out_of_memory_retry_races_with_a_free() {
     });
 }
 
-/// A backing allocator that reads the cache's stats from inside every call:
-/// loom reports a deadlock if the cache called it with its lock held.
-#[derive(Clone, Default)]
-struct Reentrant {
-    counting: Counting,
-    cache: Arc<Mutex<Option<CachingAllocator<Reentrant>>>>,
-}
-
-impl Reentrant {
-    fn peek(&self) {
-        let cache = self.cache.lock().unwrap().clone();
-        if let Some(cache) = cache {
-            assert_consistent(&cache.stats(), SIZE);
-        }
-    }
-}
-
-// SAFETY: delegates to `Counting`.
-unsafe impl Allocator for Reentrant {
-    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        self.peek();
-        self.counting.allocate(layout)
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        self.peek();
-        // SAFETY: forwarded contract.
-        unsafe { self.counting.deallocate(ptr, layout) }
-    }
-}
-
+/// The backing reads the cache's stats from inside every call: loom reports
+/// a deadlock if the cache called it with its lock held.
 #[test]
 fn the_backing_is_called_without_the_lock() {
     model(|| {
-        let backing = Reentrant::default();
+        let backing = Hooked::default();
         let cache = CachingAllocator::new_in(backing.clone());
-        *backing.cache.lock().unwrap() = Some(cache.clone());
+        let peeked = cache.clone();
+        backing.set_hook(move || {
+            assert_consistent(&peeked.stats(), SIZE);
+        });
         let worker = {
             let cache = cache.clone();
             thread::spawn(move || {
@@ -407,7 +276,7 @@ fn the_backing_is_called_without_the_lock() {
         cache.release_cached();
         assert_eq!(backing.counting.live_blocks(), 0);
         // Break the cycle so the cache can drop.
-        backing.cache.lock().unwrap().take();
+        backing.clear_hook();
         drop(cache);
     });
 }

@@ -6,81 +6,15 @@
 //! Run: `RUSTFLAGS="--cfg loom" cargo test -p loom-tests --release`.
 #![cfg(loom)]
 
+use caching_allocator::plan::{Plan, Planned, Recorder};
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
 
-use caching_allocator::plan::{Plan, Planned, Recorder};
-use caching_allocator::{AllocError, Allocator, Global, Stats};
+use caching_allocator::{Allocator, Stats};
 use core::alloc::Layout;
 use loom::sync::{Arc, Mutex};
 use loom::thread;
-
-fn model<F>(f: F)
-where
-    F: Fn() + Sync + Send + 'static,
-{
-    let mut builder = loom::model::Builder::new();
-    builder.preemption_bound = Some(
-        std::env::var("LOOM_MAX_PREEMPTIONS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2),
-    );
-    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = runs.clone();
-    builder.check(move || {
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        f()
-    });
-    eprintln!("RUNS {}", runs.load(std::sync::atomic::Ordering::Relaxed));
-}
-
-/// A backing allocator with a loom-visible ledger: panics on a double
-/// return or a return with another layout.
-#[derive(Clone, Default)]
-struct Counting {
-    ledger: Arc<Mutex<(BTreeMap<usize, Layout>, u64)>>,
-}
-
-impl Counting {
-    fn live_blocks(&self) -> usize {
-        self.ledger.lock().unwrap().0.len()
-    }
-
-    fn allocs(&self) -> u64 {
-        self.ledger.lock().unwrap().1
-    }
-}
-
-// SAFETY: blocks come from `Global` and go back to it unchanged.
-unsafe impl Allocator for Counting {
-    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        let block = Global.allocate(layout)?;
-        let mut ledger = self.ledger.lock().unwrap();
-        let previous = ledger
-            .0
-            .insert(block.cast::<u8>().as_ptr() as usize, layout);
-        assert!(
-            previous.is_none(),
-            "the global allocator handed out a live block"
-        );
-        ledger.1 += 1;
-        Ok(block)
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        let recorded = self
-            .ledger
-            .lock()
-            .unwrap()
-            .0
-            .remove(&(ptr.as_ptr() as usize));
-        assert_eq!(recorded, Some(layout), "double return or layout mismatch");
-        // SAFETY: the ledger had it live with this layout: it came from
-        // `Global` with it and goes back once.
-        unsafe { Global.deallocate(ptr, layout) }
-    }
-}
+use loom_tests::{Counting, Hooked, model};
 
 const SIZE: usize = 64;
 
@@ -185,9 +119,11 @@ fn chain_pass(planned: &Planned<Counting>, owners: &Owners, owner: u8) {
     give(planned, owners, c, owner);
 }
 
-#[test]
-fn concurrent_passes_never_share_a_block() {
-    model(|| {
+/// Two threads run the recorded chain at once, and this one a third pass
+/// too if `third` (else it reads the stats meanwhile): no block has two
+/// owners, and at the end every block is back and only the arena is held.
+fn passes_at_once(third: bool) {
+    model(move || {
         let plan = chain_plan();
         let backing = Counting::default();
         let planned = Planned::new_in(&plan, backing.clone());
@@ -198,15 +134,20 @@ fn concurrent_passes_never_share_a_block() {
                 thread::spawn(move || chain_pass(&planned, &owners, owner))
             })
             .collect();
-        assert_consistent(&planned.stats(), plan.arena_bytes());
+        if third {
+            chain_pass(&planned, &owners, 3);
+        } else {
+            assert_consistent(&planned.stats(), plan.arena_bytes());
+        }
         for thread in threads {
             thread.join().unwrap();
         }
         let stats = planned.stats();
         assert_consistent(&stats, plan.arena_bytes());
+        let blocks = 3 * (2 + u64::from(third));
         assert_eq!(
             (stats.hits + stats.misses, stats.frees),
-            (6, 6),
+            (blocks, blocks),
             "{stats:?}"
         );
         assert!(stats.hits >= 1, "{stats:?}");
@@ -221,33 +162,13 @@ fn concurrent_passes_never_share_a_block() {
 }
 
 #[test]
+fn concurrent_passes_never_share_a_block() {
+    passes_at_once(false);
+}
+
+#[test]
 fn three_passes_at_once_never_share_a_block() {
-    model(|| {
-        let plan = chain_plan();
-        let backing = Counting::default();
-        let planned = Planned::new_in(&plan, backing.clone());
-        let owners: Owners = Arc::default();
-        let threads: Vec<_> = (1..=2u8)
-            .map(|owner| {
-                let (planned, owners) = (planned.clone(), owners.clone());
-                thread::spawn(move || chain_pass(&planned, &owners, owner))
-            })
-            .collect();
-        chain_pass(&planned, &owners, 3);
-        for thread in threads {
-            thread.join().unwrap();
-        }
-        let stats = planned.stats();
-        assert_consistent(&stats, plan.arena_bytes());
-        assert_eq!(
-            (stats.hits + stats.misses, stats.frees),
-            (9, 9),
-            "{stats:?}"
-        );
-        assert_eq!(backing.allocs(), stats.backing_allocs);
-        drop(planned);
-        assert_eq!(backing.live_blocks(), 0);
-    });
+    passes_at_once(true);
 }
 
 #[test]
@@ -275,64 +196,31 @@ fn the_arena_goes_with_the_last_handle_on_either_thread() {
     });
 }
 
-/// Whose lock a `Reentrant` backing peeks at.
-enum Target {
-    Planned(Planned<Reentrant>),
-    Recorder(Recorder<Reentrant>),
-}
-
-/// A backing allocator that reads its owner's state from inside every call:
-/// loom reports a deadlock if the owner called it with its lock held.
-#[derive(Clone, Default)]
-struct Reentrant {
-    counting: Counting,
-    owner: Arc<Mutex<Option<Target>>>,
-}
-
-impl Reentrant {
-    fn peek(&self) {
-        match &*self.owner.lock().unwrap() {
-            Some(Target::Planned(planned)) => {
-                let stats = planned.stats();
-                assert_eq!(stats.backing_allocs, stats.misses + 1, "{stats:?}");
-            }
-            Some(Target::Recorder(recorder)) => {
-                let _ = recorder.allocations();
-            }
-            None => {}
-        }
-    }
-}
-
-// SAFETY: delegates to `Counting`.
-unsafe impl Allocator for Reentrant {
-    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        self.peek();
-        self.counting.allocate(layout)
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        self.peek();
-        // SAFETY: forwarded contract.
-        unsafe { self.counting.deallocate(ptr, layout) }
-    }
-}
-
+/// The backing reads its owner's state (the recorder's, then the arena's)
+/// from inside every call: loom reports a deadlock if the owner called it
+/// with its lock held.
 #[test]
 fn the_backing_is_called_without_the_lock() {
     model(|| {
-        let backing = Reentrant::default();
+        let backing = Hooked::default();
         let recorder = Recorder::new_in(backing.clone());
-        *backing.owner.lock().unwrap() = Some(Target::Recorder(recorder.clone()));
+        let peeked = recorder.clone();
+        backing.set_hook(move || {
+            let _ = peeked.allocations();
+        });
         let a = recorder.allocate(layout()).unwrap();
         // SAFETY: allocated above with `layout()`.
         unsafe { recorder.deallocate(a.cast(), layout()) };
         let plan = recorder.plan();
-        backing.owner.lock().unwrap().take();
+        backing.clear_hook();
         drop(recorder);
 
         let planned = Planned::new_in(&plan, backing.clone());
-        *backing.owner.lock().unwrap() = Some(Target::Planned(planned.clone()));
+        let peeked = planned.clone();
+        backing.set_hook(move || {
+            let stats = peeked.stats();
+            assert_eq!(stats.backing_allocs, stats.misses + 1, "{stats:?}");
+        });
         let worker = {
             let planned = planned.clone();
             thread::spawn(move || {
@@ -356,7 +244,7 @@ fn the_backing_is_called_without_the_lock() {
         );
         assert!(stats.misses >= 1, "{stats:?}");
         // Break the cycle so the arena can drop.
-        backing.owner.lock().unwrap().take();
+        backing.clear_hook();
         drop(planned);
         assert_eq!(backing.counting.live_blocks(), 0);
     });

@@ -13,116 +13,37 @@
 //! one size that is oldest first; a larger block goes before an older small
 //! one, until the inflation has caught up with the small one.
 
-mod common;
-
 use std::collections::BTreeSet;
-use std::ptr::NonNull;
 
+use crate::fixture::{
+    Counting, Held, Rng, assert_cache_agrees, assert_stats_eq, built, cache_one, class_layout,
+    give, l, pattern, reference_class, take, zeros,
+};
 use allocator_api2::alloc::{Allocator, Layout};
 use allocator_api2::vec::Vec as AVec;
 use caching_allocator::{CachingAllocator, SizePolicy, Stats};
-use common::{Counting, Failing, assert_stats_eq, class_layout, pattern, reference_class, zeros};
 
 const CLASSES: SizePolicy = SizePolicy::PowerOfTwoDivisions(4);
-
-fn l(size: usize) -> Layout {
-    Layout::from_size_align(size, 8).unwrap()
-}
 
 fn la(size: usize, align: usize) -> Layout {
     Layout::from_size_align(size, align).unwrap()
 }
 
 fn with_policy(policy: SizePolicy) -> (CachingAllocator<Counting>, Counting) {
-    let backing = Counting::new();
-    let cache = CachingAllocator::builder()
-        .size_policy(policy)
-        .build_in(backing.clone());
-    (cache, backing)
+    built(CachingAllocator::builder().size_policy(policy))
 }
 
 fn capped(policy: SizePolicy, cap: usize) -> (CachingAllocator<Counting>, Counting) {
-    let backing = Counting::new();
-    let cache = CachingAllocator::builder()
-        .size_policy(policy)
-        .max_cached_bytes(cap)
-        .build_in(backing.clone());
-    (cache, backing)
-}
-
-/// A block handed out by a cache, with the layout it was asked for.
-struct Held {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-impl Held {
-    fn addr(&self) -> usize {
-        self.ptr.as_ptr() as usize
-    }
-
-    fn fill(&self, seed: u8) {
-        // SAFETY: a live block of at least `layout.size()` bytes, ours alone.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                pattern(seed, self.layout.size()).as_ptr(),
-                self.ptr.as_ptr(),
-                self.layout.size(),
-            )
-        };
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: a live block of `layout.size()` bytes, initialised by `fill`
-        // (or zeroed) before this is called.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-fn take<A: Allocator>(cache: &CachingAllocator<A>, layout: Layout) -> Held {
-    let ptr = cache.allocate(layout).expect("allocation failed");
-    assert_eq!(ptr.len(), layout.size());
-    assert_eq!(ptr.cast::<u8>().as_ptr() as usize % layout.align(), 0);
-    Held {
-        ptr: ptr.cast(),
-        layout,
-    }
-}
-
-fn give<A: Allocator>(cache: &CachingAllocator<A>, held: Held) {
-    // SAFETY: `held` was handed out by this cache for its layout, and is
-    // consumed here.
-    unsafe { cache.deallocate(held.ptr, held.layout) };
-}
-
-/// Frees a new block of `size` bytes into `cache`; returns its address.
-fn cache_one<A: Allocator>(cache: &CachingAllocator<A>, size: usize) -> usize {
-    let held = take(cache, l(size));
-    let addr = held.addr();
-    give(cache, held);
-    addr
+    built(
+        CachingAllocator::builder()
+            .size_policy(policy)
+            .max_cached_bytes(cap),
+    )
 }
 
 /// Addresses the backing holds now.
 fn live_set(backing: &Counting) -> BTreeSet<usize> {
     backing.live_layouts().into_iter().map(|(a, _)| a).collect()
-}
-
-/// The `stats` relations that hold at rest whatever the policy.
-fn assert_accounting(stats: &Stats, backing: &Counting) {
-    assert_eq!(backing.live_bytes(), stats.bytes_reserved, "{stats:?}");
-    assert_eq!(backing.allocs(), stats.backing_allocs, "{stats:?}");
-    assert_eq!(backing.frees(), stats.backing_frees, "{stats:?}");
-    assert_eq!(
-        stats.bytes_reserved,
-        stats.bytes_in_use + stats.bytes_lost_to_rounding + stats.bytes_cached,
-        "{stats:?}"
-    );
-    assert_eq!(
-        backing.live_blocks(),
-        stats.blocks_in_use + stats.blocks_cached,
-        "{stats:?}"
-    );
 }
 
 #[test]
@@ -237,10 +158,9 @@ fn nearby_sequence_lengths_share_a_size_class() {
             _ => classes.iter().map(|&s| (s, 64)).collect(),
         };
         assert_eq!(held, expected, "{policy:?}");
-        assert_accounting(&stats, &backing);
+        assert_cache_agrees(&stats, &backing);
         drop(cache);
-        assert_eq!(backing.live_blocks(), 0);
-        assert_eq!(backing.frees(), backing.allocs());
+        backing.assert_all_returned();
     }
 }
 
@@ -307,7 +227,7 @@ fn stats_count_requested_bytes_in_use_and_class_bytes_held() {
     expected.bytes_cached = 5120;
     expected.blocks_cached = 1;
     assert_stats_eq(&cache.stats(), &expected);
-    assert_accounting(&expected, &backing);
+    assert_cache_agrees(&expected, &backing);
 
     for block in [a2, b, c, e] {
         give(&cache, block);
@@ -460,27 +380,9 @@ fn resizing_across_classes_moves_and_keeps_contents() {
     let stats = cache.stats();
     assert_eq!(stats.bytes_in_use, 0);
     assert_eq!(stats.bytes_lost_to_rounding, 0);
-    assert_accounting(&stats, &backing);
+    assert_cache_agrees(&stats, &backing);
     drop(cache);
     assert_eq!(backing.live_blocks(), 0);
-}
-
-/// A small deterministic generator, so the long sequences below need no
-/// dependency and fail the same way every run.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        self.0 >> 33
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 #[test]
@@ -492,7 +394,7 @@ fn cached_bytes_never_exceed_the_cap() {
     ] {
         for cap in [0, 100, 4096, 20_000] {
             let (cache, backing) = capped(policy, cap);
-            let mut rng = Lcg(cap as u64 + 7);
+            let mut rng = Rng::new(cap as u64 + 7);
             let mut live: Vec<Held> = Vec::new();
             for step in 0..1500 {
                 match rng.below(10) {
@@ -520,7 +422,7 @@ fn cached_bytes_never_exceed_the_cap() {
                     "{policy:?} cap {cap}, step {step}: {stats:?}"
                 );
                 assert!(stats.peak_bytes_cached <= cap);
-                assert_accounting(&stats, &backing);
+                assert_cache_agrees(&stats, &backing);
                 let in_use: usize = live
                     .iter()
                     .map(|h| reference_class(policy, h.layout.size()).unwrap())
@@ -534,8 +436,7 @@ fn cached_bytes_never_exceed_the_cap() {
             }
             assert!(cache.stats().bytes_cached <= cap);
             drop(cache);
-            assert_eq!(backing.live_blocks(), 0);
-            assert_eq!(backing.frees(), backing.allocs());
+            backing.assert_all_returned();
         }
     }
 }
@@ -721,7 +622,7 @@ fn a_block_larger_than_the_cap_is_not_cached() {
     assert_eq!((stats.frees, stats.backing_frees), (2, 1));
     assert_eq!(stats.bytes_in_use, 0);
     assert_eq!(stats.peak_bytes_cached, 600);
-    assert_accounting(&stats, &backing);
+    assert_cache_agrees(&stats, &backing);
 
     // Under size classes the class counts: a 1000-byte request takes a
     // 1024-byte block, which does not fit a 1000-byte cap.
@@ -734,7 +635,7 @@ fn a_block_larger_than_the_cap_is_not_cached() {
     assert_eq!((stats.bytes_cached, stats.evictions), (0, 1));
     assert_eq!(stats.bytes_evicted, 1024);
     assert_eq!(stats.bytes_lost_to_rounding, 0);
-    assert_accounting(&stats, &backing);
+    assert_cache_agrees(&stats, &backing);
 }
 
 #[test]
@@ -750,7 +651,7 @@ fn a_cap_of_zero_caches_nothing() {
     assert_eq!(stats.evictions, 8);
     assert_eq!(stats.bytes_evicted, 2 * (64 + 64 + 128 + 5120));
     assert_eq!(backing.live_blocks(), 0);
-    assert_accounting(&stats, &backing);
+    assert_cache_agrees(&stats, &backing);
     assert_eq!(cache.max_cached_bytes(), Some(0));
 }
 
@@ -789,7 +690,7 @@ fn trim_returns_the_exact_bytes_and_evicts_oldest_first() {
         assert_eq!((stats.bytes_cached, stats.blocks_cached), (5184, 2));
         assert_eq!((stats.evictions, stats.bytes_evicted), (2, 2304));
         assert_eq!((stats.releases, stats.bytes_released), (0, 0));
-        assert_accounting(&stats, &backing);
+        assert_cache_agrees(&stats, &backing);
 
         // Exactly at the target: nothing more goes.
         assert_eq!(cache.trim(5184), 0);
@@ -823,8 +724,8 @@ fn trim_leaves_blocks_in_use_alone() {
 
 #[test]
 fn stop_caching_after_failure_sends_later_frees_straight_back() {
-    let failing = Failing::new();
-    let counting = failing.counting().clone();
+    let failing = Counting::new();
+    let counting = failing.clone();
     let cache = CachingAllocator::builder()
         .size_policy(CLASSES)
         .stop_caching_after_failure(true)
@@ -846,7 +747,7 @@ fn stop_caching_after_failure_sends_later_frees_straight_back() {
     assert!(cache.allocate(la(isize::MAX as usize - 62, 1)).is_err());
     assert!(!cache.is_caching_stopped());
 
-    // Failing again after the release: caching stops.
+    // Counting again after the release: caching stops.
     failing.fail_next(2);
     assert!(cache.allocate(l(7000)).is_err());
     assert!(cache.is_caching_stopped());
@@ -876,10 +777,7 @@ fn stop_caching_after_failure_sends_later_frees_straight_back() {
 
 #[test]
 fn by_default_caching_goes_on_after_a_failure() {
-    let failing = Failing::new();
-    let cache = CachingAllocator::builder()
-        .size_policy(CLASSES)
-        .build_in(failing.clone());
+    let (cache, failing) = built(CachingAllocator::builder().size_policy(CLASSES));
     failing.fail_next(2);
     assert!(cache.allocate(l(7000)).is_err());
     assert!(!cache.is_caching_stopped());
@@ -890,7 +788,7 @@ fn by_default_caching_goes_on_after_a_failure() {
     assert_eq!(stats.bytes_cached, 7168);
     assert_eq!(stats.evictions, 0);
     drop(cache);
-    assert_eq!(failing.counting().live_blocks(), 0);
+    assert_eq!(failing.live_blocks(), 0);
 }
 
 #[test]
@@ -908,7 +806,7 @@ fn every_block_goes_back_once_with_its_class_layout() {
                 builder = builder.max_cached_bytes(cap);
             }
             let cache = builder.build_in(backing.clone());
-            let mut rng = Lcg(3);
+            let mut rng = Rng::new(3);
             let mut live: Vec<Held> = Vec::new();
             let mut requested = Vec::new();
             for _ in 0..400 {

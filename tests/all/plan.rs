@@ -5,20 +5,19 @@
 //! ledger, and every replayed allocator is wrapped in a `Watch` that asserts
 //! no two live blocks overlap.
 
-mod common;
-mod plan_support;
-
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Barrier;
 
+use crate::fixture::{Counting, assert_ledger_agrees};
+use crate::plan_support::{
+    Block, Op, Watch, arena_range, assert_plan_matches, give, layout, lifetimes, planned_over, take,
+};
 use allocator_api2::alloc::{Allocator, Global};
 use allocator_api2::boxed::Box as ABox;
 use allocator_api2::vec::Vec as AVec;
+use caching_allocator::Stats;
 use caching_allocator::plan::{Plan, Planned, Recorder, Slot};
-use caching_allocator::{MIN_ALIGN, Stats};
-use common::{Counting, Failing};
 use hashbrown::HashMap;
-use plan_support::{Block, Op, Watch, assert_plan_matches, give, layout, lifetimes, take};
 
 /// Runs `ops` through a recorder over a `Counting` backing (stamping and
 /// checking every block) and plans it; checks the recorder forwarded every
@@ -45,8 +44,7 @@ fn record(ops: &[Op]) -> Plan {
         give(&recorder, block);
     }
     drop(recorder);
-    assert_eq!(backing.live_blocks(), 0);
-    assert_eq!(backing.allocs(), backing.frees());
+    backing.assert_all_returned();
     plan
 }
 
@@ -66,42 +64,17 @@ fn slot(offset: usize, size: usize, align: usize) -> Option<Slot> {
     })
 }
 
-/// The arena of a `Planned` just made over `backing`: its address range,
-/// found as the backing's only live block.
-fn arena_range(backing: &Counting, plan: &Plan) -> (usize, usize) {
-    let live = backing.live_layouts();
-    assert_eq!(
-        live.len(),
-        1,
-        "the arena should be the only block: {live:?}"
-    );
-    let (base, arena) = live[0];
-    assert_eq!(arena.size(), plan.arena_bytes());
-    let widest = (0..plan.allocations())
-        .filter_map(|i| plan.slot(i))
-        .map(|s| s.align)
-        .max()
-        .unwrap_or(MIN_ALIGN);
-    assert!(
-        arena.align() >= widest,
-        "arena {arena:?}, slots need {widest}"
-    );
-    (base, base + arena.size())
-}
-
 /// Relations between a `Planned`'s counters and its backing ledger, at rest
 /// (`misses_live_bytes` is what the test holds from the backing).
 #[track_caller]
 fn assert_at_rest(stats: &Stats, backing: &Counting, arena_bytes: usize) {
     let arena = usize::from(arena_bytes > 0);
-    assert_eq!(stats.backing_allocs, backing.allocs(), "{stats:?}");
+    assert_ledger_agrees(stats, backing);
     assert_eq!(
         stats.backing_allocs,
         stats.misses + arena as u64,
         "{stats:?}"
     );
-    assert_eq!(stats.backing_frees, backing.frees(), "{stats:?}");
-    assert_eq!(stats.bytes_reserved, backing.live_bytes(), "{stats:?}");
     assert_eq!(
         stats.hits + stats.misses - stats.frees,
         stats.blocks_in_use as u64,
@@ -228,7 +201,7 @@ fn a_grow_is_recorded_as_one_allocation_and_one_free() {
 
 #[test]
 fn a_failed_request_is_not_recorded() {
-    let backing = Failing::new();
+    let backing = Counting::new();
     let recorder = Recorder::new_in(backing.clone());
     backing.fail_next(1);
     assert!(recorder.allocate(layout(128, 8)).is_err());
@@ -239,7 +212,7 @@ fn a_failed_request_is_not_recorded() {
     // One allocation, and its lifetime did not absorb the failed one.
     assert_eq!((plan.allocations(), plan.planned_blocks()), (1, 1));
     assert_eq!(plan.slot(0), slot(0, 128, 64));
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 #[test]
@@ -395,9 +368,7 @@ fn alignment_4096_is_honoured() {
     assert_eq!(plan.slot(1), slot(8192, 64, 4096));
     assert_eq!(plan.slot(3), slot(0, 64, 4096));
     // The arena is aligned for its widest slot, and so are the blocks.
-    let backing = Counting::new();
-    let planned = Watch::new(Planned::new_in(&plan, backing.clone()));
-    let (base, _) = arena_range(&backing, &plan);
+    let (planned, backing, (base, _)) = planned_over(&plan);
     assert_eq!(base % 4096, 0);
     for _ in 0..2 {
         let _pass = planned.inner().pass();
@@ -539,9 +510,7 @@ fn static_passes_of_collections_are_served_from_an_arena_of_the_peak() {
     drop(recorder);
     assert_eq!(recording_backing.live_blocks(), 0);
 
-    let backing = Counting::new();
-    let planned = Watch::new(Planned::new_in(&plan, backing.clone()));
-    let (base, end) = arena_range(&backing, &plan);
+    let (planned, backing, (base, end)) = planned_over(&plan);
     const PASSES: u64 = 6;
     for pass in 0..PASSES {
         let _pass = planned.inner().pass();
@@ -583,9 +552,7 @@ fn a_pass_holding_collections_across_passes_stays_correct() {
         drop((out, scratch));
         recorder.plan()
     };
-    let backing = Counting::new();
-    let planned = Watch::new(Planned::new_in(&plan, backing.clone()));
-    let (base, _) = arena_range(&backing, &plan);
+    let (planned, backing, (base, _)) = planned_over(&plan);
     let pass = planned.inner().pass();
     let kept = filled(0..1000, planned.clone());
     drop(filled(0..1000, planned.clone()));
@@ -634,9 +601,7 @@ fn one_after_the_other() -> Plan {
 #[test]
 fn a_bigger_or_more_aligned_request_comes_from_the_backing() {
     let plan = two_together();
-    let backing = Counting::new();
-    let planned = Watch::new(Planned::new_in(&plan, backing.clone()));
-    let (base, _) = arena_range(&backing, &plan);
+    let (planned, backing, (base, _)) = planned_over(&plan);
     let in_arena = |b: &Block| b.addr() >= base && b.end() <= base + plan.arena_bytes();
 
     // Up to the slot's rounded size and alignment fits.
@@ -689,9 +654,7 @@ fn smaller_requests_fit_their_slots() {
         Op::Free(0),
         Op::Free(1),
     ]);
-    let backing = Counting::new();
-    let planned = Watch::new(Planned::new_in(&plan, backing.clone()));
-    let (base, _) = arena_range(&backing, &plan);
+    let (planned, _backing, (base, _)) = planned_over(&plan);
     let _pass = planned.inner().pass();
     let a = take(&planned, 10, 8, 0);
     let b = take(&planned, 64, 8, 1);
@@ -705,9 +668,7 @@ fn smaller_requests_fit_their_slots() {
 #[test]
 fn an_extra_allocation_comes_from_the_backing_and_shifts_the_indices() {
     let plan = one_after_the_other();
-    let backing = Counting::new();
-    let planned = Watch::new(Planned::new_in(&plan, backing.clone()));
-    let (base, _) = arena_range(&backing, &plan);
+    let (planned, backing, (base, _)) = planned_over(&plan);
     // An extra allocation at the end: no slot.
     {
         let _pass = planned.inner().pass();
@@ -747,9 +708,7 @@ fn an_extra_allocation_comes_from_the_backing_and_shifts_the_indices() {
 #[test]
 fn a_block_freed_late_overlaps_its_slot_and_the_next_blocks_there_miss() {
     let plan = one_after_the_other();
-    let backing = Counting::new();
-    let planned = Watch::new(Planned::new_in(&plan, backing.clone()));
-    let (base, _) = arena_range(&backing, &plan);
+    let (planned, backing, (base, _)) = planned_over(&plan);
     let pass = planned.inner().pass();
     let a = take(&planned, 4096, 8, 0);
     assert_eq!(a.addr(), base);
@@ -809,9 +768,7 @@ fn a_late_block_covering_part_of_a_slot_still_forces_a_miss() {
     ]);
     assert_eq!(plan.slot(1), slot(0, 64, 64));
     assert_eq!(plan.slot(2), slot(64, 64, 64));
-    let backing = Counting::new();
-    let planned = Watch::new(Planned::new_in(&plan, backing.clone()));
-    let (base, _) = arena_range(&backing, &plan);
+    let (planned, backing, (base, _)) = planned_over(&plan);
     let pass = planned.inner().pass();
     let a = take(&planned, 4096, 8, 0);
     give(&planned, a);
@@ -840,9 +797,7 @@ fn a_late_block_covering_part_of_a_slot_still_forces_a_miss() {
 #[test]
 fn allocations_outside_a_pass_come_from_the_backing() {
     let plan = two_together();
-    let backing = Counting::new();
-    let planned = Watch::new(Planned::new_in(&plan, backing.clone()));
-    let (base, _) = arena_range(&backing, &plan);
+    let (planned, backing, (base, _)) = planned_over(&plan);
     // Before any pass.
     let before = take(&planned, 1000, 8, 0);
     assert_eq!(backing.layout_of(before.addr()), Some(layout(1000, 8)));
@@ -882,9 +837,7 @@ fn allocations_outside_a_pass_come_from_the_backing() {
 #[test]
 fn nested_pass_guards_restart_the_index_and_end_with_the_last() {
     let plan = one_after_the_other();
-    let backing = Counting::new();
-    let planned = Watch::new(Planned::new_in(&plan, backing.clone()));
-    let (base, _) = arena_range(&backing, &plan);
+    let (planned, backing, (base, _)) = planned_over(&plan);
     let outer = planned.inner().pass();
     let a = take(&planned, 4096, 8, 0);
     give(&planned, a);
@@ -1020,19 +973,19 @@ fn the_arena_is_freed_with_the_last_handle() {
 #[test]
 fn an_arena_that_cannot_be_allocated_sends_everything_to_the_backing() {
     let plan = two_together();
-    let backing = Failing::new();
+    let backing = Counting::new();
     backing.fail_next(1);
     let planned = Planned::new_in(&plan, backing.clone());
     let stats = planned.stats();
     assert_eq!(stats.failures, 1);
     assert_eq!((stats.backing_allocs, stats.bytes_reserved), (0, 0));
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
     let planned = Watch::new(planned);
     for pass in 0..2 {
         let _pass = planned.inner().pass();
         let a = take(&planned, 1000, 8, pass);
         let b = take(&planned, 1000, 8, pass + 1);
-        assert_eq!(backing.counting().live_blocks(), 2);
+        assert_eq!(backing.live_blocks(), 2);
         give(&planned, a);
         give(&planned, b);
     }
@@ -1045,7 +998,7 @@ fn an_arena_that_cannot_be_allocated_sends_everything_to_the_backing() {
     assert!(planned.allocate(layout(10, 8)).is_err());
     assert_eq!(planned.inner().stats().failures, 2);
     drop(planned);
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 #[test]
@@ -1100,9 +1053,7 @@ fn planned_grows_and_shrinks_by_moving() {
 #[test]
 fn zero_sized_requests_in_a_pass_take_no_slot() {
     let plan = two_together();
-    let backing = Counting::new();
-    let planned = Watch::new(Planned::new_in(&plan, backing.clone()));
-    let (base, _) = arena_range(&backing, &plan);
+    let (planned, backing, (base, _)) = planned_over(&plan);
     let _pass = planned.inner().pass();
     let empty = planned.allocate(layout(0, 128)).unwrap();
     assert_eq!(empty.len(), 0);

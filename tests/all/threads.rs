@@ -1,16 +1,14 @@
 //! One cache shared by several threads through clones, with blocks freed on
 //! other threads than the ones that allocated them.
 
-mod common;
-
 use std::sync::mpsc;
 use std::thread;
 
+use crate::fixture::Counting;
 use allocator_api2::alloc::Global;
 use allocator_api2::boxed::Box;
 use allocator_api2::vec::Vec;
 use caching_allocator::CachingAllocator;
-use common::Counting;
 
 const THREADS: usize = 4;
 const ROUNDS: usize = 300;
@@ -164,8 +162,7 @@ fn release_cached_and_stats_race_with_traffic() {
         stats.blocks_cached as u64
     );
     drop(cache);
-    assert_eq!(backing.live_blocks(), 0);
-    assert_eq!(backing.frees(), backing.allocs());
+    backing.assert_all_returned();
 }
 
 #[test]

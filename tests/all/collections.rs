@@ -2,47 +2,30 @@
 //! `HashMap`) and the raw `Allocator` calls, with exact statistics checked
 //! against a `Counting` backing allocator.
 
-mod common;
-
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
-use allocator_api2::alloc::{AllocError, Allocator, Layout};
+use crate::fixture::{
+    Counting, FRESH_BYTE, assert_cache_agrees, block_layout, counted, layout, pattern, zeros,
+};
+use allocator_api2::alloc::{Allocator, Layout};
 use allocator_api2::boxed::Box;
 use allocator_api2::vec::Vec;
 use caching_allocator::{CachingAllocator, MIN_ALIGN, Stats};
-use common::{Counting, FRESH_BYTE, block_layout, pattern, zeros};
 
 type Cache = CachingAllocator<Counting>;
-
-fn counted() -> (Cache, Counting) {
-    let backing = Counting::new();
-    (CachingAllocator::new_in(backing.clone()), backing)
-}
-
-fn layout(size: usize, align: usize) -> Layout {
-    Layout::from_size_align(size, align).unwrap()
-}
 
 fn addr(block: NonNull<[u8]>) -> usize {
     block.cast::<u8>().as_ptr() as usize
 }
 
-/// The cache's figures agree with what the backing allocator holds.
+/// The cache's figures agree with what the backing allocator holds (every
+/// block here is a miss, none lost to rounding: exact sizes).
 fn assert_backing_agrees(cache: &Cache, backing: &Counting) {
     let stats = cache.stats();
-    assert_eq!(
-        stats.bytes_reserved,
-        stats.bytes_in_use + stats.bytes_cached
-    );
-    assert_eq!(backing.live_bytes(), stats.bytes_reserved);
-    assert_eq!(
-        backing.live_blocks(),
-        stats.blocks_in_use + stats.blocks_cached
-    );
-    assert_eq!(backing.allocs(), stats.backing_allocs);
-    assert_eq!(backing.frees(), stats.backing_frees);
+    assert_cache_agrees(&stats, backing);
+    assert_eq!(stats.bytes_lost_to_rounding, 0, "{stats:?}");
     assert_eq!(stats.backing_allocs, stats.misses);
 }
 
@@ -508,27 +491,20 @@ fn allocate_zeroed_zeroes_a_dirty_reused_block() {
 #[test]
 fn stats_are_exact() {
     let (cache, backing) = counted();
-    let expect = |edit: &dyn Fn(&mut Stats)| {
-        let mut stats = Stats::default();
-        edit(&mut stats);
-        stats
-    };
     let a = cache.allocate(layout(1000, 8)).unwrap();
     let b = cache.allocate(layout(1000, 8)).unwrap();
     let c = cache.allocate(layout(300, 4096)).unwrap();
-    assert_eq!(
-        cache.stats(),
-        expect(&|s| {
-            s.misses = 3;
-            s.bytes_missed = 2300;
-            s.bytes_in_use = 2300;
-            s.bytes_reserved = 2300;
-            s.blocks_in_use = 3;
-            s.peak_bytes_in_use = 2300;
-            s.peak_bytes_reserved = 2300;
-            s.backing_allocs = 3;
-        })
-    );
+    // Three misses: every byte in use is reserved, nothing cached.
+    let mut expected = Stats::default();
+    (
+        expected.misses,
+        expected.backing_allocs,
+        expected.blocks_in_use,
+    ) = (3, 3, 3);
+    expected.bytes_missed = 2300;
+    (expected.bytes_in_use, expected.peak_bytes_in_use) = (2300, 2300);
+    (expected.bytes_reserved, expected.peak_bytes_reserved) = (2300, 2300);
+    assert_eq!(cache.stats(), expected);
     assert_backing_agrees(&cache, &backing);
     // SAFETY: live blocks with these layouts.
     unsafe {
@@ -539,51 +515,35 @@ fn stats_are_exact() {
     assert_eq!(addr(d), addr(b));
     // SAFETY: live with this layout.
     unsafe { cache.deallocate(c.cast(), layout(300, 4096)) };
-    assert_eq!(
-        cache.stats(),
-        expect(&|s| {
-            s.hits = 1;
-            s.misses = 3;
-            s.bytes_hit = 1000;
-            s.bytes_missed = 2300;
-            s.frees = 3;
-            s.bytes_in_use = 1000;
-            s.bytes_cached = 1300;
-            s.bytes_reserved = 2300;
-            s.blocks_in_use = 1;
-            s.blocks_cached = 2;
-            s.peak_bytes_in_use = 2300;
-            s.peak_bytes_cached = 2000;
-            s.peak_bytes_reserved = 2300;
-            s.backing_allocs = 3;
-        })
-    );
+    // Two 1000-byte frees (peak cached 2000), one hit, then the 300.
+    (expected.hits, expected.bytes_hit, expected.frees) = (1, 1000, 3);
+    (expected.bytes_in_use, expected.blocks_in_use) = (1000, 1);
+    (
+        expected.bytes_cached,
+        expected.blocks_cached,
+        expected.peak_bytes_cached,
+    ) = (1300, 2, 2000);
+    assert_eq!(cache.stats(), expected);
     assert_backing_agrees(&cache, &backing);
     assert_eq!(cache.release_cached(), 1300);
     assert_eq!(cache.release_cached(), 0);
     // SAFETY: live with this layout.
     unsafe { cache.deallocate(d.cast(), layout(1000, 64)) };
     let stats = cache.stats();
-    assert_eq!(
-        stats,
-        expect(&|s| {
-            s.hits = 1;
-            s.misses = 3;
-            s.bytes_hit = 1000;
-            s.bytes_missed = 2300;
-            s.frees = 4;
-            s.bytes_cached = 1000;
-            s.bytes_reserved = 1000;
-            s.blocks_cached = 1;
-            s.peak_bytes_in_use = 2300;
-            s.peak_bytes_cached = 2000;
-            s.peak_bytes_reserved = 2300;
-            s.backing_allocs = 3;
-            s.backing_frees = 2;
-            s.releases = 2;
-            s.bytes_released = 1300;
-        })
-    );
+    // Two releases (one of nothing), then d cached.
+    expected.frees = 4;
+    (expected.bytes_in_use, expected.blocks_in_use) = (0, 0);
+    (
+        expected.bytes_cached,
+        expected.blocks_cached,
+        expected.bytes_reserved,
+    ) = (1000, 1, 1000);
+    (
+        expected.releases,
+        expected.bytes_released,
+        expected.backing_frees,
+    ) = (2, 1300, 2);
+    assert_eq!(stats, expected);
     assert_backing_agrees(&cache, &backing);
     assert_eq!(stats.hit_ratio(), 0.25);
     assert!(
@@ -634,9 +594,7 @@ fn dropping_the_last_handle_returns_everything() {
         assert_eq!(clone.stats().bytes_in_use, 0);
         assert_eq!(backing.allocs(), clone.stats().misses);
     }
-    assert_eq!(backing.live_blocks(), 0);
-    assert_eq!(backing.live_bytes(), 0);
-    assert_eq!(backing.frees(), backing.allocs());
+    backing.assert_all_returned();
 }
 
 #[test]
@@ -661,73 +619,46 @@ fn the_backing_sees_exactly_the_user_blocks() {
     assert_eq!(backing.frees(), 300);
 }
 
-/// A backing allocator that calls back into the cache it backs: it would
-/// deadlock if the cache called it with its lock held.
-#[derive(Clone, Default)]
-struct Reentrant {
-    counting: Counting,
-    cache: Arc<Mutex<Option<CachingAllocator<Reentrant>>>>,
-    callbacks: Arc<AtomicUsize>,
-}
-
 thread_local! {
     static IN_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-impl Reentrant {
-    fn call_back(&self) {
-        let cache = self.cache.lock().unwrap().clone();
-        let Some(cache) = cache else { return };
+/// The backing calls back into the cache it backs from inside every call:
+/// it would deadlock if the cache called it with its lock held.
+#[test]
+fn the_backing_is_never_called_with_the_lock_held() {
+    let (cache, backing) = counted();
+    let callbacks = Arc::new(AtomicUsize::new(0));
+    let (peer, count) = (cache.clone(), callbacks.clone());
+    backing.set_hook(move || {
         if IN_CALLBACK.get() {
             return;
         }
         IN_CALLBACK.set(true);
-        let before = cache.stats();
+        let before = peer.stats();
         // Allocate from and free into the very cache that called us.
-        let block = cache.allocate(Layout::new::<[u64; 3]>()).unwrap();
+        let block = peer.allocate(Layout::new::<[u64; 3]>()).unwrap();
         // SAFETY: allocated just above with this layout.
-        unsafe { cache.deallocate(block.cast(), Layout::new::<[u64; 3]>()) };
-        assert_eq!(cache.stats().frees, before.frees + 1);
+        unsafe { peer.deallocate(block.cast(), Layout::new::<[u64; 3]>()) };
+        assert_eq!(peer.stats().frees, before.frees + 1);
         IN_CALLBACK.set(false);
-        self.callbacks.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-// SAFETY: delegates to `Counting`.
-unsafe impl Allocator for Reentrant {
-    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        self.call_back();
-        self.counting.allocate(layout)
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        self.call_back();
-        // SAFETY: forwarded contract.
-        unsafe { self.counting.deallocate(ptr, layout) }
-    }
-}
-
-#[test]
-fn the_backing_is_never_called_with_the_lock_held() {
-    let backing = Reentrant::default();
-    let cache = CachingAllocator::new_in(backing.clone());
-    *backing.cache.lock().unwrap() = Some(cache.clone());
+        count.fetch_add(1, Ordering::SeqCst);
+    });
 
     let mut v: Vec<u32, _> = Vec::new_in(cache.clone());
     for i in 0..10_000 {
         v.push(i);
     }
     drop(v);
-    assert!(backing.callbacks.load(Ordering::SeqCst) > 3);
-    let calls = backing.callbacks.load(Ordering::SeqCst);
+    assert!(callbacks.load(Ordering::SeqCst) > 3);
+    let calls = callbacks.load(Ordering::SeqCst);
     assert!(cache.release_cached() > 0);
-    assert!(backing.callbacks.load(Ordering::SeqCst) > calls);
+    assert!(callbacks.load(Ordering::SeqCst) > calls);
 
     // Break the cycle, then the last handle's drop returns everything.
-    backing.cache.lock().unwrap().take();
+    backing.clear_hook();
     drop(cache);
-    assert_eq!(backing.counting.live_blocks(), 0);
-    assert_eq!(backing.counting.frees(), backing.counting.allocs());
+    backing.assert_all_returned();
 }
 
 #[test]

@@ -1,15 +1,11 @@
 //! `plan::Recorder` and `plan::Planned` with std's own collections
 //! (`core::alloc::Allocator`, nightly), next to allocator-api2's in the same
 //! pass.
-#![cfg(feature = "nightly")]
-#![cfg_attr(feature = "nightly", feature(allocator_api))]
-
-mod common;
 
 use std::alloc::Global;
 
+use crate::fixture::Counting;
 use caching_allocator::plan::{Planned, Recorder};
-use common::Counting;
 
 /// A pass over std's `Vec` (with growth, a clone and a boxed slice) and
 /// `Box`; its allocations depend only on sizes, its result on every byte.

@@ -4,8 +4,8 @@
 //! Only built with `-Zsanitizer=address` (the crate's build script sets
 //! `cfg(asan)`); `.ci/run`'s sanitizer step runs it. Each case runs in a child
 //! process (this test binary, re-run with an environment variable) that must
-//! die with ASan's report.
-#![cfg(asan)]
+//! die with ASan's report. A module of `tests/all`; its tests are named
+//! `asan_poison::CASE` there.
 
 use std::alloc::Layout;
 use std::process::Command;
@@ -19,7 +19,12 @@ const CHILD: &str = "CACHING_ALLOCATOR_ASAN_CHILD";
 /// Runs `case` in a child process and returns its stderr, asserting it died.
 fn child_report(case: &str) -> String {
     let output = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", case, "--test-threads=1", "--nocapture"])
+        .args([
+            "--exact",
+            &format!("asan_poison::{case}"),
+            "--test-threads=1",
+            "--nocapture",
+        ])
         .env(CHILD, case)
         .output()
         .unwrap();

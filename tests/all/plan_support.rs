@@ -1,4 +1,4 @@
-//! Shared by the plan tests (`tests/plan*.rs`): a reference planner written
+//! Shared by the plan tests (`tests/all/plan*.rs`): a reference planner written
 //! from the documented rule, a recording script, and `Watch`, an allocator
 //! wrapper that checks every block it sees.
 //!
@@ -17,7 +17,10 @@ use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use allocator_api2::alloc::{AllocError, Allocator, Layout};
-use caching_allocator::plan::{Plan, Slot};
+use caching_allocator::MIN_ALIGN;
+use caching_allocator::plan::{Plan, Planned, Slot};
+
+use crate::fixture::Counting;
 
 /// The arena's granularity: slot sizes are rounded up to it, slot alignments
 /// are at least it.
@@ -27,8 +30,40 @@ pub fn round64(size: usize) -> usize {
     size.div_ceil(GRANULE) * GRANULE
 }
 
-pub fn layout(size: usize, align: usize) -> Layout {
-    Layout::from_size_align(size, align).unwrap()
+pub use crate::fixture::layout;
+
+/// The arena of `plan` as `backing` holds it, checked: the backing's only
+/// block, of the plan's arena size, aligned (its layout and its address) for
+/// the widest slot. Returns its range.
+pub fn arena_range(backing: &Counting, plan: &Plan) -> (usize, usize) {
+    let live = backing.live_layouts();
+    assert_eq!(
+        live.len(),
+        1,
+        "the arena should be the only block: {live:?}"
+    );
+    let (base, arena) = live[0];
+    assert_eq!(arena.size(), plan.arena_bytes());
+    let widest = (0..plan.allocations())
+        .filter_map(|i| plan.slot(i))
+        .map(|s| s.align)
+        .max()
+        .unwrap_or(MIN_ALIGN);
+    assert!(
+        arena.align() >= widest,
+        "arena {arena:?}, slots need {widest}"
+    );
+    assert_eq!(base % widest, 0, "arena not aligned for its slots");
+    (base, base + arena.size())
+}
+
+/// `plan` over a new ledger backing (watched), the backing, and the range of
+/// its arena.
+pub fn planned_over(plan: &Plan) -> (Watch<Planned<Counting>>, Counting, (usize, usize)) {
+    let backing = Counting::new();
+    let planned = Watch::new(Planned::new_in(plan, backing.clone()));
+    let range = arena_range(&backing, plan);
+    (planned, backing, range)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -1,15 +1,11 @@
 //! std's own collections over the cache (`core::alloc::Allocator`, nightly),
 //! next to hashbrown and allocator-api2 (the allocator-api2 trait) in the
 //! same build.
-#![cfg(feature = "nightly")]
-#![cfg_attr(feature = "nightly", feature(allocator_api))]
-
-mod common;
 
 use core::alloc::{Allocator, Layout};
 
+use crate::fixture::{Counting, zeros};
 use caching_allocator::CachingAllocator;
-use common::{Counting, zeros};
 
 #[test]
 fn std_vec_and_box_reuse_blocks() {

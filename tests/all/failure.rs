@@ -2,25 +2,14 @@
 //! recovery, absurd layouts, and failed grows that must leave the old block
 //! alone.
 
-mod common;
-
 use std::ptr::NonNull;
 
-use allocator_api2::alloc::{AllocError, Allocator, Layout};
+use crate::fixture::{Counting, assert_cache_agrees, counted, layout, pattern};
+use allocator_api2::alloc::{AllocError, Allocator};
 use allocator_api2::vec::Vec;
 use caching_allocator::CachingAllocator;
-use common::{Counting, Failing, pattern};
 
-type Cache = CachingAllocator<Failing>;
-
-fn failing() -> (Cache, Failing) {
-    let backing = Failing::new();
-    (CachingAllocator::new_in(backing.clone()), backing)
-}
-
-fn layout(size: usize, align: usize) -> Layout {
-    Layout::from_size_align(size, align).unwrap()
-}
+type Cache = CachingAllocator<Counting>;
 
 fn write(block: NonNull<[u8]>, bytes: &[u8]) {
     // SAFETY: callers pass a live block of at least `bytes.len()` bytes.
@@ -44,23 +33,15 @@ fn cache_blocks(cache: &Cache, n: usize, size: usize) {
     }
 }
 
-fn assert_nothing_lost(cache: &Cache, backing: &Failing) {
-    let stats = cache.stats();
-    let counting = backing.counting();
-    assert_eq!(counting.live_bytes(), stats.bytes_reserved);
-    assert_eq!(
-        counting.live_blocks(),
-        stats.blocks_in_use + stats.blocks_cached
-    );
-    assert_eq!(counting.allocs(), stats.backing_allocs);
-    assert_eq!(counting.frees(), stats.backing_frees);
+fn assert_nothing_lost(cache: &Cache, backing: &Counting) {
+    assert_cache_agrees(&cache.stats(), backing);
 }
 
 #[test]
 fn a_failed_allocation_is_retried_after_releasing_the_cache() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     cache_blocks(&cache, 3, 1000);
-    assert_eq!(backing.counting().live_blocks(), 3);
+    assert_eq!(backing.live_blocks(), 3);
     backing.fail_next(1);
     let block = cache.allocate(layout(2000, 8)).expect("the retry succeeds");
     let stats = cache.stats();
@@ -71,19 +52,19 @@ fn a_failed_allocation_is_retried_after_releasing_the_cache() {
         (4, 2000, 0)
     );
     // The cached blocks really went back; only the new one is held.
-    assert_eq!(backing.counting().live_blocks(), 1);
-    assert_eq!(backing.counting().live_bytes(), 2000);
+    assert_eq!(backing.live_blocks(), 1);
+    assert_eq!(backing.live_bytes(), 2000);
     assert_eq!((backing.attempts(), backing.refused()), (5, 1));
     assert_nothing_lost(&cache, &backing);
     // SAFETY: allocated above with this layout.
     unsafe { cache.deallocate(block.cast(), layout(2000, 8)) };
     drop(cache);
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 #[test]
 fn a_budget_is_met_by_releasing_the_cache() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     backing.set_budget(Some(4096));
     cache_blocks(&cache, 3, 1000);
     // 3000 cached + 2000 would exceed the budget: release, then it fits.
@@ -105,12 +86,12 @@ fn a_budget_is_met_by_releasing_the_cache() {
     assert_nothing_lost(&cache, &backing);
     drop((v, w, x));
     drop(cache);
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 #[test]
 fn two_failures_in_a_row_are_an_error_and_leak_nothing() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     let held = cache.allocate(layout(64, 8)).unwrap();
     cache_blocks(&cache, 2, 500);
     backing.fail_next(2);
@@ -139,12 +120,12 @@ fn two_failures_in_a_row_are_an_error_and_leak_nothing() {
     }
     assert_nothing_lost(&cache, &backing);
     drop(cache);
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 #[test]
 fn a_failing_backing_with_nothing_cached() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     backing.fail_all(true);
     for size in [1, 64, 4096, 1 << 20] {
         assert_eq!(cache.allocate(layout(size, 8)), Err(AllocError));
@@ -165,7 +146,7 @@ fn a_failing_backing_with_nothing_cached() {
 
 #[test]
 fn absurd_layouts_are_errors_not_panics() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     let max = isize::MAX as usize;
     // No block layout exists for these (the size raised to the 64 class, or
     // to their own alignment, overflows isize): refused without asking the
@@ -209,7 +190,7 @@ fn absurd_layouts_are_errors_not_panics() {
 
 #[test]
 fn growing_to_an_absurd_size_fails_and_keeps_the_block() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     let old = layout(100, 8);
     let block = cache.allocate(old).unwrap();
     write(block, pattern(3, 100));
@@ -234,7 +215,7 @@ fn growing_to_an_absurd_size_fails_and_keeps_the_block() {
 
 #[test]
 fn try_reserve_with_an_absurd_capacity_is_an_error() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     let mut bytes: Vec<u8, _> = Vec::new_in(cache.clone());
     bytes.extend_from_slice(b"keep me");
     assert!(bytes.try_reserve(usize::MAX).is_err());
@@ -256,7 +237,7 @@ fn try_reserve_with_an_absurd_capacity_is_an_error() {
 
 #[test]
 fn a_failed_grow_leaves_the_old_block_valid() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     let old = layout(300, 16);
     let block = cache.allocate(old).unwrap();
     write(block, pattern(7, 300));
@@ -290,12 +271,12 @@ fn a_failed_grow_leaves_the_old_block_valid() {
     unsafe { cache.deallocate(grown.cast(), layout(600, 16)) };
     assert_nothing_lost(&cache, &backing);
     drop(cache);
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 #[test]
 fn a_vec_that_cannot_grow_keeps_its_elements() {
-    let (cache, backing) = failing();
+    let (cache, backing) = counted();
     let mut v: Vec<u32, _> = Vec::with_capacity_in(100, cache.clone());
     v.extend(0..100);
     backing.fail_all(true);
@@ -315,26 +296,26 @@ fn a_vec_that_cannot_grow_keeps_its_elements() {
     drop((v, map));
     assert_nothing_lost(&cache, &backing);
     drop(cache);
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 #[test]
 fn failing_fixture_scripts_decisions() {
     // The fixture itself: a script is consumed front first, then attempts
     // succeed; leaks would still be caught by the Counting underneath.
-    let backing = Failing::new();
+    let backing = Counting::new();
     backing.script([false, true, false]);
     assert!(backing.allocate(layout(8, 8)).is_ok());
     assert!(backing.allocate(layout(8, 8)).is_err());
     assert!(backing.allocate(layout(8, 8)).is_ok());
     assert!(backing.allocate(layout(8, 8)).is_ok());
     assert_eq!((backing.attempts(), backing.refused()), (4, 1));
-    assert_eq!(backing.counting().live_blocks(), 3);
-    for (addr, l) in backing.counting().live_layouts() {
+    assert_eq!(backing.live_blocks(), 3);
+    for (addr, l) in backing.live_layouts() {
         // SAFETY: live blocks of this backing with their recorded layouts.
         unsafe { backing.deallocate(NonNull::new(addr as *mut u8).unwrap(), l) };
     }
-    assert_eq!(backing.counting().live_blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
 }
 
 /// Runs `f`, which must panic with a message containing `expected`.

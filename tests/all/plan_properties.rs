@@ -18,18 +18,16 @@
 //!
 //! `PROPTEST_CASES` sets the number of cases.
 
-mod common;
-mod plan_support;
-
 use std::collections::BTreeMap;
 
+use crate::fixture::{Counting, assert_ledger_agrees, assert_stats_eq, proptest_config};
+use crate::plan_support::{
+    Block, Op, Watch, assert_plan_matches, give, layout, lifetimes, planned_over, take,
+};
 use allocator_api2::alloc::Allocator;
 use caching_allocator::Stats;
 use caching_allocator::plan::{Pass, Plan, Planned, Recorder};
-use common::{Counting, cases_from_env_or};
-use plan_support::{Block, Op, Watch, assert_plan_matches, give, layout, lifetimes, take};
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 
 const ALIGNS: [usize; 5] = [1, 8, 64, 128, 4096];
 
@@ -311,82 +309,19 @@ struct Harness {
     in_pass: bool,
     next: usize,
     live: BTreeMap<usize, Live>,
-    expected: Expected,
-}
-
-/// The counters the model predicts.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Expected {
-    hits: u64,
-    misses: u64,
-    frees: u64,
-    bytes_hit: u64,
-    bytes_missed: u64,
-    bytes_in_use: usize,
-    blocks_in_use: usize,
-    peak_bytes_in_use: usize,
-    bytes_reserved: usize,
-    peak_bytes_reserved: usize,
-    backing_allocs: u64,
-    backing_frees: u64,
-    failures: u64,
-}
-
-impl Expected {
-    fn of(stats: &Stats) -> Self {
-        assert_eq!(
-            (
-                stats.bytes_cached,
-                stats.blocks_cached,
-                stats.bytes_lost_to_rounding
-            ),
-            (0, 0, 0),
-            "{stats:?}"
-        );
-        assert_eq!(
-            (stats.releases, stats.evictions, stats.retries),
-            (0, 0, 0),
-            "{stats:?}"
-        );
-        Self {
-            hits: stats.hits,
-            misses: stats.misses,
-            frees: stats.frees,
-            bytes_hit: stats.bytes_hit,
-            bytes_missed: stats.bytes_missed,
-            bytes_in_use: stats.bytes_in_use,
-            blocks_in_use: stats.blocks_in_use,
-            peak_bytes_in_use: stats.peak_bytes_in_use,
-            bytes_reserved: stats.bytes_reserved,
-            peak_bytes_reserved: stats.peak_bytes_reserved,
-            backing_allocs: stats.backing_allocs,
-            backing_frees: stats.backing_frees,
-            failures: stats.failures,
-        }
-    }
+    expected: Stats,
 }
 
 impl Harness {
     fn new(plan: Plan) -> Self {
-        let backing = Counting::new();
-        let planned = Watch::new(Planned::new_in(&plan, backing.clone()));
+        let (planned, backing, (base, _)) = planned_over(&plan);
         let arena = plan.arena_bytes();
-        let live = backing.live_layouts();
-        assert_eq!(live.len(), 1, "the arena is the backing's only block");
-        let (base, arena_layout) = live[0];
-        assert_eq!(arena_layout.size(), arena);
-        let widest = (0..plan.allocations())
-            .filter_map(|i| plan.slot(i))
-            .map(|slot| slot.align)
-            .max()
-            .unwrap();
-        assert_eq!(base % widest, 0, "arena not aligned for its slots");
-        let expected = Expected {
-            bytes_reserved: arena,
-            peak_bytes_reserved: arena,
-            backing_allocs: 1,
-            ..Expected::default()
-        };
+        // The counters the model predicts (every other one stays 0: nothing
+        // is cached, released, evicted or retried, nothing lost to rounding).
+        let mut expected = Stats::default();
+        expected.bytes_reserved = arena;
+        expected.peak_bytes_reserved = arena;
+        expected.backing_allocs = 1;
         let harness = Self {
             plan,
             backing,
@@ -522,12 +457,11 @@ impl Harness {
 
     fn check(&self) {
         let stats = self.planned.inner().stats();
-        assert_eq!(Expected::of(&stats), self.expected, "{stats:?}");
+        assert_stats_eq(&stats, &self.expected);
         // The backing holds the arena and the live misses, nothing else.
         let misses = self.live.values().filter(|l| l.offset.is_none()).count();
         assert_eq!(self.backing.live_blocks(), 1 + misses);
-        assert_eq!(self.backing.live_bytes(), stats.bytes_reserved);
-        assert_eq!(self.backing.allocs(), stats.backing_allocs);
+        assert_ledger_agrees(&stats, &self.backing);
         assert_eq!(self.planned.live().len(), self.live.len());
     }
 }
@@ -579,23 +513,11 @@ fn run(ops: &[Op], passes: &[Vec<Deviation>]) {
     assert_eq!((stats.bytes_in_use, stats.blocks_in_use), (0, 0));
     assert_eq!(backing.live_blocks(), 1);
     drop(planned);
-    assert_eq!(backing.live_blocks(), 0);
-    assert_eq!(backing.allocs(), backing.frees());
-}
-
-fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: cases_from_env_or(512),
-        // Relative to the package root, where `cargo test` runs test binaries.
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
-            "proptest-regressions/plan_properties.txt",
-        ))),
-        ..ProptestConfig::default()
-    }
+    backing.assert_all_returned();
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(proptest_config("proptest-regressions/plan_properties.txt", 512))]
 
     #[test]
     fn planned_passes_match_the_model(

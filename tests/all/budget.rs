@@ -7,80 +7,25 @@
 //! cache gave back which block (and a block returned to the wrong backing
 //! panics there as a foreign pointer).
 
-mod common;
-
 use std::collections::BTreeSet;
-use std::ptr::NonNull;
 use std::sync::mpsc;
 use std::thread;
 
+use crate::fixture::{
+    Counting, Held, Rng, assert_cache_agrees, built, cache_one, give_stamped as give, l,
+    reference_class, take,
+};
 use allocator_api2::alloc::{Allocator, Layout};
 use caching_allocator::{Budget, CachingAllocator, SizePolicy};
-use common::{Counting, Failing, reference_class};
 
 type Cache = CachingAllocator<Counting>;
-
-fn l(size: usize) -> Layout {
-    Layout::from_size_align(size, 8).unwrap()
-}
 
 fn block_layout(size: usize) -> Layout {
     Layout::from_size_align(size, 64).unwrap()
 }
 
 fn member(budget: &Budget) -> (Cache, Counting) {
-    let backing = Counting::new();
-    let cache = CachingAllocator::builder()
-        .budget(budget)
-        .build_in(backing.clone());
-    (cache, backing)
-}
-
-/// A block handed out by a cache (which one is the caller's business).
-struct Held {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-// SAFETY: a block is plain memory owned by whoever holds the pointer.
-unsafe impl Send for Held {}
-
-impl Held {
-    fn addr(&self) -> usize {
-        self.ptr.as_ptr() as usize
-    }
-}
-
-fn take<A: Allocator>(cache: &CachingAllocator<A>, layout: Layout) -> Held {
-    let ptr = cache.allocate(layout).expect("allocation failed");
-    // SAFETY: a fresh block of `layout.size()` bytes, ours alone: stamp it so
-    // a block shared by two owners shows up as a changed stamp.
-    unsafe { ptr.cast::<u8>().as_ptr().write_bytes(0x5A, layout.size()) };
-    Held {
-        ptr: ptr.cast(),
-        layout,
-    }
-}
-
-fn give<A: Allocator>(cache: &CachingAllocator<A>, held: Held) {
-    // SAFETY: the block is live and ours; checked before it goes back.
-    let first = unsafe { *held.ptr.as_ptr() };
-    assert_eq!(
-        first,
-        0x5A,
-        "block {:#x} was written by another owner",
-        held.addr()
-    );
-    // SAFETY: `held` was handed out by this cache for its layout.
-    unsafe { cache.deallocate(held.ptr, held.layout) };
-}
-
-/// Frees a new block of `size` bytes into `cache`; returns its address.
-fn cache_one<A: Allocator>(cache: &CachingAllocator<A>, size: usize) -> usize {
-    let held = take(cache, l(size));
-    let addr = held.addr();
-    give(cache, held);
-    addr
+    built(CachingAllocator::builder().budget(budget))
 }
 
 /// At rest: the budget counts exactly its members' cached bytes, within the
@@ -94,10 +39,16 @@ fn assert_at_rest(budget: &Budget, members: &[(&Cache, &Counting)]) {
     );
     assert_eq!(budget.bytes_cached(), sum, "{budget:?}");
     for (cache, backing) in members {
-        let stats = cache.stats();
-        assert_eq!(backing.live_bytes(), stats.bytes_reserved, "{stats:?}");
-        assert_eq!(backing.frees(), stats.backing_frees, "{stats:?}");
-        assert_eq!(backing.allocs(), stats.backing_allocs, "{stats:?}");
+        assert_cache_agrees(&cache.stats(), backing);
+    }
+}
+
+/// Once every member is dropped: the budget and every backing hold nothing,
+/// and every block went back once.
+fn assert_all_back(budget: &Budget, backings: &[Counting]) {
+    assert_eq!(budget.bytes_cached(), 0);
+    for backing in backings {
+        backing.assert_all_returned();
     }
 }
 
@@ -207,7 +158,7 @@ fn the_sum_stays_within_the_limit_after_every_operation() {
             .build_in(backings[2].clone()),
     ];
     let members: Vec<(&Cache, &Counting)> = caches.iter().zip(&backings).collect();
-    let mut rng = Lcg(11);
+    let mut rng = Rng::new(11);
     let mut live: Vec<(usize, Held)> = Vec::new();
     for step in 0..3000 {
         let k = rng.below(3);
@@ -246,11 +197,7 @@ fn the_sum_stays_within_the_limit_after_every_operation() {
     assert_at_rest(&budget, &members);
     drop(members);
     drop(caches);
-    assert_eq!(budget.bytes_cached(), 0);
-    for backing in &backings {
-        assert_eq!(backing.live_blocks(), 0);
-        assert_eq!(backing.frees(), backing.allocs());
-    }
+    assert_all_back(&budget, &backings);
 }
 
 #[test]
@@ -394,13 +341,13 @@ fn clones_share_the_budget() {
 #[test]
 fn the_cap_and_the_budget_both_hold() {
     let budget = Budget::new(8000);
-    let backing = Counting::new();
-    let capped = CachingAllocator::builder()
-        .budget(&budget)
-        .max_cached_bytes(3000)
-        .build_in(backing.clone());
+    let (capped, backing) = built(
+        CachingAllocator::builder()
+            .budget(&budget)
+            .max_cached_bytes(3000),
+    );
     let (other, other_backing) = member(&budget);
-    let mut rng = Lcg(5);
+    let mut rng = Rng::new(5);
     for _ in 0..500 {
         let size = 1 + rng.below(3500);
         let cache = if rng.below(2) == 0 { &capped } else { &other };
@@ -453,11 +400,11 @@ fn a_budget_of_zero_caches_nothing() {
 fn a_block_over_its_caches_cap_evicts_nothing_from_the_budget() {
     let budget = Budget::new(10_000);
     let (other, other_backing) = member(&budget);
-    let backing = Counting::new();
-    let capped = CachingAllocator::builder()
-        .budget(&budget)
-        .max_cached_bytes(1000)
-        .build_in(backing.clone());
+    let (capped, backing) = built(
+        CachingAllocator::builder()
+            .budget(&budget)
+            .max_cached_bytes(1000),
+    );
     let kept = cache_one(&other, 8000);
     // 3000 > the cap of 1000: not cached, whatever the budget holds.
     let big = cache_one(&capped, 3000);
@@ -478,18 +425,18 @@ fn a_block_over_its_caches_cap_evicts_nothing_from_the_budget() {
 fn a_cache_that_stopped_caching_evicts_nothing_from_the_budget() {
     let budget = Budget::new(10_000);
     let (other, other_backing) = member(&budget);
-    let failing = Failing::new();
-    let stopped = CachingAllocator::builder()
-        .budget(&budget)
-        .stop_caching_after_failure(true)
-        .build_in(failing.clone());
+    let (stopped, failing) = built(
+        CachingAllocator::builder()
+            .budget(&budget)
+            .stop_caching_after_failure(true),
+    );
     let held = take(&stopped, l(3000));
     failing.fail_next(2);
     assert!(stopped.allocate(l(5000)).is_err());
     assert!(stopped.is_caching_stopped());
     let kept = cache_one(&other, 8000);
     give(&stopped, held);
-    assert_eq!(failing.counting().live_blocks(), 0, "went straight back");
+    assert_eq!(failing.live_blocks(), 0, "went straight back");
     assert_eq!(stopped.stats().bytes_cached, 0);
     assert!(
         other_backing.is_live(kept),
@@ -497,23 +444,6 @@ fn a_cache_that_stopped_caching_evicts_nothing_from_the_budget() {
         other.stats()
     );
     assert_eq!(budget.bytes_cached(), 8000);
-}
-
-/// A small deterministic generator.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        self.0 >> 33
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 /// Four threads, each with its own cache on one budget, each also taking
@@ -549,7 +479,7 @@ fn threads_with_their_own_caches_keep_the_budget() {
             let to_next = senders[(i + 1) % THREADS].clone();
             let from_prev = receivers[i].take().unwrap();
             thread::spawn(move || {
-                let mut rng = Lcg(i as u64 + 100);
+                let mut rng = Rng::new(i as u64 + 100);
                 let own = &caches[i];
                 let neighbour = &caches[(i + 1) % THREADS];
                 let mut held: Vec<(usize, Held)> = Vec::new();
@@ -607,11 +537,7 @@ fn threads_with_their_own_caches_keep_the_budget() {
     assert!(evictions > 0);
     drop(members);
     drop(caches);
-    assert_eq!(budget.bytes_cached(), 0);
-    for backing in &backings {
-        assert_eq!(backing.live_blocks(), 0);
-        assert_eq!(backing.frees(), backing.allocs());
-    }
+    assert_all_back(&budget, &backings);
 }
 
 /// Two caches on a budget of two small blocks, freed into from two threads:

@@ -21,9 +21,11 @@
 //! and it asserted every layout it got back. With a cap, the cached bytes
 //! never exceed it after any step.
 //!
-//! Fault injection: `cache_under_random_backing_faults_matches_its_model`
-//! runs the same operations over a [`Faulty`] backing that refuses attempts
-//! on a seeded random schedule (seed and probability, up to 30%, chosen by
+//! Fault injection: the op sequences of the `..._when_the_backing_fails` tests
+//! script which backing attempts are refused;
+//! `cache_under_random_backing_faults_matches_its_model` runs the same
+//! operations over a backing that refuses attempts on a seeded random
+//! schedule (seed and probability, up to 30%, chosen by
 //! proptest). What the backing did is read back after each call (how many
 //! attempts it saw, how many it refused) and fed to the model, which then
 //! predicts the counters: a refused first attempt is a release and a retry
@@ -31,19 +33,16 @@
 //!
 //! `PROPTEST_CASES` sets the number of cases.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
 
-use allocator_api2::alloc::{Allocator, Layout};
-use caching_allocator::{CachingAllocator, MIN_ALIGN, SizePolicy, Stats};
-use common::{
-    Failing, Faulty, assert_stats_eq, cases_from_env_or, class_layout, pattern, reference_class,
-    zeros,
+use crate::fixture::{
+    Counting, assert_cache_agrees, assert_stats_eq, class_layout, pattern, proptest_config,
+    reference_class, zeros,
 };
+use allocator_api2::alloc::{AllocError, Allocator, Layout};
+use caching_allocator::{CachingAllocator, MIN_ALIGN, SizePolicy, Stats};
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 
 /// `(size, alignment class)`: one free list.
 type Key = (usize, usize);
@@ -176,6 +175,27 @@ enum Op {
         target: usize,
         handle: Pick,
     },
+}
+
+impl Op {
+    /// `Allocate` through the first handle.
+    fn allocate(size: usize, align: usize, zeroed: bool, fail: Fail) -> Self {
+        Op::Allocate {
+            size,
+            align,
+            zeroed,
+            handle: Pick(0),
+            fail,
+        }
+    }
+
+    /// `Deallocate` of live block `index` through the first handle.
+    fn free(index: usize) -> Self {
+        Op::Deallocate {
+            index: Pick(index),
+            handle: Pick(0),
+        }
+    }
 }
 
 fn size() -> impl Strategy<Value = usize> {
@@ -534,9 +554,18 @@ enum Resize {
     Shrink,
 }
 
+/// Runs ops on the cache and on its model, and checks after every step. The
+/// backing is the ledger backing, in one of two modes: scripted, where each
+/// op's `Fail` is scripted into the backing's refusal knob (and must be what
+/// the backing then did), or seeded, where the backing refuses attempts at
+/// random on its seeded schedule and nothing is scripted. Either way what the
+/// backing did is read back after each call (attempts, refusals) and given to
+/// the model, and checked against what the cache reported.
 struct Harness {
-    backing: Failing,
-    handles: Vec<CachingAllocator<Failing>>,
+    backing: Counting,
+    /// Each op's `Fail` is scripted into the backing.
+    scripted: bool,
+    handles: Vec<CachingAllocator<Counting>>,
     live: Vec<Block>,
     model: Model,
     next_seed: u8,
@@ -545,8 +574,18 @@ struct Harness {
 }
 
 impl Harness {
+    /// Scripted: the ops' `Fail`s decide which attempts the backing refuses.
     fn new(config: Config) -> Self {
-        let backing = Failing::new();
+        Self::over(config, Counting::new(), true)
+    }
+
+    /// Seeded: the backing refuses each attempt with `probability` on the
+    /// schedule of `seed`; the ops' `Fail`s are ignored.
+    fn faulty(config: Config, seed: u64, probability: f64) -> Self {
+        Self::over(config, Counting::faulty(seed, probability), false)
+    }
+
+    fn over(config: Config, backing: Counting, scripted: bool) -> Self {
         let cache = if config.builder || config != Config::default() {
             let mut builder = CachingAllocator::builder()
                 .size_policy(config.policy)
@@ -562,6 +601,7 @@ impl Harness {
         assert_eq!(cache.max_cached_bytes(), config.cap);
         Self {
             backing,
+            scripted,
             handles: vec![cache],
             live: Vec::new(),
             model: Model::new(config),
@@ -570,7 +610,7 @@ impl Harness {
         }
     }
 
-    fn handle(&self, index: Pick) -> &CachingAllocator<Failing> {
+    fn handle(&self, index: Pick) -> &CachingAllocator<Counting> {
         &self.handles[index.of(self.handles.len())]
     }
 
@@ -601,25 +641,93 @@ impl Harness {
         }
     }
 
-    fn arm(&self, fail: Fail) {
-        self.backing.script([fail.first, fail.retry]);
+    /// Runs `call` (one allocation, grow or shrink to `layout`; in scripted
+    /// mode with `fail` scripted), then tells the model what the backing did
+    /// and checks the counters moved as that implies. Returns the result and
+    /// the model's outcome.
+    fn attempt(
+        &mut self,
+        layout: Layout,
+        fail: Fail,
+        call: impl FnOnce(&Self) -> Result<NonNull<[u8]>, AllocError>,
+        model: impl FnOnce(&mut Model, Fail) -> Outcome,
+    ) -> (Result<NonNull<[u8]>, AllocError>, Outcome) {
+        let before = self.handles[0].stats();
+        let (attempts, refusals) = (self.backing.attempts(), self.backing.refused());
+        if self.scripted {
+            self.backing.script([fail.first, fail.retry]);
+        }
+        let got = call(self);
+        if self.scripted {
+            self.backing.script([]);
+        }
+        let tried = self.backing.attempts() - attempts;
+        let refused = self.backing.refused() - refusals;
+        assert!(tried <= 2, "{tried} backing attempts for one request");
+        // Attempt 1 refused: release and retry; attempt 2 refused too: error.
+        let observed = Fail {
+            first: tried == 2,
+            retry: tried == 2 && got.is_err(),
+        };
+        let huge = key(layout, self.model.config.policy).is_some_and(|(size, _)| size >= HUGE);
+        if self.scripted && tried > 0 && !huge {
+            assert_eq!(
+                (observed.first, observed.retry),
+                (fail.first, fail.first && fail.retry),
+                "{layout:?}: the backing did not refuse as scripted"
+            );
+        }
+        let outcome = model(&mut self.model, observed);
+        assert_eq!(
+            got.is_ok(),
+            outcome != Outcome::Err,
+            "{layout:?}: {outcome:?}"
+        );
+        if !huge {
+            // Every refusal was the injected one, and only a refused attempt
+            // is tried again.
+            let expected = match (tried, got.is_ok()) {
+                (0, _) => 0,
+                (n, true) => n - 1,
+                (n, false) => n,
+            };
+            assert_eq!(refused, expected, "{layout:?}: {tried} attempts, {got:?}");
+        }
+        let after = self.handles[0].stats();
+        assert_eq!(after.retries - before.retries, u64::from(tried == 2));
+        assert_eq!(
+            after.failures - before.failures,
+            u64::from(got.is_err()),
+            "{layout:?}"
+        );
+        if tried == 2 {
+            assert_eq!(after.releases - before.releases, 1, "a retry releases");
+            assert_eq!(
+                after.bytes_released - before.bytes_released,
+                before.bytes_cached as u64,
+                "a retry releases everything cached"
+            );
+        }
+        (got, outcome)
     }
 
     fn allocate(&mut self, handle: Pick, layout: Layout, zeroed: bool, fail: Fail) {
-        let outcome = self.model.allocate(layout, fail);
-        self.arm(fail);
-        let cache = self.handle(handle);
-        let got = if zeroed {
-            cache.allocate_zeroed(layout)
-        } else {
-            cache.allocate(layout)
-        };
-        self.backing.script([]);
+        let (got, outcome) = self.attempt(
+            layout,
+            fail,
+            |h| {
+                let cache = h.handle(handle);
+                if zeroed {
+                    cache.allocate_zeroed(layout)
+                } else {
+                    cache.allocate(layout)
+                }
+            },
+            |model, fail| model.allocate(layout, fail),
+        );
         let Ok(got) = got else {
-            assert_eq!(outcome, Outcome::Err, "{layout:?} failed");
             return;
         };
-        assert_ne!(outcome, Outcome::Err, "{layout:?} should have failed");
         self.check_new(got, layout, &outcome, None);
         let seed = self.seed();
         let mut block = Block {
@@ -658,46 +766,40 @@ impl Harness {
         handle: Pick,
         fail: Fail,
     ) {
-        let (size, align) = target;
-        let grow = how != Resize::Shrink;
-        let zeroed = how == Resize::GrowZeroed;
         if self.live.is_empty() {
             return;
         }
         let i = index.of(self.live.len());
-        let old = self.live[i].layout;
-        let size = if grow {
-            size.max(old.size())
-        } else {
-            size.min(old.size())
+        let (old, ptr, addr) = (self.live[i].layout, self.live[i].ptr, self.live[i].addr());
+        let size = match how {
+            Resize::Shrink => target.0.min(old.size()),
+            Resize::Grow | Resize::GrowZeroed => target.0.max(old.size()),
         };
-        let new = Layout::from_size_align(size, align).unwrap();
+        let new = Layout::from_size_align(size, target.1).unwrap();
         self.live[i].check_all();
-        let outcome = self.model.resize(self.live[i].addr(), old, new, fail);
-        self.arm(fail);
-        let cache = self.handle(handle);
-        // SAFETY: the block is live for `old`; `new` is at least (grow) or at
-        // most (shrink) its size.
-        let got = unsafe {
-            match (grow, zeroed) {
-                (true, false) => cache.grow(self.live[i].ptr, old, new),
-                (true, true) => cache.grow_zeroed(self.live[i].ptr, old, new),
-                (false, _) => cache.shrink(self.live[i].ptr, old, new),
-            }
-        };
-        self.backing.script([]);
+        let (got, outcome) = self.attempt(
+            new,
+            fail,
+            |h| {
+                let cache = h.handle(handle);
+                // SAFETY: the block is live for `old`; `new` is at least
+                // (grow) or at most (shrink) its size.
+                unsafe {
+                    match how {
+                        Resize::Grow => cache.grow(ptr, old, new),
+                        Resize::GrowZeroed => cache.grow_zeroed(ptr, old, new),
+                        Resize::Shrink => cache.shrink(ptr, old, new),
+                    }
+                }
+            },
+            |model, fail| model.resize(addr, old, new, fail),
+        );
         let Ok(got) = got else {
-            assert_eq!(outcome, Outcome::Err, "{old:?} -> {new:?} failed");
-            // The old block is untouched and still live.
+            // A clean error: the old block is live and untouched.
             self.live[i].check_all();
             return;
         };
-        assert_ne!(
-            outcome,
-            Outcome::Err,
-            "{old:?} -> {new:?} should have failed"
-        );
-        self.check_new(got, new, &outcome, Some(self.live[i].addr()));
+        self.check_new(got, new, &outcome, Some(addr));
         let block = &mut self.live[i];
         block.ptr = got.cast();
         block.layout = new;
@@ -708,7 +810,7 @@ impl Harness {
             "{old:?} -> {new:?} lost contents"
         );
         // In place too: a block of a class may grow within it.
-        if zeroed {
+        if how == Resize::GrowZeroed {
             assert!(
                 block.bytes()[kept..] == *zeros(new.size() - kept),
                 "grow_zeroed tail not zero"
@@ -720,7 +822,7 @@ impl Harness {
     /// The backing saw the returns the model predicts, in order (a release
     /// as one group in any order).
     fn check_returns(&mut self) {
-        let returned = self.backing.counting().returned();
+        let returned = self.backing.returned();
         let mut new = returned[self.returns_seen..].iter().map(|&(addr, _)| addr);
         for event in self.model.returns.drain(..) {
             match event {
@@ -814,8 +916,7 @@ impl Harness {
                 } else {
                     Layout::from_size_align(isize::MAX as usize - 62, 1).unwrap()
                 };
-                let handle = Pick(0);
-                self.allocate(handle, layout, zeroed, NO_FAIL);
+                self.allocate(Pick(0), layout, zeroed, NO_FAIL);
             }
             Op::ReleaseCached { handle } => {
                 let expected = self.model.release();
@@ -844,6 +945,7 @@ impl Harness {
         self.check_returns();
         let stats = self.handles[0].stats();
         assert_stats_eq(&stats, &self.model.stats);
+        assert_cache_agrees(&stats, &self.backing);
         if let Some(cap) = self.model.config.cap {
             assert!(stats.bytes_cached <= cap, "over the cap: {stats:?}");
             assert!(stats.peak_bytes_cached <= cap, "over the cap: {stats:?}");
@@ -852,10 +954,6 @@ impl Harness {
             self.handles[0].is_caching_stopped(),
             self.model.caching_stopped
         );
-        let counting = self.backing.counting();
-        assert_eq!(counting.live_bytes(), stats.bytes_reserved);
-        assert_eq!(counting.allocs(), stats.backing_allocs);
-        assert_eq!(counting.frees(), stats.backing_frees);
 
         // The backing holds exactly the live and the cached blocks, each with
         // its block layout.
@@ -877,7 +975,7 @@ impl Harness {
                 assert!(previous.is_none(), "block {addr:#x} both live and cached");
             }
         }
-        let held: BTreeMap<usize, Layout> = counting.live_layouts().into_iter().collect();
+        let held: BTreeMap<usize, Layout> = self.backing.live_layouts().into_iter().collect();
         assert_eq!(held, expected);
 
         // No two live blocks overlap.
@@ -908,9 +1006,11 @@ impl Harness {
         let expected = self.model.release();
         assert_eq!(self.handles[0].release_cached(), expected);
         self.check_invariants();
-        let counting = self.backing.counting().clone();
+        let counting = self.backing.clone();
         assert_eq!(counting.live_blocks(), 0);
-        // A few more cached blocks for the final drop to return.
+        // A few more cached blocks for the final drop to return (refused by
+        // nothing: the model no longer follows).
+        counting.set_probability(0.0);
         let cache = self.handles[0].clone();
         for size in [10, 10, 4096] {
             let block = cache
@@ -921,8 +1021,7 @@ impl Harness {
         }
         drop(cache);
         drop(self.handles);
-        assert_eq!(counting.live_blocks(), 0);
-        assert_eq!(counting.frees(), counting.allocs());
+        counting.assert_all_returned();
         // Every block went back with a layout of its policy's classes (and
         // `Counting` checked it was the layout it was taken with).
         let policy = self.model.config.policy;
@@ -942,26 +1041,20 @@ fn run(ops: &[Op]) {
 }
 
 fn run_with(config: Config, ops: &[Op]) {
-    let mut harness = Harness::new(config);
+    run_in(Harness::new(config), ops);
+}
+
+fn run_in(mut harness: Harness, ops: &[Op]) {
     for op in ops {
         harness.step(op);
     }
     harness.finish();
 }
 
-fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: cases_from_env_or(2000),
-        // Relative to the package root, where `cargo test` runs test binaries.
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
-            "proptest-regressions/properties.txt",
-        ))),
-        ..ProptestConfig::default()
-    }
-}
+const REGRESSIONS: &str = "proptest-regressions/properties.txt";
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(proptest_config(REGRESSIONS, 2000))]
 
     #[test]
     fn cache_matches_its_model(ops in prop::collection::vec(op(false), 1..64)) {
@@ -974,15 +1067,8 @@ proptest! {
     }
 }
 
-fn policy_config() -> ProptestConfig {
-    ProptestConfig {
-        cases: cases_from_env_or(600),
-        ..config()
-    }
-}
-
 proptest! {
-    #![proptest_config(policy_config())]
+    #![proptest_config(proptest_config(REGRESSIONS, 600))]
 
     #[test]
     fn configured_cache_matches_its_model(
@@ -1054,17 +1140,8 @@ fn the_model_follows_a_known_sequence_under_a_policy() {
     assert_eq!(model.stats.evictions, 4);
 
     // And the cache agrees on a sequence like it.
-    let allocate = |size| Op::Allocate {
-        size,
-        align: 8,
-        zeroed: false,
-        handle: Pick(0),
-        fail: NO_FAIL,
-    };
-    let free_first = Op::Deallocate {
-        index: Pick(0),
-        handle: Pick(0),
-    };
+    let allocate = |size| Op::allocate(size, 8, false, NO_FAIL);
+    let free_first = Op::free(0);
     run_with(
         config,
         &[
@@ -1090,13 +1167,7 @@ fn the_model_follows_a_known_sequence_under_a_policy() {
             },
             allocate(3001),
             free_first.clone(),
-            Op::Allocate {
-                size: 5000,
-                align: 8,
-                zeroed: false,
-                handle: Pick(0),
-                fail: both,
-            },
+            Op::allocate(5000, 8, false, both),
             free_first,
         ],
     );
@@ -1133,42 +1204,12 @@ fn the_model_follows_a_known_sequence() {
     assert_eq!(model.stats.failures, 1);
     // And the cache agrees on the same sequence.
     run(&[
-        Op::Allocate {
-            size: 100,
-            align: 8,
-            zeroed: false,
-            handle: Pick(0),
-            fail: NO_FAIL,
-        },
-        Op::Deallocate {
-            index: Pick(0),
-            handle: Pick(0),
-        },
-        Op::Allocate {
-            size: 100,
-            align: 1,
-            zeroed: true,
-            handle: Pick(0),
-            fail: NO_FAIL,
-        },
-        Op::Deallocate {
-            index: Pick(0),
-            handle: Pick(0),
-        },
-        Op::Allocate {
-            size: 200,
-            align: 8,
-            zeroed: false,
-            handle: Pick(0),
-            fail: first,
-        },
-        Op::Allocate {
-            size: 300,
-            align: 8,
-            zeroed: false,
-            handle: Pick(0),
-            fail: both,
-        },
+        Op::allocate(100, 8, false, NO_FAIL),
+        Op::free(0),
+        Op::allocate(100, 1, true, NO_FAIL),
+        Op::free(0),
+        Op::allocate(200, 8, false, first),
+        Op::allocate(300, 8, false, both),
         Op::Grow {
             index: Pick(0),
             size: 5000,
@@ -1187,366 +1228,8 @@ fn the_model_follows_a_known_sequence() {
     ]);
 }
 
-/// The harness over a [`Faulty`] backing: nothing is scripted; each call's
-/// attempts and refusals are read back from the backing and given to the
-/// model afterwards, and checked against what the cache reported.
-struct FaultHarness {
-    backing: Faulty,
-    handles: Vec<CachingAllocator<Faulty>>,
-    live: Vec<Block>,
-    model: Model,
-    next_seed: u8,
-}
-
-impl FaultHarness {
-    fn new(config: Config, seed: u64, probability: f64) -> Self {
-        let backing = Faulty::new(seed, probability);
-        let mut builder = CachingAllocator::builder()
-            .size_policy(config.policy)
-            .stop_caching_after_failure(config.stop_caching_after_failure);
-        if let Some(cap) = config.cap {
-            builder = builder.max_cached_bytes(cap);
-        }
-        let cache = builder.build_in(backing.clone());
-        Self {
-            backing,
-            handles: vec![cache],
-            live: Vec::new(),
-            model: Model::new(config),
-            next_seed: 0,
-        }
-    }
-
-    fn handle(&self, index: Pick) -> &CachingAllocator<Faulty> {
-        &self.handles[index.of(self.handles.len())]
-    }
-
-    fn seed(&mut self) -> u8 {
-        self.next_seed = self.next_seed.wrapping_add(1);
-        self.next_seed
-    }
-
-    /// Runs `call` (one allocation, grow or shrink of `layout`), then tells
-    /// the model what the backing did and checks the counters moved as that
-    /// implies. Returns the result and the model's outcome.
-    fn attempt(
-        &mut self,
-        layout: Layout,
-        call: impl FnOnce(&Self) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError>,
-        model: impl FnOnce(&mut Model, Fail) -> Outcome,
-    ) -> (
-        Result<NonNull<[u8]>, allocator_api2::alloc::AllocError>,
-        Outcome,
-    ) {
-        let before = self.handles[0].stats();
-        let (attempts, refusals) = (self.backing.attempts(), self.backing.failures());
-        let got = call(self);
-        let tried = self.backing.attempts() - attempts;
-        let refused = self.backing.failures() - refusals;
-        assert!(tried <= 2, "{tried} backing attempts for one request");
-        // Attempt 1 refused: release and retry; attempt 2 refused too: error.
-        let fail = Fail {
-            first: tried == 2,
-            retry: tried == 2 && got.is_err(),
-        };
-        let outcome = model(&mut self.model, fail);
-        assert_eq!(
-            got.is_ok(),
-            outcome != Outcome::Err,
-            "{layout:?}: {outcome:?}"
-        );
-        let huge = key(layout, self.model.config.policy).is_some_and(|(size, _)| size >= HUGE);
-        if !huge {
-            // Every refusal was the injected one, and only a refused attempt
-            // is tried again.
-            let expected = match (tried, got.is_ok()) {
-                (0, _) => 0,
-                (n, true) => n - 1,
-                (n, false) => n,
-            };
-            assert_eq!(refused, expected, "{layout:?}: {tried} attempts, {got:?}");
-        }
-        let after = self.handles[0].stats();
-        assert_eq!(after.retries - before.retries, u64::from(tried == 2));
-        assert_eq!(
-            after.failures - before.failures,
-            u64::from(got.is_err()),
-            "{layout:?}"
-        );
-        if tried == 2 {
-            assert_eq!(after.releases - before.releases, 1, "a retry releases");
-            assert_eq!(
-                after.bytes_released - before.bytes_released,
-                before.bytes_cached as u64,
-                "a retry releases everything cached"
-            );
-        }
-        (got, outcome)
-    }
-
-    fn allocate(&mut self, handle: Pick, layout: Layout, zeroed: bool) {
-        let (got, outcome) = self.attempt(
-            layout,
-            |h| {
-                let cache = h.handle(handle);
-                if zeroed {
-                    cache.allocate_zeroed(layout)
-                } else {
-                    cache.allocate(layout)
-                }
-            },
-            |model, fail| model.allocate(layout, fail),
-        );
-        let Ok(got) = got else {
-            return;
-        };
-        let addr = got.cast::<u8>().as_ptr() as usize;
-        assert_eq!(got.len(), layout.size());
-        assert_eq!(addr % layout.align(), 0, "{layout:?} misaligned");
-        if let Outcome::Hit(predicted) = outcome {
-            assert_eq!(addr, predicted, "LIFO hit");
-        }
-        let seed = self.seed();
-        let mut block = Block {
-            ptr: got.cast(),
-            layout,
-            seed,
-        };
-        if zeroed {
-            assert!(block.bytes() == zeros(layout.size()), "not zeroed");
-        }
-        block
-            .bytes_mut()
-            .copy_from_slice(pattern(seed, layout.size()));
-        self.live.push(block);
-    }
-
-    fn deallocate(&mut self, index: Pick, handle: Pick) {
-        if self.live.is_empty() {
-            return;
-        }
-        let block = self.live.swap_remove(index.of(self.live.len()));
-        block.check_all();
-        self.model.deallocate(block.addr(), block.layout);
-        // SAFETY: a live block of this cache (any handle) with its layout.
-        unsafe { self.handle(handle).deallocate(block.ptr, block.layout) };
-    }
-
-    fn resize(&mut self, index: Pick, target: (usize, usize), how: Resize, handle: Pick) {
-        if self.live.is_empty() {
-            return;
-        }
-        let i = index.of(self.live.len());
-        let (old, ptr, addr) = (self.live[i].layout, self.live[i].ptr, self.live[i].addr());
-        let size = match how {
-            Resize::Shrink => target.0.min(old.size()),
-            _ => target.0.max(old.size()),
-        };
-        let new = Layout::from_size_align(size, target.1).unwrap();
-        self.live[i].check_all();
-        let (got, outcome) = self.attempt(
-            new,
-            |h| {
-                let cache = h.handle(handle);
-                // SAFETY: the block is live for `old`; `new` is at least
-                // (grow) or at most (shrink) its size.
-                unsafe {
-                    match how {
-                        Resize::Grow => cache.grow(ptr, old, new),
-                        Resize::GrowZeroed => cache.grow_zeroed(ptr, old, new),
-                        Resize::Shrink => cache.shrink(ptr, old, new),
-                    }
-                }
-            },
-            |model, fail| model.resize(addr, old, new, fail),
-        );
-        let Ok(got) = got else {
-            // A clean error: the old block is live and untouched.
-            self.live[i].check_all();
-            return;
-        };
-        if outcome == Outcome::InPlace {
-            assert_eq!(got.cast::<u8>(), ptr, "resized in place");
-        }
-        let block = &mut self.live[i];
-        block.ptr = got.cast();
-        block.layout = new;
-        assert_eq!(block.addr() % new.align(), 0);
-        let kept = old.size().min(new.size());
-        let expected = pattern(block.seed, new.size());
-        assert!(block.bytes()[..kept] == expected[..kept], "lost contents");
-        if how == Resize::GrowZeroed {
-            assert!(block.bytes()[kept..] == *zeros(new.size() - kept));
-        }
-        block.bytes_mut()[kept..].copy_from_slice(&expected[kept..]);
-    }
-
-    fn step(&mut self, op: &Op) {
-        match *op {
-            Op::Allocate {
-                size,
-                align,
-                zeroed,
-                handle,
-                ..
-            } => self.allocate(
-                handle,
-                Layout::from_size_align(size, align).unwrap(),
-                zeroed,
-            ),
-            Op::Reuse {
-                key,
-                align,
-                zeroed,
-                handle,
-            } => {
-                let mut cached: Vec<Key> = (self.model.free.iter())
-                    .filter(|(_, blocks)| !blocks.is_empty())
-                    .map(|(&key, _)| key)
-                    .collect();
-                cached.sort_unstable();
-                if let Some(&(block, class)) = cached.get(key.0 % cached.len().max(1)) {
-                    let align = if class == MIN_ALIGN {
-                        [1, 8, 64][align.of(3)]
-                    } else {
-                        class
-                    };
-                    self.allocate(
-                        handle,
-                        Layout::from_size_align(block, align).unwrap(),
-                        zeroed,
-                    );
-                }
-            }
-            Op::Deallocate { index, handle } => self.deallocate(index, handle),
-            Op::Grow {
-                index,
-                size,
-                align,
-                zeroed,
-                handle,
-                ..
-            } => {
-                let how = if zeroed {
-                    Resize::GrowZeroed
-                } else {
-                    Resize::Grow
-                };
-                self.resize(index, (size, align), how, handle)
-            }
-            Op::Shrink {
-                index,
-                size,
-                align,
-                handle,
-                ..
-            } => self.resize(index, (size, align), Resize::Shrink, handle),
-            Op::AllocateAbsurd { which, zeroed } => {
-                let layout = if which {
-                    Layout::from_size_align(isize::MAX as usize / 2, 64).unwrap()
-                } else {
-                    Layout::from_size_align(isize::MAX as usize - 62, 1).unwrap()
-                };
-                self.allocate(Pick(0), layout, zeroed);
-            }
-            Op::ReleaseCached { handle } => {
-                let expected = self.model.release();
-                assert_eq!(self.handle(handle).release_cached(), expected);
-            }
-            Op::CloneHandle { handle } => {
-                let clone = self.handle(handle).clone();
-                self.handles.push(clone);
-            }
-            Op::DropHandle { handle } => {
-                if self.handles.len() > 1 {
-                    let i = handle.of(self.handles.len());
-                    self.handles.swap_remove(i);
-                }
-            }
-            Op::Trim { target, handle } => {
-                let expected = self.model.trim(target);
-                assert_eq!(self.handle(handle).trim(target), expected, "trim({target})");
-            }
-        }
-        self.check_invariants();
-    }
-
-    fn check_invariants(&mut self) {
-        // Which blocks went back is checked through what the backing holds.
-        self.model.returns.clear();
-        let stats = self.handles[0].stats();
-        assert_stats_eq(&stats, &self.model.stats);
-        assert_eq!(
-            stats.bytes_reserved,
-            stats.bytes_in_use + stats.bytes_lost_to_rounding + stats.bytes_cached,
-            "{stats:?}"
-        );
-        if let Some(cap) = self.model.config.cap {
-            assert!(stats.bytes_cached <= cap, "over the cap: {stats:?}");
-        }
-        assert_eq!(
-            self.handles[0].is_caching_stopped(),
-            self.model.caching_stopped
-        );
-        let counting = self.backing.counting();
-        assert_eq!(counting.live_bytes(), stats.bytes_reserved);
-        assert_eq!(counting.allocs(), stats.backing_allocs);
-        assert_eq!(counting.frees(), stats.backing_frees);
-        // The backing holds exactly the live and the cached blocks.
-        let mut expected = BTreeMap::new();
-        for block in self.live.iter().filter(|b| b.layout.size() > 0) {
-            let previous = expected.insert(
-                block.addr(),
-                class_layout(self.model.config.policy, block.layout),
-            );
-            assert!(
-                previous.is_none(),
-                "block {:#x} handed out twice",
-                block.addr()
-            );
-        }
-        for (&(size, align), blocks) in &self.model.free {
-            for &Cached { addr, .. } in blocks {
-                let previous = expected.insert(addr, Layout::from_size_align(size, align).unwrap());
-                assert!(previous.is_none(), "block {addr:#x} both live and cached");
-            }
-        }
-        let held: BTreeMap<usize, Layout> = counting.live_layouts().into_iter().collect();
-        assert_eq!(held, expected);
-        for block in &self.live {
-            block.check_ends();
-        }
-    }
-
-    fn finish(mut self) {
-        for block in &self.live {
-            block.check_all();
-        }
-        while !self.live.is_empty() {
-            self.deallocate(Pick(0), Pick(self.live.len()));
-        }
-        self.check_invariants();
-        let expected = self.model.release();
-        assert_eq!(self.handles[0].release_cached(), expected);
-        self.check_invariants();
-        let backing = self.backing.clone();
-        drop(self.handles);
-        let counting = backing.counting();
-        assert_eq!(counting.live_blocks(), 0);
-        assert_eq!(counting.live_bytes(), 0);
-        assert_eq!(counting.frees(), counting.allocs());
-    }
-}
-
-fn fault_config() -> ProptestConfig {
-    ProptestConfig {
-        cases: cases_from_env_or(300),
-        ..config()
-    }
-}
-
 proptest! {
-    #![proptest_config(fault_config())]
+    #![proptest_config(proptest_config(REGRESSIONS, 300))]
 
     /// Seeded random backing faults (0–30% of attempts): every request is a
     /// success or a clean `AllocError`, the counters follow the model, the
@@ -1559,10 +1242,6 @@ proptest! {
         per_mille in 0u32..=300,
         ops in prop::collection::vec(op_with_trim(false, 2), 1..96),
     ) {
-        let mut harness = FaultHarness::new(config, seed, f64::from(per_mille) / 1000.0);
-        for op in &ops {
-            harness.step(op);
-        }
-        harness.finish();
+        run_in(Harness::faulty(config, seed, f64::from(per_mille) / 1000.0), &ops);
     }
 }

@@ -11,14 +11,18 @@ use std::alloc::Layout;
 use std::cell::RefCell;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use allocator_api2::alloc::{AllocError, Allocator, Global};
+use allocator_api2::alloc::{AllocError, Allocator};
 use allocator_api2::vec::Vec as ApiVec;
 use caching_allocator::plan::{Planned, Recorder};
 use caching_allocator::{Budget, CachingAllocator, Scope, ScopedGlobal, SizePolicy};
+use fixture::{Counting, cache_one};
+
+#[path = "all/fixture/mod.rs"]
+mod fixture;
 
 #[global_allocator]
 static GLOBAL: ScopedGlobal = ScopedGlobal::new();
@@ -34,72 +38,17 @@ fn within<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static)
         .unwrap_or_else(|_| panic!("{what}: hung (a deadlock) or panicked"))
 }
 
-/// A backing allocator over `Global` that counts its live blocks and bytes,
-/// and panics on demand: on the next allocation, or on a chosen deallocation
-/// (after freeing the block, so its ledger stays exact).
-#[derive(Clone, Default)]
-struct Backing(Arc<Ledger>);
-
-#[derive(Default)]
-struct Ledger {
-    blocks: AtomicUsize,
-    bytes: AtomicUsize,
-    panic_on_allocate: AtomicBool,
-    /// Deallocations to let through before one panics; negative: never.
-    frees_before_panic: AtomicIsize,
-}
-
-impl Backing {
-    fn new() -> Self {
-        let backing = Self::default();
-        backing.0.frees_before_panic.store(-1, Ordering::SeqCst);
-        backing
-    }
-
-    fn blocks(&self) -> usize {
-        self.0.blocks.load(Ordering::SeqCst)
-    }
-
-    fn bytes(&self) -> usize {
-        self.0.bytes.load(Ordering::SeqCst)
-    }
-
-    fn panic_on_next_allocate(&self) {
-        self.0.panic_on_allocate.store(true, Ordering::SeqCst);
-    }
-
-    fn panic_after_frees(&self, frees: isize) {
-        self.0.frees_before_panic.store(frees, Ordering::SeqCst);
-    }
-}
-
-// SAFETY: forwards to `Global` and only counts; a panic happens before a
-// block is taken or after it was given back.
-unsafe impl Allocator for Backing {
-    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        if self.0.panic_on_allocate.swap(false, Ordering::SeqCst) {
-            panic!("backing allocate panics on purpose");
+/// Makes the `calls`-th backing call from now (0: the next) panic, before it
+/// allocates or frees anything: a block handed to a panicking `deallocate`
+/// stays live in the ledger (the backing's own leak), the cache counts it as
+/// given back.
+fn panic_on_call(backing: &Counting, calls: isize) {
+    let countdown = Arc::new(AtomicIsize::new(calls));
+    backing.set_hook(move || {
+        if countdown.fetch_sub(1, Ordering::SeqCst) == 0 {
+            panic!("the backing panics on purpose");
         }
-        let block = Global.allocate(layout)?;
-        self.0.blocks.fetch_add(1, Ordering::SeqCst);
-        self.0.bytes.fetch_add(layout.size(), Ordering::SeqCst);
-        Ok(block)
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        self.0.blocks.fetch_sub(1, Ordering::SeqCst);
-        self.0.bytes.fetch_sub(layout.size(), Ordering::SeqCst);
-        // SAFETY: the caller's contract; `allocate` took it from `Global`.
-        unsafe { Global.deallocate(ptr, layout) };
-        if self.0.frees_before_panic.fetch_sub(1, Ordering::SeqCst) == 0 {
-            panic!("backing deallocate panics on purpose");
-        }
-    }
-}
-
-/// Drops an allocator-api2 `Vec` of `bytes` bytes in `cache`: one cached block.
-fn cache_one(cache: &CachingAllocator<Backing>, bytes: usize) {
-    drop(ApiVec::<u8, _>::with_capacity_in(bytes, cache.clone()));
+    });
 }
 
 // 1. A backing allocator that ends the scope holding the cache's last count.
@@ -108,38 +57,22 @@ std::thread_local! {
     static HELD_SCOPE: RefCell<Option<Scope>> = const { RefCell::new(None) };
 }
 
-/// Ends this thread's held scope on every allocation.
-#[derive(Clone, Default)]
-struct EndsScope(Backing);
-
-// SAFETY: forwards to `Backing`; ending a scope does not touch the memory.
-unsafe impl Allocator for EndsScope {
-    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        let scope = HELD_SCOPE.with(|held| held.borrow_mut().take());
-        drop(scope);
-        self.0.allocate(layout)
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        // SAFETY: forwarded contract.
-        unsafe { self.0.deallocate(ptr, layout) }
-    }
-}
-
 #[test]
 fn a_backing_that_ends_the_scope_holding_the_last_count_frees_nothing_in_use() {
-    let backing = EndsScope(Backing::new());
+    let backing = Counting::new();
+    // Every backing call ends this thread's held scope.
+    backing.set_hook(|| drop(HELD_SCOPE.with(|held| held.borrow_mut().take())));
     let cache = CachingAllocator::new_in(backing.clone());
     HELD_SCOPE.with(|held| *held.borrow_mut() = Some(cache.enter()));
     drop(cache); // the held scope has the last count
     // The miss calls the backing, which ends the scope: the cache must live on.
     let block = vec![7u8; 8192];
     assert!(block.iter().all(|&b| b == 7));
-    assert_eq!(backing.0.blocks(), 1);
+    assert_eq!(backing.live_blocks(), 1);
     // The registry held the last count; freeing the block frees the cache,
     // which gives the block back.
     drop(block);
-    assert_eq!(backing.0.blocks(), 0);
+    backing.assert_all_returned();
 }
 
 // 2. A budget member dropped while another thread evicts from it.
@@ -148,7 +81,7 @@ fn a_backing_that_ends_the_scope_holding_the_last_count_frees_nothing_in_use() {
 fn budget_members_come_and_go_while_others_evict_from_them() {
     let rounds = if cfg!(miri) { 4 } else { 300 };
     let budget = Budget::new(3 * 4096);
-    let backing = Backing::new();
+    let backing = Counting::without_log();
     let threads: Vec<_> = (0..2)
         .map(|seed| {
             let (budget, backing) = (budget.clone(), backing.clone());
@@ -172,7 +105,7 @@ fn budget_members_come_and_go_while_others_evict_from_them() {
         thread.join().unwrap();
     }
     assert_eq!(budget.bytes_cached(), 0);
-    assert_eq!(backing.blocks(), 0);
+    backing.assert_all_returned();
 }
 
 // 3. Frees made inside the allocator reach the block's owner.
@@ -213,10 +146,10 @@ fn a_planned_arena_dropped_as_an_orphan_gives_its_plan_copy_back_to_its_cache() 
 #[derive(Clone)]
 struct Padded {
     _pad: [u8; 8192],
-    inner: Backing,
+    inner: Counting,
 }
 
-// SAFETY: forwards to `Backing`.
+// SAFETY: forwards to `Counting`.
 unsafe impl Allocator for Padded {
     fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
         self.inner.allocate(layout)
@@ -231,7 +164,7 @@ unsafe impl Allocator for Padded {
 #[test]
 fn a_cache_built_inside_another_caches_scope_goes_back_to_it_when_dropped_as_an_orphan() {
     let outer = CachingAllocator::new();
-    let backing = Backing::new();
+    let backing = Counting::new();
     let inner = {
         let _scope = outer.enter();
         CachingAllocator::new_in(Padded {
@@ -250,7 +183,7 @@ fn a_cache_built_inside_another_caches_scope_goes_back_to_it_when_dropped_as_an_
     };
     drop(inner);
     drop(block); // the inner cache is freed inside this free
-    assert_eq!(backing.blocks(), 0);
+    backing.assert_all_returned();
     let stats = outer.stats();
     assert_eq!((stats.blocks_in_use, stats.blocks_cached), (0, 1));
 }
@@ -341,21 +274,22 @@ fn budgets_layered_crosswise_do_not_deadlock() {
 
 #[test]
 fn a_backing_that_panics_inside_a_scope_does_not_unwind_out_of_the_global_allocator() {
-    let backing = Backing::new();
+    let backing = Counting::new();
     let cache = CachingAllocator::builder()
         .max_cached_bytes(0) // every free goes straight back to the backing
         .build_in(backing.clone());
     let scope = cache.enter();
-    backing.panic_on_next_allocate();
+    panic_on_call(&backing, 0);
     let served = panic::catch_unwind(|| vec![3u8; 8192]);
     let block = served.expect("a panic unwound out of `GlobalAlloc::alloc`");
     assert!(block.iter().all(|&b| b == 3));
     drop(block); // served by the inner allocator, freed there
-    assert_eq!(backing.blocks(), 0);
+    assert_eq!(backing.live_blocks(), 0);
+    backing.clear_hook();
     // The cache still works, and a panicking free is contained too.
     let block = vec![4u8; 8192];
-    assert_eq!(backing.blocks(), 1);
-    backing.panic_after_frees(0);
+    assert_eq!(backing.live_blocks(), 1);
+    panic_on_call(&backing, 0);
     let freed = panic::catch_unwind(AssertUnwindSafe(|| drop(block)));
     assert!(
         freed.is_ok(),
@@ -364,14 +298,16 @@ fn a_backing_that_panics_inside_a_scope_does_not_unwind_out_of_the_global_alloca
     drop(scope);
     let stats = cache.stats();
     assert_eq!((stats.bytes_in_use, stats.bytes_reserved), (0, 0));
-    assert_eq!(backing.blocks(), 0);
+    // The block the panicking free was handed stays the backing's (its hook
+    // panicked before freeing it); the cache counts it as given back.
+    assert_eq!(backing.live_blocks(), 1);
 }
 
 // 7. A panicking backing `deallocate` leaves the books right.
 
 #[test]
 fn a_panic_during_cap_eviction_keeps_the_budget_and_the_stats_exact() {
-    let backing = Backing::new();
+    let backing = Counting::new();
     let budget = Budget::new(1 << 20);
     let cache = CachingAllocator::builder()
         .budget(&budget)
@@ -379,41 +315,40 @@ fn a_panic_during_cap_eviction_keeps_the_budget_and_the_stats_exact() {
         .build_in(backing.clone());
     cache_one(&cache, 8192); // cached: the cap is full
     let block = ApiVec::<u8, _>::with_capacity_in(4096, cache.clone());
-    backing.panic_after_frees(0); // the eviction's give-back panics
+    panic_on_call(&backing, 0); // the eviction's give-back panics
     let freed = panic::catch_unwind(AssertUnwindSafe(|| drop(block)));
     assert!(freed.is_err(), "the backing's panic reaches the caller");
     let stats = cache.stats();
     assert_eq!(stats.bytes_cached, 4096, "the freed block was listed");
     assert_eq!(budget.bytes_cached(), stats.bytes_cached);
-    assert_eq!(backing.bytes(), stats.bytes_reserved);
+    // The evicted block was handed to the panicking backing, which kept it.
+    assert_eq!(backing.live_bytes(), stats.bytes_reserved + 8192);
     cache.trim(0);
     assert_eq!(budget.bytes_cached(), 0);
-    assert_eq!(backing.blocks(), 0);
+    assert_eq!(backing.live_bytes(), 8192);
 }
 
 #[test]
 fn a_panic_during_release_gives_every_other_block_back() {
-    let backing = Backing::new();
+    let backing = Counting::new();
     let cache = CachingAllocator::new_in(backing.clone());
     let blocks: Vec<_> = (1..=4)
         .map(|i| ApiVec::<u8, _>::with_capacity_in(1000 * i, cache.clone()))
         .collect();
     drop(blocks);
-    backing.panic_after_frees(1); // the second give-back panics
+    panic_on_call(&backing, 1); // the second give-back panics
     let released = panic::catch_unwind(AssertUnwindSafe(|| cache.release_cached()));
     assert!(released.is_err());
     let stats = cache.stats();
     assert_eq!((stats.blocks_cached, stats.bytes_reserved), (0, 0));
-    assert_eq!(
-        backing.blocks(),
-        0,
-        "the blocks after the panic were given back"
-    );
+    // Only the block the panicking call was handed is still the backing's:
+    // the two after it were given back.
+    assert_eq!(backing.live_blocks(), 1);
 }
 
 #[test]
 fn a_panic_during_trim_or_budget_eviction_keeps_the_books() {
-    let backing = Backing::new();
+    let backing = Counting::new();
     let budget = Budget::new(3 * 4096);
     let cache = CachingAllocator::builder()
         .budget(&budget)
@@ -428,7 +363,7 @@ fn a_panic_during_trim_or_budget_eviction_keeps_the_books() {
         drop(blocks);
     }
     // A trim whose first give-back panics still trims to its target.
-    backing.panic_after_frees(0);
+    panic_on_call(&backing, 0);
     assert!(panic::catch_unwind(AssertUnwindSafe(|| cache.trim(4096))).is_err());
     assert_eq!(cache.stats().bytes_cached, 4096);
     assert_eq!(budget.bytes_cached(), 4096);
@@ -439,26 +374,30 @@ fn a_panic_during_trim_or_budget_eviction_keeps_the_books() {
     drop(blocks);
     assert_eq!(budget.bytes_cached(), budget.limit());
     let block = ApiVec::<u8, _>::with_capacity_in(4096, other.clone());
-    backing.panic_after_frees(0);
+    panic_on_call(&backing, 0);
     assert!(panic::catch_unwind(AssertUnwindSafe(|| drop(block))).is_err());
     let (mine, theirs) = (cache.stats(), other.stats());
     assert_eq!(
         budget.bytes_cached(),
         mine.bytes_cached + theirs.bytes_cached
     );
-    assert_eq!(backing.bytes(), mine.bytes_reserved + theirs.bytes_reserved);
+    // Each panicking call kept the 4096-byte block it was handed.
+    assert_eq!(
+        backing.live_bytes(),
+        mine.bytes_reserved + theirs.bytes_reserved + 2 * 4096
+    );
     drop((cache, other));
     assert_eq!(budget.bytes_cached(), 0);
-    assert_eq!(backing.blocks(), 0);
+    assert_eq!(backing.live_bytes(), 2 * 4096);
 }
 
 #[test]
 fn a_panicking_backing_allocate_changes_nothing() {
-    let backing = Backing::new();
+    let backing = Counting::new();
     let cache = CachingAllocator::new_in(backing.clone());
     cache_one(&cache, 4096);
     let before = cache.stats();
-    backing.panic_on_next_allocate();
+    panic_on_call(&backing, 0);
     let taken = panic::catch_unwind(AssertUnwindSafe(|| {
         ApiVec::<u8, _>::with_capacity_in(8192, cache.clone())
     }));
@@ -466,5 +405,5 @@ fn a_panicking_backing_allocate_changes_nothing() {
     let after = cache.stats();
     assert_eq!((after.hits, after.misses), (before.hits, before.misses));
     assert_eq!(after.bytes_in_use, 0);
-    assert_eq!(backing.bytes(), after.bytes_reserved);
+    assert_eq!(backing.live_bytes(), after.bytes_reserved);
 }

@@ -119,38 +119,23 @@ macro_rules! allocator_impls {
                 unsafe { $crate::alloc::RawAllocator::deallocate(&*self.$state, ptr, layout) }
             }
 
-            unsafe fn grow(
-                &self,
-                ptr: core::ptr::NonNull<u8>,
-                old: core::alloc::Layout,
-                new: core::alloc::Layout,
-            ) -> Result<core::ptr::NonNull<[u8]>, $($family)::+::AllocError> {
-                // SAFETY: the trait's contract is `RawAllocator::resize`'s.
-                unsafe { $crate::alloc::RawAllocator::resize(&*self.$state, ptr, old, new, false) }
-                    .map_err(|_| $($family)::+::AllocError)
-            }
-
-            unsafe fn grow_zeroed(
-                &self,
-                ptr: core::ptr::NonNull<u8>,
-                old: core::alloc::Layout,
-                new: core::alloc::Layout,
-            ) -> Result<core::ptr::NonNull<[u8]>, $($family)::+::AllocError> {
-                // SAFETY: as for `grow`.
-                unsafe { $crate::alloc::RawAllocator::resize(&*self.$state, ptr, old, new, true) }
-                    .map_err(|_| $($family)::+::AllocError)
-            }
-
-            unsafe fn shrink(
-                &self,
-                ptr: core::ptr::NonNull<u8>,
-                old: core::alloc::Layout,
-                new: core::alloc::Layout,
-            ) -> Result<core::ptr::NonNull<[u8]>, $($family)::+::AllocError> {
-                // SAFETY: as for `grow`.
-                unsafe { $crate::alloc::RawAllocator::resize(&*self.$state, ptr, old, new, false) }
-                    .map_err(|_| $($family)::+::AllocError)
-            }
+            $crate::alloc::allocator_impls!(@resize grow, false, $state, $($family)::+);
+            $crate::alloc::allocator_impls!(@resize grow_zeroed, true, $state, $($family)::+);
+            $crate::alloc::allocator_impls!(@resize shrink, false, $state, $($family)::+);
+        }
+    };
+    // `grow`, `grow_zeroed` and `shrink`: one `RawAllocator::resize` each.
+    (@resize $method:ident, $zeroed:literal, $state:ident, $($family:ident)::+) => {
+        unsafe fn $method(
+            &self,
+            ptr: core::ptr::NonNull<u8>,
+            old: core::alloc::Layout,
+            new: core::alloc::Layout,
+        ) -> Result<core::ptr::NonNull<[u8]>, $($family)::+::AllocError> {
+            // SAFETY: the trait's contract for this method is
+            // `RawAllocator::resize`'s.
+            unsafe { $crate::alloc::RawAllocator::resize(&*self.$state, ptr, old, new, $zeroed) }
+                .map_err(|_| $($family)::+::AllocError)
         }
     };
 }

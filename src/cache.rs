@@ -209,13 +209,143 @@ impl<A: Allocator> Cache<A> {
         Key::for_layout(layout, self.config.policy)
     }
 
+    /// A new block of `key` from the backing allocator. If it fails, the
+    /// cache is released and the allocation tried once more (c10's
+    /// out-of-memory path).
+    fn allocate_block(&self, key: Key, zeroed: bool) -> Result<NonNull<u8>, AllocError> {
+        let layout = key.block_layout();
+        let attempt = || reentry::allocate_from(&self.backing, layout, zeroed);
+        if let Ok(block) = attempt() {
+            return Ok(block.cast());
+        }
+        self.state.lock().stats.retries += 1;
+        self.release_cached();
+        match attempt() {
+            Ok(block) => Ok(block.cast()),
+            Err(error) => {
+                let mut state = self.state.lock();
+                state.stats.failures += 1;
+                if self.config.stop_caching_after_failure {
+                    state.caching_stopped = true;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Frees a block in use straight to the backing allocator.
+    ///
+    /// # Safety
+    ///
+    /// `block` is a live block of this cache for a request of `requested`
+    /// bytes under `key`, unused from now on.
+    unsafe fn give_back(&self, block: NonNull<u8>, key: Key, requested: usize) {
+        self.state
+            .lock()
+            .stats
+            .on_free_uncached(requested, key.size());
+        // SAFETY: the caller's contract: the block is ours and was taken with
+        // `key`'s layout.
+        unsafe { self.backing_deallocate(block, key) };
+    }
+
+    /// # Safety
+    ///
+    /// `block` was taken from the backing allocator with `key`'s layout, is
+    /// owned by this cache alone, and is not listed.
+    unsafe fn backing_deallocate(&self, block: NonNull<u8>, key: Key) {
+        poison::unpoison(block, key.size());
+        let _inside = reentry::inside();
+        // SAFETY: the caller's contract.
+        unsafe { self.backing.deallocate(block, key.block_layout()) };
+    }
+
+    fn unreserve(&self, bytes: usize) {
+        if let Some(budget) = &self.config.budget {
+            budget.unreserve(bytes);
+        }
+    }
+
+    /// Gives every cached block back to the backing allocator; returns the
+    /// bytes given back. A panicking backing `deallocate` does not stop it:
+    /// every block is handed back, then the first panic is resumed.
+    pub(crate) fn release_cached(&self) -> usize {
+        let mut panics = Deferred::new();
+        let bytes = self.release_into(&mut panics);
+        panics.resume();
+        bytes
+    }
+
+    /// `release_cached`, keeping a panic of the backing allocator in `panics`.
+    fn release_into(&self, panics: &mut Deferred) -> usize {
+        let (lists, indexes, bytes) = {
+            let mut state = self.state.lock();
+            let lists = mem::replace(&mut state.free_lists, empty_free_lists());
+            let index = state.index.as_mut().map(EvictionIndex::take);
+            let (blocks, bytes) = (state.stats.blocks_cached, state.stats.bytes_cached);
+            state.stats.on_release(blocks, bytes);
+            (lists, index, bytes)
+        };
+        self.unreserve(bytes);
+        // The blocks left the free lists under the lock, so no other thread
+        // can hand them out; give them back without holding it.
+        let _inside = reentry::inside();
+        for (key, list) in lists {
+            for cached in list {
+                panics.catch(|| {
+                    // SAFETY: every listed block was taken from the backing
+                    // allocator with `key`'s layout, is owned by the cache
+                    // alone, and is no longer listed, so it is given back once.
+                    unsafe { self.backing_deallocate(cached.block, key) }
+                });
+            }
+        }
+        drop(indexes);
+        bytes
+    }
+
+    /// Gives cached blocks back, oldest first, until at most `target_bytes`
+    /// stay cached; returns the bytes given back.
+    ///
+    /// A panicking backing `deallocate` does not stop it: the trim goes on,
+    /// then the first panic is resumed.
+    pub(crate) fn trim(&self, target_bytes: usize) -> usize {
+        let mut panics = Deferred::new();
+        let mut trimmed = 0;
+        loop {
+            let evicted = {
+                let mut state = self.state.lock();
+                if state.stats.bytes_cached <= target_bytes {
+                    break;
+                }
+                state.evict(Victim::Oldest)
+            };
+            let Some((key, block)) = evicted else {
+                break;
+            };
+            self.unreserve(key.size());
+            panics.catch(|| {
+                // SAFETY: the block left the free lists under the lock: ours
+                // alone, taken with its key's layout.
+                unsafe { self.backing_deallocate(block, key) }
+            });
+            trimmed += key.size();
+        }
+        panics.resume();
+        trimmed
+    }
+}
+
+// SAFETY: the free lists never hold a live block (a block is listed only
+// when freed and unlisted before it is handed out, both under the lock); a
+// block is taken with its key's layout, which holds at least the request's
+// size at at least its alignment (`Key::for_layout`); a reused block is
+// zeroed on request; `resize` copies and frees the old block only once the
+// new one is taken.
+unsafe impl<A: Allocator> RawAllocator for Cache<A> {
     /// A block for `layout`: a cached one of its key if any, else a new one.
     /// With `zeroed`, its first `layout.size()` bytes are zero.
-    pub(crate) fn allocate(
-        &self,
-        layout: Layout,
-        zeroed: bool,
-    ) -> Result<NonNull<[u8]>, AllocError> {
+    fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
         if layout.size() == 0 {
             return Ok(dangling(layout));
         }
@@ -254,30 +384,6 @@ impl<A: Allocator> Cache<A> {
         Ok(NonNull::slice_from_raw_parts(block, layout.size()))
     }
 
-    /// A new block of `key` from the backing allocator. If it fails, the
-    /// cache is released and the allocation tried once more (c10's
-    /// out-of-memory path).
-    fn allocate_block(&self, key: Key, zeroed: bool) -> Result<NonNull<u8>, AllocError> {
-        let layout = key.block_layout();
-        let attempt = || reentry::allocate_from(&self.backing, layout, zeroed);
-        if let Ok(block) = attempt() {
-            return Ok(block.cast());
-        }
-        self.state.lock().stats.retries += 1;
-        self.release_cached();
-        match attempt() {
-            Ok(block) => Ok(block.cast()),
-            Err(error) => {
-                let mut state = self.state.lock();
-                state.stats.failures += 1;
-                if self.config.stop_caching_after_failure {
-                    state.caching_stopped = true;
-                }
-                Err(error)
-            }
-        }
-    }
-
     /// Puts a block on its free list, or gives it back if it may not be
     /// cached (larger than the cap or the budget, or caching stopped).
     ///
@@ -287,7 +393,7 @@ impl<A: Allocator> Cache<A> {
     ///   `layout` (same size, an alignment of the same class) and not freed
     ///   since;
     /// - nobody uses the block after this call.
-    pub(crate) unsafe fn deallocate(&self, block: NonNull<u8>, layout: Layout) {
+    unsafe fn deallocate(&self, block: NonNull<u8>, layout: Layout) {
         if layout.size() == 0 {
             return;
         }
@@ -371,46 +477,13 @@ impl<A: Allocator> Cache<A> {
         }
     }
 
-    /// Frees a block in use straight to the backing allocator.
-    ///
-    /// # Safety
-    ///
-    /// `block` is a live block of this cache for a request of `requested`
-    /// bytes under `key`, unused from now on.
-    unsafe fn give_back(&self, block: NonNull<u8>, key: Key, requested: usize) {
-        self.state
-            .lock()
-            .stats
-            .on_free_uncached(requested, key.size());
-        // SAFETY: the caller's contract: the block is ours and was taken with
-        // `key`'s layout.
-        unsafe { self.backing_deallocate(block, key) };
-    }
-
-    /// # Safety
-    ///
-    /// `block` was taken from the backing allocator with `key`'s layout, is
-    /// owned by this cache alone, and is not listed.
-    unsafe fn backing_deallocate(&self, block: NonNull<u8>, key: Key) {
-        poison::unpoison(block, key.size());
-        let _inside = reentry::inside();
-        // SAFETY: the caller's contract.
-        unsafe { self.backing.deallocate(block, key.block_layout()) };
-    }
-
-    fn unreserve(&self, bytes: usize) {
-        if let Some(budget) = &self.config.budget {
-            budget.unreserve(bytes);
-        }
-    }
-
     /// `grow` and `shrink`: in place when both layouts map to the same free
     /// list, else through a block of the new key (cached if one is), copying.
     ///
     /// # Safety
     ///
     /// `block` is live and was handed out by this cache for `old`.
-    pub(crate) unsafe fn resize(
+    unsafe fn resize(
         &self,
         block: NonNull<u8>,
         old: Layout,
@@ -443,105 +516,6 @@ impl<A: Allocator> Cache<A> {
         // stops using it once we return the new one.
         unsafe { self.deallocate(block, old) };
         Ok(moved)
-    }
-
-    /// Gives every cached block back to the backing allocator; returns the
-    /// bytes given back. A panicking backing `deallocate` does not stop it:
-    /// every block is handed back, then the first panic is resumed.
-    pub(crate) fn release_cached(&self) -> usize {
-        let mut panics = Deferred::new();
-        let bytes = self.release_into(&mut panics);
-        panics.resume();
-        bytes
-    }
-
-    /// `release_cached`, keeping a panic of the backing allocator in `panics`.
-    fn release_into(&self, panics: &mut Deferred) -> usize {
-        let (lists, indexes, bytes) = {
-            let mut state = self.state.lock();
-            let lists = mem::replace(&mut state.free_lists, empty_free_lists());
-            let index = state.index.as_mut().map(EvictionIndex::take);
-            let (blocks, bytes) = (state.stats.blocks_cached, state.stats.bytes_cached);
-            state.stats.on_release(blocks, bytes);
-            (lists, index, bytes)
-        };
-        self.unreserve(bytes);
-        // The blocks left the free lists under the lock, so no other thread
-        // can hand them out; give them back without holding it.
-        let _inside = reentry::inside();
-        for (key, list) in lists {
-            for cached in list {
-                panics.catch(|| {
-                    // SAFETY: every listed block was taken from the backing
-                    // allocator with `key`'s layout, is owned by the cache
-                    // alone, and is no longer listed, so it is given back once.
-                    unsafe { self.backing_deallocate(cached.block, key) }
-                });
-            }
-        }
-        drop(indexes);
-        bytes
-    }
-
-    /// Gives cached blocks back, oldest first, until at most `target_bytes`
-    /// stay cached; returns the bytes given back.
-    ///
-    /// A panicking backing `deallocate` does not stop it: the trim goes on,
-    /// then the first panic is resumed.
-    pub(crate) fn trim(&self, target_bytes: usize) -> usize {
-        let mut panics = Deferred::new();
-        let mut trimmed = 0;
-        loop {
-            let evicted = {
-                let mut state = self.state.lock();
-                if state.stats.bytes_cached <= target_bytes {
-                    break;
-                }
-                state.evict(Victim::Oldest)
-            };
-            let Some((key, block)) = evicted else {
-                break;
-            };
-            self.unreserve(key.size());
-            panics.catch(|| {
-                // SAFETY: the block left the free lists under the lock: ours
-                // alone, taken with its key's layout.
-                unsafe { self.backing_deallocate(block, key) }
-            });
-            trimmed += key.size();
-        }
-        panics.resume();
-        trimmed
-    }
-}
-
-// SAFETY: the free lists never hold a live block (a block is listed only
-// when freed and unlisted before it is handed out, both under the lock); a
-// block is taken with its key's layout, which holds at least the request's
-// size at at least its alignment (`Key::for_layout`); a reused block is
-// zeroed on request; `resize` copies and frees the old block only once the
-// new one is taken.
-unsafe impl<A: Allocator> RawAllocator for Cache<A> {
-    #[inline]
-    fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
-        Cache::allocate(self, layout, zeroed)
-    }
-
-    #[inline]
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        // SAFETY: forwarded contract.
-        unsafe { Cache::deallocate(self, ptr, layout) }
-    }
-
-    unsafe fn resize(
-        &self,
-        ptr: NonNull<u8>,
-        old: Layout,
-        new: Layout,
-        zeroed: bool,
-    ) -> Result<NonNull<[u8]>, AllocError> {
-        // SAFETY: forwarded contract.
-        unsafe { Cache::resize(self, ptr, old, new, zeroed) }
     }
 }
 

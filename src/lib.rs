@@ -50,6 +50,10 @@ mod budget;
 mod builder;
 mod cache;
 mod eviction;
+// The index of `SizePolicy::BestFit`, which is being built on it (its issue
+// is open); until the cache uses it, only its property test does.
+#[cfg_attr(not(test), allow(dead_code))]
+mod free_ranges;
 #[cfg(not(loom))]
 mod global;
 mod handle;

@@ -1,0 +1,391 @@
+//! The free-range index of best fit: which parts of a cache's segments are
+//! free, found smallest-first and coalesced with their free neighbours.
+//!
+//! This is the bookkeeping half of `SizePolicy::BestFit` (issue: best fit over
+//! growing segments): addresses are plain numbers here, so the index is safe
+//! code, model-checked by its property test; the cache owns the memory. A
+//! request takes the smallest free range that fits it (ties: the lowest
+//! address), split when the rest is at least [`SPLIT_MIN`] bytes; a freed
+//! range merges with the free ranges that touch it inside the same segment,
+//! so no two free ranges of a segment are ever adjacent. A segment may grow
+//! at its top (one reserved address range made usable as the cache grows), and
+//! the growth merges with a free range that ends there.
+//!
+//! Every operation is `O(log n)` in the number of free ranges, except a
+//! request aligned above every range's alignment, which scans the ranges
+//! large enough until one fits.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A free tail smaller than this stays with the block it was cut from (the
+/// simulations in the best-fit issue split at 512 bytes).
+pub(crate) const SPLIT_MIN: usize = 512;
+
+/// The free ranges of a set of segments.
+#[derive(Debug, Default)]
+pub(crate) struct FreeRanges {
+    /// `(len, start)` of every free range: the best fit for `len` is the first
+    /// entry at or after `(len, 0)`.
+    by_size: BTreeSet<(usize, usize)>,
+    /// `start -> len` of every free range, for coalescing.
+    by_start: BTreeMap<usize, usize>,
+    /// `start -> end` of every segment: a free range never spans two.
+    segments: BTreeMap<usize, usize>,
+    free_bytes: usize,
+}
+
+/// A range handed out by [`FreeRanges::take`]: `len` may exceed the request
+/// by a tail too small to keep ([`SPLIT_MIN`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Taken {
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+}
+
+impl FreeRanges {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes in free ranges.
+    pub(crate) fn free_bytes(&self) -> usize {
+        self.free_bytes
+    }
+
+    /// Bytes in segments.
+    pub(crate) fn segment_bytes(&self) -> usize {
+        self.segments.iter().map(|(start, end)| end - start).sum()
+    }
+
+    /// Adds a segment `[start, start + len)`, all of it free. It must overlap
+    /// no segment already added.
+    pub(crate) fn add_segment(&mut self, start: usize, len: usize) {
+        debug_assert!(len > 0 && self.segment_of(start).is_none());
+        self.segments.insert(start, start + len);
+        self.insert(start, len);
+    }
+
+    /// Grows the segment that starts at `segment` by `by` bytes at its top;
+    /// the new bytes are free and merge with a free range ending there.
+    pub(crate) fn grow_segment(&mut self, segment: usize, by: usize) {
+        let Some(end) = self.segments.get_mut(&segment) else {
+            debug_assert!(false, "no segment at {segment:#x}");
+            return;
+        };
+        let old_end = *end;
+        *end += by;
+        self.give(old_end, by);
+    }
+
+    /// The segment holding `addr`: its `(start, end)`.
+    pub(crate) fn segment_of(&self, addr: usize) -> Option<(usize, usize)> {
+        let (&start, &end) = self.segments.range(..=addr).next_back()?;
+        (addr < end).then_some((start, end))
+    }
+
+    /// The free range at the top of the segment starting at `segment`, if its
+    /// last bytes are free: `(start, len)`.
+    pub(crate) fn free_top(&self, segment: usize) -> Option<(usize, usize)> {
+        let &end = self.segments.get(&segment)?;
+        let (&start, &len) = self.by_start.range(..end).next_back()?;
+        (start + len == end).then_some((start, len))
+    }
+
+    /// Cuts `by` free bytes off the top of the segment starting at
+    /// `segment` (they must be free); a segment cut to nothing is removed.
+    pub(crate) fn shrink_segment(&mut self, segment: usize, by: usize) {
+        let Some((start, len)) = self.free_top(segment) else {
+            debug_assert!(false, "the top of {segment:#x} is not free");
+            return;
+        };
+        debug_assert!(by <= len);
+        self.remove(start, len);
+        if by < len {
+            self.insert(start, len - by);
+        }
+        let end = self.segments[&segment] - by;
+        if end == segment {
+            self.segments.remove(&segment);
+        } else {
+            self.segments.insert(segment, end);
+        }
+    }
+
+    /// The smallest free range that holds `len` bytes at an address aligned
+    /// to `align` (a power of two), taken out; `None` if none does. A front
+    /// gap left by alignment stays free, and so does a tail of at least
+    /// [`SPLIT_MIN`] bytes; a smaller tail goes with the range.
+    pub(crate) fn take(&mut self, len: usize, align: usize) -> Option<Taken> {
+        debug_assert!(len > 0 && align.is_power_of_two());
+        let (range_len, range_start, start) =
+            self.by_size
+                .range((len, 0)..)
+                .find_map(|&(range_len, range_start)| {
+                    let start = range_start.checked_next_multiple_of(align)?;
+                    let end = start.checked_add(len)?;
+                    (end <= range_start + range_len).then_some((range_len, range_start, start))
+                })?;
+        self.remove(range_start, range_len);
+        let range_end = range_start + range_len;
+        if start > range_start {
+            self.insert(range_start, start - range_start);
+        }
+        let tail = range_end - (start + len);
+        let taken = if tail >= SPLIT_MIN {
+            self.insert(start + len, tail);
+            len
+        } else {
+            len + tail
+        };
+        Some(Taken { start, len: taken })
+    }
+
+    /// Frees `[start, start + len)` (a range `take` handed out, or grown
+    /// into), merging it with the free ranges that touch it in its segment.
+    pub(crate) fn give(&mut self, start: usize, len: usize) {
+        let (segment_start, segment_end) = match self.segment_of(start) {
+            Some(bounds) => bounds,
+            None => {
+                debug_assert!(false, "{start:#x} is in no segment");
+                return;
+            }
+        };
+        debug_assert!(start + len <= segment_end);
+        let (mut start, mut len) = (start, len);
+        if start > segment_start
+            && let Some((&before, &before_len)) = self.by_start.range(..start).next_back()
+            && before + before_len == start
+        {
+            self.remove(before, before_len);
+            start = before;
+            len += before_len;
+        }
+        let end = start + len;
+        if end < segment_end
+            && let Some(&after_len) = self.by_start.get(&end)
+        {
+            self.remove(end, after_len);
+            len += after_len;
+        }
+        self.insert(start, len);
+    }
+
+    /// Removes the segment starting at `segment` if it is all free; whether
+    /// it was (then it is the caller's to give back).
+    pub(crate) fn remove_segment_if_free(&mut self, segment: usize) -> bool {
+        let Some(&end) = self.segments.get(&segment) else {
+            return false;
+        };
+        if self.by_start.get(&segment) != Some(&(end - segment)) {
+            return false;
+        }
+        self.remove(segment, end - segment);
+        self.segments.remove(&segment);
+        true
+    }
+
+    /// Every free range, `(start, len)` by address.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.by_start.iter().map(|(&start, &len)| (start, len))
+    }
+
+    /// Every segment, `(start, end)` by address.
+    pub(crate) fn segments(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.segments.iter().map(|(&start, &end)| (start, end))
+    }
+
+    fn insert(&mut self, start: usize, len: usize) {
+        self.by_size.insert((len, start));
+        self.by_start.insert(start, len);
+        self.free_bytes += len;
+    }
+
+    fn remove(&mut self, start: usize, len: usize) {
+        self.by_size.remove(&(len, start));
+        self.by_start.remove(&start);
+        self.free_bytes -= len;
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    //! The index against a model that keeps a byte map of each segment:
+    //! after every step, the free ranges are exactly the maximal free runs of
+    //! the model (so no two are adjacent), best fit picks what a linear scan
+    //! picks, and free + live = segment bytes.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A model: each segment as one flag per 64-byte unit (`true`: free).
+    #[derive(Default)]
+    struct Model {
+        segments: BTreeMap<usize, Vec<bool>>,
+        live: BTreeMap<usize, usize>,
+    }
+
+    const UNIT: usize = 64;
+
+    impl Model {
+        /// The maximal free runs, `(start, len)` by address.
+        fn runs(&self) -> Vec<(usize, usize)> {
+            let mut runs = Vec::new();
+            for (&start, units) in &self.segments {
+                let mut run: Option<(usize, usize)> = None;
+                for (i, &free) in units.iter().enumerate() {
+                    let addr = start + i * UNIT;
+                    match (&mut run, free) {
+                        (Some((_, len)), true) => *len += UNIT,
+                        (None, true) => run = Some((addr, UNIT)),
+                        (Some(done), false) => {
+                            runs.push(*done);
+                            run = None;
+                        }
+                        (None, false) => {}
+                    }
+                }
+                runs.extend(run);
+            }
+            runs
+        }
+
+        /// What best fit must pick: the smallest run that holds `len` at an
+        /// `align`ed start, lowest address first.
+        fn best(&self, len: usize, align: usize) -> Option<(usize, usize, usize)> {
+            self.runs()
+                .into_iter()
+                .filter_map(|(start, run_len)| {
+                    let at = start.next_multiple_of(align);
+                    (at + len <= start + run_len).then_some((run_len, start, at))
+                })
+                .min()
+        }
+
+        fn set(&mut self, start: usize, len: usize, free: bool) {
+            let (&segment, units) = self.segments.range_mut(..=start).next_back().unwrap();
+            for unit in &mut units[(start - segment) / UNIT..(start - segment + len) / UNIT] {
+                assert_ne!(*unit, free, "a unit changed state twice");
+                *unit = free;
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A new segment of this many units, right after the last one or
+        /// further up.
+        Segment(usize, bool),
+        Grow(usize),
+        Take(usize, usize),
+        Give(usize),
+        ShrinkTop,
+        RemoveFree(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            1 => (1usize..64, any::<bool>()).prop_map(|(units, adjacent)| Op::Segment(units, adjacent)),
+            1 => (1usize..32).prop_map(Op::Grow),
+            4 => (1usize..40, 0u32..4).prop_map(|(units, shift)| Op::Take(units, 1 << shift)),
+            4 => any::<usize>().prop_map(Op::Give),
+            1 => Just(Op::ShrinkTop),
+            1 => any::<usize>().prop_map(Op::RemoveFree),
+        ]
+    }
+
+    fn check(index: &FreeRanges, model: &Model) {
+        let ranges: Vec<_> = index.iter().collect();
+        assert_eq!(
+            ranges,
+            model.runs(),
+            "free ranges are the maximal free runs"
+        );
+        let live: usize = model.live.values().sum();
+        assert_eq!(index.free_bytes() + live, index.segment_bytes());
+        let segments: Vec<_> = index.segments().collect();
+        let modelled: Vec<_> = model
+            .segments
+            .iter()
+            .map(|(&start, units)| (start, start + units.len() * UNIT))
+            .collect();
+        assert_eq!(segments, modelled);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 4 } else { 256 }))]
+
+        #[test]
+        fn best_fit_and_coalescing_match_a_byte_map(ops in prop::collection::vec(op(), 1..120)) {
+            let mut index = FreeRanges::new();
+            let mut model = Model::default();
+            // Growth applies to the last segment only, so a segment placed
+            // right after it (free ranges touching across the boundary, which
+            // must not merge) is never overlapped.
+            let mut next_segment = 1 << 20;
+            for op in ops {
+                match op {
+                    Op::Segment(units, adjacent) => {
+                        let start = match model.segments.iter().next_back() {
+                            Some((&last, last_units)) if adjacent => last + last_units.len() * UNIT,
+                            _ => next_segment,
+                        };
+                        index.add_segment(start, units * UNIT);
+                        model.segments.insert(start, vec![true; units]);
+                        next_segment = next_segment.max(start) + (1 << 20);
+                    }
+                    Op::Grow(units) => {
+                        let Some((&segment, _)) = model.segments.iter().next_back() else { continue };
+                        index.grow_segment(segment, units * UNIT);
+                        model.segments.get_mut(&segment).unwrap().extend(vec![true; units]);
+                    }
+                    Op::Take(units, align_units) => {
+                        let (len, align) = (units * UNIT, align_units * UNIT);
+                        let expected = model.best(len, align);
+                        let taken = index.take(len, align);
+                        match (expected, taken) {
+                            (None, None) => {}
+                            (Some((run_len, run_start, at)), Some(taken)) => {
+                                assert_eq!(taken.start, at);
+                                let tail = run_start + run_len - (at + len);
+                                let kept = if tail >= SPLIT_MIN { len } else { len + tail };
+                                assert_eq!(taken.len, kept);
+                                assert_eq!(taken.start % align, 0);
+                                model.set(taken.start, taken.len, false);
+                                model.live.insert(taken.start, taken.len);
+                            }
+                            (expected, taken) => panic!("model {expected:?}, index {taken:?}"),
+                        }
+                    }
+                    Op::Give(pick) => {
+                        if model.live.is_empty() { continue }
+                        let (&start, &len) = model.live.iter().nth(pick % model.live.len()).unwrap();
+                        model.live.remove(&start);
+                        model.set(start, len, true);
+                        index.give(start, len);
+                    }
+                    Op::ShrinkTop => {
+                        let Some((&segment, _)) = model.segments.iter().next_back() else { continue };
+                        let Some((_, len)) = index.free_top(segment) else { continue };
+                        index.shrink_segment(segment, len);
+                        let units = model.segments.get_mut(&segment).unwrap();
+                        units.truncate(units.len() - len / UNIT);
+                        if units.is_empty() {
+                            model.segments.remove(&segment);
+                        }
+                    }
+                    Op::RemoveFree(pick) => {
+                        if model.segments.is_empty() { continue }
+                        let (&segment, units) = model.segments.iter().nth(pick % model.segments.len()).unwrap();
+                        let all_free = units.iter().all(|&free| free);
+                        assert_eq!(index.remove_segment_if_free(segment), all_free);
+                        if all_free {
+                            model.segments.remove(&segment);
+                        }
+                    }
+                }
+                check(&index, &model);
+            }
+        }
+    }
+}

@@ -115,10 +115,11 @@ impl<A: Allocator> Recorder<A> {
     /// its whole lifetime. Blocks still live are left out (they are not part
     /// of a pass) but keep their place in the allocation order.
     pub fn plan(&self) -> Plan {
+        // Planning allocates (the log is copied out under its lock): from the
+        // inner allocator, never from this recorder's own scope, which would
+        // take the same lock, or record the planner's scratch as the pass's.
+        let _inside = reentry::inside();
         let log = self.inner.log.lock();
-        // Copied out under the log's lock: from the inner allocator, never
-        // from this recorder's own scope (which takes the same lock).
-        let inside = reentry::inside();
         let mut indices = std::vec::Vec::with_capacity(log.records.len());
         let mut lifetimes = std::vec::Vec::with_capacity(log.records.len());
         for (index, record) in log.records.iter().enumerate() {
@@ -131,7 +132,6 @@ impl<A: Allocator> Recorder<A> {
         }
         let allocations = log.records.len();
         drop(log);
-        drop(inside);
         let mut slots = vec![None; allocations];
         let Some(placement) = planner::place(&lifetimes) else {
             // Offsets overflow: nothing can be planned.

@@ -38,8 +38,8 @@ pub enum AllocatorKind {
     /// jemalloc (tikv-jemallocator), through its `GlobalAlloc` impl.
     Jemalloc,
     /// `CachingAllocator::new()` (backed by the global allocator, glibc
-    /// malloc here), through the allocator-api2 `Allocator` trait: the
-    /// seed's exact sizes, no cap.
+    /// malloc here), through the allocator-api2 `Allocator` trait: c10's
+    /// exact sizes, no cap.
     Cache,
     /// Size classes, `SizePolicy::PowerOfTwoDivisions(2)`.
     CacheP2d2,

@@ -122,8 +122,10 @@ impl<G> ScopedGlobal<G> {
         match served {
             Ok(Ok(block)) => {
                 let block = block.cast::<u8>().as_ptr();
-                // `enter` created the registry before this scope began.
-                let registry = registry::prepare();
+                // `enter` created the registry before this scope began; the
+                // fallback (never taken) keeps this path free of a second
+                // flag write.
+                let registry = scope_blocks().unwrap_or_else(registry::prepare);
                 let _in_registry = reentry::in_registry();
                 // The owner's count moves into the registry.
                 let replaced = registry.insert(block as usize, owner);

@@ -164,6 +164,13 @@ impl Budget {
         }
     }
 
+    /// Counts `bytes` as cached whatever the limit: free bytes a best-fit
+    /// cache can neither give back nor keep out of the count (pinned in a
+    /// fixed segment, see `Stats::bytes_pinned`).
+    pub(crate) fn force(&self, bytes: usize) {
+        self.shared.cached.fetch_add(bytes, Ordering::AcqRel);
+    }
+
     /// Gives back bytes reserved for a block that left a free list.
     pub(crate) fn unreserve(&self, bytes: usize) {
         self.shared.cached.fetch_sub(bytes, Ordering::AcqRel);

@@ -86,7 +86,10 @@ impl Builder {
     }
 
     /// A cache backed by the global allocator.
-    pub fn build(self) -> CachingAllocator {
+    pub fn build(mut self) -> CachingAllocator {
+        // The backing is the global allocator: best fit may map its own
+        // memory instead (see `SizePolicy::BestFit`).
+        self.config.reserves = true;
         self.build_in(Global)
     }
 

@@ -9,6 +9,11 @@
 //!
 //! Panics: a backing `deallocate` that panics is caught, the operation
 //! finishes with consistent books, and the panic is resumed (see `unwind.rs`).
+//!
+//! `SizePolicy::BestFit` keeps no free lists: its operations are in
+//! `cache/carving.rs`, over the arena of `best_fit.rs`.
+
+mod carving;
 
 use core::alloc::Layout;
 use core::mem;
@@ -20,6 +25,7 @@ use foldhash::fast::FixedState;
 use hashbrown::HashMap;
 
 use crate::alloc::{RawAllocator, dangling};
+use crate::best_fit::Arena;
 use crate::budget::{Budget, Member};
 use crate::eviction::{EvictionIndex, Victim};
 use crate::poison;
@@ -36,6 +42,10 @@ pub(crate) struct Config {
     pub(crate) max_cached_bytes: Option<usize>,
     pub(crate) budget: Option<Budget>,
     pub(crate) stop_caching_after_failure: bool,
+    /// Best fit: take segments from a reserved address range the cache owns
+    /// (set by `Builder::build`, whose backing is the global allocator), not
+    /// from the backing allocator.
+    pub(crate) reserves: bool,
 }
 
 impl Config {
@@ -80,6 +90,9 @@ struct State {
     /// config says to stop caching then.
     caching_stopped: bool,
     stats: Stats,
+    /// Best fit's segments and free ranges (`SizePolicy::BestFit` only; the
+    /// free lists stay empty then).
+    arena: Option<Arena>,
 }
 
 // SAFETY: the `NonNull`s on the free lists are blocks this cache owns
@@ -97,6 +110,7 @@ impl State {
             clock: 0,
             caching_stopped: false,
             stats: Stats::default(),
+            arena: (config.policy == SizePolicy::BestFit).then(|| Arena::new(config.reserves)),
         }
     }
 
@@ -197,11 +211,22 @@ impl<A: Allocator> Cache<A> {
     }
 
     pub(crate) fn stats(&self) -> Stats {
-        self.state.lock().stats
+        let state = self.state.lock();
+        let mut stats = state.stats;
+        if let Some(arena) = &state.arena {
+            stats.bytes_pinned = arena.pinned();
+        }
+        stats
     }
 
     pub(crate) fn is_caching_stopped(&self) -> bool {
         self.state.lock().caching_stopped
+    }
+
+    /// Whether the cache carves blocks out of segments (`BestFit`).
+    #[inline]
+    fn carves(&self) -> bool {
+        self.config.policy == SizePolicy::BestFit
     }
 
     #[inline]
@@ -270,6 +295,9 @@ impl<A: Allocator> Cache<A> {
     /// bytes given back. A panicking backing `deallocate` does not stop it:
     /// every block is handed back, then the first panic is resumed.
     pub(crate) fn release_cached(&self) -> usize {
+        if self.carves() {
+            return self.release_carved();
+        }
         let mut panics = Deferred::new();
         let bytes = self.release_into(&mut panics);
         panics.resume();
@@ -278,6 +306,9 @@ impl<A: Allocator> Cache<A> {
 
     /// `release_cached`, keeping a panic of the backing allocator in `panics`.
     fn release_into(&self, panics: &mut Deferred) -> usize {
+        if self.carves() {
+            return self.shed_carved(0, carving::Count::Release, panics);
+        }
         let (lists, indexes, bytes) = {
             let mut state = self.state.lock();
             let lists = mem::replace(&mut state.free_lists, empty_free_lists());
@@ -310,6 +341,9 @@ impl<A: Allocator> Cache<A> {
     /// A panicking backing `deallocate` does not stop it: the trim goes on,
     /// then the first panic is resumed.
     pub(crate) fn trim(&self, target_bytes: usize) -> usize {
+        if self.carves() {
+            return self.trim_carved(target_bytes);
+        }
         let mut panics = Deferred::new();
         let mut trimmed = 0;
         loop {
@@ -348,6 +382,9 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
     fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
         if layout.size() == 0 {
             return Ok(dangling(layout));
+        }
+        if self.carves() {
+            return self.allocate_carved(layout, zeroed);
         }
         let Some(key) = self.key(layout) else {
             self.state.lock().stats.failures += 1;
@@ -396,6 +433,10 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
     unsafe fn deallocate(&self, block: NonNull<u8>, layout: Layout) {
         if layout.size() == 0 {
             return;
+        }
+        if self.carves() {
+            // SAFETY: this function's contract.
+            return unsafe { self.deallocate_carved(block, layout) };
         }
         // A block handed out for `layout` proves the key exists.
         let Some(key) = self.key(layout) else {
@@ -490,6 +531,10 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
         new: Layout,
         zeroed: bool,
     ) -> Result<NonNull<[u8]>, AllocError> {
+        if self.carves() {
+            // SAFETY: this function's contract.
+            return unsafe { self.resize_carved(block, old, new, zeroed) };
+        }
         if old.size() != 0 && new.size() != 0 && self.key(old) == self.key(new) {
             // Same key: the block already has the new layout's size class and
             // alignment class.
@@ -521,10 +566,16 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
 
 impl<A: Allocator + Send + Sync> Member for Cache<A> {
     fn oldest(&self) -> Option<u64> {
+        if self.carves() {
+            return self.oldest_carved();
+        }
         self.state.lock().oldest_age()
     }
 
     fn evict_oldest(&self) -> bool {
+        if self.carves() {
+            return self.evict_carved();
+        }
         let evicted = self.state.lock().evict(Victim::Oldest);
         match evicted {
             Some((key, block)) => {
@@ -552,6 +603,9 @@ impl<A: Allocator> Drop for Cache<A> {
         // block is in use: everything cached goes back.
         let mut panics = Deferred::new();
         self.release_into(&mut panics);
+        if self.carves() {
+            self.drop_segments(&mut panics);
+        }
         panics.resume_unless_unwinding();
     }
 }

@@ -32,6 +32,7 @@ pub(crate) struct FreeRanges {
     /// `start -> end` of every segment: a free range never spans two.
     segments: BTreeMap<usize, usize>,
     free_bytes: usize,
+    segment_bytes: usize,
 }
 
 /// A range handed out by [`FreeRanges::take`]: `len` may exceed the request
@@ -52,9 +53,37 @@ impl FreeRanges {
         self.free_bytes
     }
 
+    /// How many free ranges there are.
+    pub(crate) fn len(&self) -> usize {
+        self.by_start.len()
+    }
+
+    /// Every free range, `(start, len)`, largest first.
+    pub(crate) fn largest_first(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.by_size.iter().rev().map(|&(len, start)| (start, len))
+    }
+
+    /// The free ranges inside `[start, end)`, `(start, len)` by address.
+    pub(crate) fn free_in(
+        &self,
+        start: usize,
+        end: usize,
+    ) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.by_start
+            .range(start..end)
+            .map(|(&start, &len)| (start, len))
+    }
+
+    /// Whether the segment starting at `segment` is all free.
+    pub(crate) fn is_segment_free(&self, segment: usize) -> bool {
+        self.segments
+            .get(&segment)
+            .is_some_and(|&end| self.by_start.get(&segment) == Some(&(end - segment)))
+    }
+
     /// Bytes in segments.
     pub(crate) fn segment_bytes(&self) -> usize {
-        self.segments.iter().map(|(start, end)| end - start).sum()
+        self.segment_bytes
     }
 
     /// Adds a segment `[start, start + len)`, all of it free. It must overlap
@@ -62,6 +91,7 @@ impl FreeRanges {
     pub(crate) fn add_segment(&mut self, start: usize, len: usize) {
         debug_assert!(len > 0 && self.segment_of(start).is_none());
         self.segments.insert(start, start + len);
+        self.segment_bytes += len;
         self.insert(start, len);
     }
 
@@ -74,6 +104,7 @@ impl FreeRanges {
         };
         let old_end = *end;
         *end += by;
+        self.segment_bytes += by;
         self.give(old_end, by);
     }
 
@@ -104,6 +135,7 @@ impl FreeRanges {
             self.insert(start, len - by);
         }
         let end = self.segments[&segment] - by;
+        self.segment_bytes -= by;
         if end == segment {
             self.segments.remove(&segment);
         } else {
@@ -181,15 +213,18 @@ impl FreeRanges {
         }
         self.remove(segment, end - segment);
         self.segments.remove(&segment);
+        self.segment_bytes -= end - segment;
         true
     }
 
     /// Every free range, `(start, len)` by address.
+    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         self.by_start.iter().map(|(&start, &len)| (start, len))
     }
 
     /// Every segment, `(start, end)` by address.
+    #[cfg(test)]
     pub(crate) fn segments(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         self.segments.iter().map(|(&start, &end)| (start, end))
     }

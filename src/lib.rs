@@ -46,13 +46,11 @@ assert_eq!(cache.stats().hits, 1);
 #![cfg_attr(feature = "nightly", feature(allocator_api))]
 
 mod alloc;
+mod best_fit;
 mod budget;
 mod builder;
 mod cache;
 mod eviction;
-// The index of `SizePolicy::BestFit`, which is being built on it (its issue
-// is open); until the cache uses it, only its property test does.
-#[cfg_attr(not(test), allow(dead_code))]
 mod free_ranges;
 #[cfg(not(loom))]
 mod global;
@@ -61,6 +59,7 @@ pub mod plan;
 mod poison;
 mod policy;
 mod reentry;
+mod reservation;
 // Under loom only its model tests use it (the global allocator is std-only).
 #[cfg_attr(loom, allow(dead_code))]
 mod registry;

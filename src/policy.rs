@@ -24,6 +24,7 @@ pub const SIZE_GRANULARITY: usize = 64;
 /// |---|---|---|
 /// | `Exact` (default, c10's) | static shapes: the same sizes every pass | none: a block is exactly the size asked for |
 /// | `PowerOfTwoDivisions(n)` | dynamic shapes (variable sequence length, a growing KV cache) | up to `1/n` of a block lost to rounding |
+/// | `BestFit` | memory held close to peak live, static or dynamic shapes | a few B-tree operations per allocation and free |
 ///
 /// # Examples
 ///
@@ -49,6 +50,14 @@ pub enum SizePolicy {
     /// `n` is rounded up to a power of two; 0 is taken as 1 (one class per
     /// power of two).
     PowerOfTwoDivisions(u32),
+    /// Blocks carved out of large segments: a request takes the smallest free
+    /// range that fits (rounded up to [`MIN_ALIGN`]), split when the rest is
+    /// worth keeping; a freed block merges with its free neighbours. On Linux
+    /// a cache built with `Builder::build` reserves one address range and
+    /// grows it in place, so it holds close to its peak live bytes; built with
+    /// `build_in(backing)` it takes fixed segments from `backing`. See the
+    /// crate's README for when to pick it.
+    BestFit,
 }
 
 impl SizePolicy {
@@ -58,6 +67,7 @@ impl SizePolicy {
     pub fn block_size(self, size: usize) -> Option<usize> {
         match self {
             SizePolicy::Exact => Some(size),
+            SizePolicy::BestFit => size.checked_next_multiple_of(MIN_ALIGN),
             SizePolicy::PowerOfTwoDivisions(divisions) => {
                 if size <= SIZE_GRANULARITY {
                     return Some(SIZE_GRANULARITY);

@@ -88,6 +88,17 @@ pub struct Stats {
     /// Requests answered with `AllocError`: absurd sizes, or a backing
     /// allocation that failed again after the retry.
     pub failures: u64,
+    /// Best fit: free bytes inside segments whose pages went back to the
+    /// system (`MADV_DONTNEED`) while the segment stays: counted in neither
+    /// `bytes_cached` nor `bytes_reserved`. Always 0 for the other policies.
+    pub bytes_decommitted: usize,
+    /// Best fit over fixed segments (a cache built with `build_in`): free
+    /// bytes, part of `bytes_cached`, that no release, trim, cap or budget can
+    /// give back, because they lie in a segment that still holds a live block
+    /// (the backing allocator takes a segment back only whole, and the cache
+    /// does not own its pages). Always 0 for the other policies and for a
+    /// cache that reserves its own address range.
+    pub bytes_pinned: usize,
 }
 
 impl Stats {
@@ -202,6 +213,45 @@ impl Stats {
         self.bytes_cached -= block;
         self.blocks_cached -= 1;
         self.bytes_reserved -= block;
+    }
+
+    /// Best fit handed out a block of `block` bytes for `requested`; `hit`:
+    /// no new memory was needed.
+    #[inline]
+    pub(crate) fn on_carved(&mut self, requested: usize, block: usize, hit: bool) {
+        if hit {
+            self.hits += 1;
+            self.bytes_hit += requested as u64;
+        } else {
+            self.misses += 1;
+            self.bytes_missed += requested as u64;
+        }
+        self.add_in_use(requested, block);
+    }
+
+    /// Best fit took back a block of `block` bytes (its range is free again).
+    #[inline]
+    pub(crate) fn on_uncarved(&mut self, requested: usize, block: usize) {
+        self.remove_in_use(requested, block);
+    }
+
+    /// Best fit's memory now: `reserved` bytes of segments hold memory,
+    /// `cached` of them are free in `ranges` free ranges, and `decommitted`
+    /// free bytes hold none.
+    #[inline]
+    pub(crate) fn set_held(
+        &mut self,
+        reserved: usize,
+        cached: usize,
+        ranges: usize,
+        decommitted: usize,
+    ) {
+        self.bytes_reserved = reserved;
+        self.bytes_cached = cached;
+        self.blocks_cached = ranges;
+        self.bytes_decommitted = decommitted;
+        self.peak_bytes_reserved = self.peak_bytes_reserved.max(reserved);
+        self.peak_bytes_cached = self.peak_bytes_cached.max(cached);
     }
 
     #[inline]

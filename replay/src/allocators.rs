@@ -55,6 +55,11 @@ pub enum AllocatorKind {
     CacheP2d4Cap,
     /// `PowerOfTwoDivisions(8)` with the cap.
     CacheP2d8Cap,
+    /// Best fit, `SizePolicy::BestFit`: blocks carved from one reserved,
+    /// growing address range (Linux), split and coalesced.
+    CacheBestfit,
+    /// Best fit with the cap.
+    CacheBestfitCap,
     /// `plan::Recorder` for pass 0, then `plan::Planned` from its plan, one
     /// `pass()` per pass.
     Planned,
@@ -74,6 +79,8 @@ impl AllocatorKind {
         AllocatorKind::CacheP2d2Cap,
         AllocatorKind::CacheP2d4Cap,
         AllocatorKind::CacheP2d8Cap,
+        AllocatorKind::CacheBestfit,
+        AllocatorKind::CacheBestfitCap,
         AllocatorKind::Planned,
     ];
 
@@ -91,6 +98,8 @@ impl AllocatorKind {
             AllocatorKind::CacheP2d2Cap => "cache-p2d2-cap",
             AllocatorKind::CacheP2d4Cap => "cache-p2d4-cap",
             AllocatorKind::CacheP2d8Cap => "cache-p2d8-cap",
+            AllocatorKind::CacheBestfit => "cache-bestfit",
+            AllocatorKind::CacheBestfitCap => "cache-bestfit-cap",
             AllocatorKind::Planned => "planned",
         }
     }
@@ -134,6 +143,8 @@ impl AllocatorKind {
             AllocatorKind::CacheP2d2Cap => (p2d(2), true),
             AllocatorKind::CacheP2d4Cap => (p2d(4), true),
             AllocatorKind::CacheP2d8Cap => (p2d(8), true),
+            AllocatorKind::CacheBestfit => (SizePolicy::BestFit, false),
+            AllocatorKind::CacheBestfitCap => (SizePolicy::BestFit, true),
         })
     }
 

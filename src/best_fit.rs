@@ -1,0 +1,454 @@
+//! Best fit's memory: segments, the free ranges in them, the blocks carved
+//! out of them, and which free pages went back to the system.
+//!
+//! Everything here runs under the cache's lock and works on addresses; the
+//! cache (`cache.rs`) turns them into pointers and calls the backing
+//! allocator. Two segment sources:
+//!
+//! - **a reservation** (Linux, a cache built with `Builder::build`): one
+//!   reserved address range whose usable bottom grows in place, so the whole
+//!   cache is usually one segment and growth merges with the free range at its
+//!   top. The cache owns the mapping: free pages inside it can be decommitted
+//!   and its free top uncommitted, so resident memory falls.
+//! - **fixed segments** (a cache built with `build_in(backing)`, other
+//!   systems, Miri): blocks taken from the backing allocator and given back
+//!   only whole. Their free bytes cannot be decommitted (the cache does not
+//!   own their pages): while a segment holds a live block, its free bytes are
+//!   *pinned* (`Stats::bytes_pinned`).
+//!
+//! A block's bytes are recorded at carving (`live`), so a free needs only its
+//! address: its length may exceed the request by alignment rounding or a tail
+//! too small to keep ([`SPLIT_MIN`](crate::free_ranges::SPLIT_MIN)).
+
+use core::alloc::Layout;
+use std::collections::BTreeMap;
+
+use foldhash::fast::FixedState;
+use hashbrown::HashMap;
+
+use crate::free_ranges::FreeRanges;
+use crate::poison;
+use crate::policy::MIN_ALIGN;
+use crate::reentry::Bookkeeping;
+use crate::reservation::{self, FIRST_CAPACITY, PAGE, Reservation};
+
+/// The length and alignment of the block that serves `layout`: its size
+/// rounded up to [`MIN_ALIGN`], aligned to at least [`MIN_ALIGN`]. `None` if
+/// that is absurd (past `isize::MAX`).
+#[inline]
+pub(crate) fn block_of(layout: Layout) -> Option<(usize, usize)> {
+    let len = layout.size().checked_next_multiple_of(MIN_ALIGN)?;
+    let align = layout.align().max(MIN_ALIGN);
+    Layout::from_size_align(len, align).ok()?;
+    Some((len, align))
+}
+
+/// A block carved out of a free range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Carved {
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+    /// Whether it needed new memory: a grown segment, or decommitted pages.
+    pub(crate) fresh: bool,
+}
+
+/// What a shed gave back, and what the cache must still give back to its
+/// backing allocator once the lock is released.
+#[derive(Debug, Default)]
+pub(crate) struct Shed {
+    /// Fixed segments with no live block, out of the index: `(start, layout)`.
+    pub(crate) segments: Vec<(usize, Layout)>,
+    /// Free bytes that stopped holding memory (segments, uncommitted tops,
+    /// decommitted pages).
+    pub(crate) bytes: usize,
+    /// How many pieces: segments, tops and decommitted ranges.
+    pub(crate) pieces: u64,
+    /// Backing calls made or to make: segments and uncommitted tops.
+    pub(crate) segment_frees: u64,
+}
+
+/// Best fit's memory. See the module documentation.
+pub(crate) struct Arena {
+    ranges: FreeRanges,
+    /// `start -> len` of every block handed out.
+    live: HashMap<usize, usize, FixedState, Bookkeeping>,
+    /// `start -> end` of free pages given back to the system: page-aligned,
+    /// disjoint, each inside a free range of a reservation.
+    decommitted: BTreeMap<usize, usize>,
+    decommitted_bytes: usize,
+    /// `start -> layout` of every fixed segment.
+    fixed: BTreeMap<usize, Layout>,
+    /// The reservations, oldest first; the last one grows.
+    reservations: Vec<Reservation>,
+    /// Whether to reserve address ranges (else: fixed segments only).
+    reserves: bool,
+    /// Bytes of `bytes_cached` reserved on the cache's budget.
+    pub(crate) budget_held: usize,
+    /// The budget tick at which the free bytes last rose from zero: the age
+    /// a budget sees (see `Member for Cache`).
+    pub(crate) cached_since: Option<u64>,
+}
+
+impl Arena {
+    /// An empty arena; `reserves`: take segments from reserved address
+    /// ranges where the system has them.
+    pub(crate) fn new(reserves: bool) -> Self {
+        Self {
+            ranges: FreeRanges::new(),
+            live: HashMap::with_hasher_in(FixedState::default(), Bookkeeping),
+            decommitted: BTreeMap::new(),
+            decommitted_bytes: 0,
+            fixed: BTreeMap::new(),
+            reservations: Vec::new(),
+            reserves,
+            budget_held: 0,
+            cached_since: None,
+        }
+    }
+
+    /// `(reserved, cached, free ranges, decommitted)` as `Stats` reports
+    /// them: decommitted free bytes hold no memory.
+    pub(crate) fn held(&self) -> (usize, usize, usize, usize) {
+        let segments = self.committed_bytes();
+        (
+            segments - self.decommitted_bytes,
+            self.ranges.free_bytes() - self.decommitted_bytes,
+            self.ranges.len(),
+            self.decommitted_bytes,
+        )
+    }
+
+    fn committed_bytes(&self) -> usize {
+        self.ranges.segment_bytes()
+    }
+
+    /// Free bytes in fixed segments that hold a live block.
+    pub(crate) fn pinned(&self) -> usize {
+        self.fixed
+            .iter()
+            .filter(|&(&start, _)| !self.ranges.is_segment_free(start))
+            .map(|(&start, layout)| {
+                self.ranges
+                    .free_in(start, start + layout.size())
+                    .map(|(_, len)| len)
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// Carves a block of `len` bytes aligned to `align` out of the smallest
+    /// free range that holds it; `None` if none does.
+    pub(crate) fn carve(&mut self, len: usize, align: usize) -> Option<Carved> {
+        self.live.try_reserve(1).ok()?;
+        let taken = self.ranges.take(len, align)?;
+        let fresh = self.recommit(taken.start, taken.len);
+        self.live.insert(taken.start, taken.len);
+        poison::unpoison(pointer(taken.start), taken.len);
+        Some(Carved {
+            start: taken.start,
+            len: taken.len,
+            fresh,
+        })
+    }
+
+    /// Grows the newest reservation (or reserves a new one) so that a block
+    /// of `len` bytes aligned to `align` fits, and carves it. `None` if this
+    /// arena takes no reservations or the system refuses.
+    pub(crate) fn grow_and_carve(&mut self, len: usize, align: usize) -> Option<Carved> {
+        if !self.reserves {
+            return None;
+        }
+        if !self.grow_newest(len, align) {
+            let capacity = self
+                .reservations
+                .last()
+                .map_or(FIRST_CAPACITY, |last| last.capacity().saturating_mul(2))
+                .max(len.checked_add(align)?.checked_add(PAGE)?);
+            let Some(reservation) = Reservation::new(capacity) else {
+                // No address space: fixed segments from now on.
+                self.reserves = false;
+                return None;
+            };
+            self.reservations.push(reservation);
+            if !self.grow_newest(len, align) {
+                return None;
+            }
+        }
+        let mut carved = self.carve(len, align)?;
+        carved.fresh = true;
+        Some(carved)
+    }
+
+    /// Commits enough of the newest reservation for the block; whether it
+    /// did.
+    fn grow_newest(&mut self, len: usize, align: usize) -> bool {
+        let Some(reservation) = self.reservations.last_mut() else {
+            return false;
+        };
+        let base = reservation.base();
+        let top = base + reservation.committed();
+        // The block starts in the free range at the top, if there is one.
+        let from = self.ranges.free_top(base).map_or(top, |(start, _)| start);
+        let Some(needed) = from
+            .checked_next_multiple_of(align)
+            .and_then(|at| at.checked_add(len))
+            .and_then(|end| reservation::commit_target(end - base))
+        else {
+            return false;
+        };
+        let committed = reservation.committed();
+        if needed > reservation.capacity() || !reservation.commit(needed) {
+            return false;
+        }
+        poison::poison(pointer(top), needed - committed);
+        if committed == 0 {
+            self.ranges.add_segment(base, needed);
+        } else {
+            self.ranges.grow_segment(base, needed - committed);
+        }
+        true
+    }
+
+    /// The layout of a new fixed segment for a block of `len` bytes aligned
+    /// to `align`: page-aligned (or more), at least the block, and at least
+    /// an eighth of what the arena holds (256 KiB to 64 MiB), so a growing
+    /// cache takes few segments.
+    pub(crate) fn fixed_segment_layout(&self, len: usize, align: usize) -> Option<Layout> {
+        let floor = (self.committed_bytes() / 8).clamp(256 << 10, 64 << 20);
+        let size = len.max(floor).checked_next_multiple_of(PAGE)?;
+        Layout::from_size_align(size, align.max(PAGE)).ok()
+    }
+
+    /// Adds a fixed segment the backing allocator handed out for `layout`,
+    /// all of it free.
+    pub(crate) fn add_fixed(&mut self, start: usize, layout: Layout) {
+        poison::poison(pointer(start), layout.size());
+        self.ranges.add_segment(start, layout.size());
+        self.fixed.insert(start, layout);
+    }
+
+    /// Takes back the block at `start`; its length, or `None` if no such
+    /// block is live (a broken contract: the block is then left alone).
+    pub(crate) fn uncarve(&mut self, start: usize) -> Option<usize> {
+        let len = self.live.remove(&start)?;
+        poison::poison(pointer(start), len);
+        self.ranges.give(start, len);
+        Some(len)
+    }
+
+    /// The length of the live block at `start`.
+    pub(crate) fn block_len(&self, start: usize) -> Option<usize> {
+        self.live.get(&start).copied()
+    }
+
+    /// Cuts the live block at `start` down to `len` bytes if the tail is
+    /// worth keeping free; its length afterwards.
+    pub(crate) fn shrink(&mut self, start: usize, len: usize) -> Option<usize> {
+        let block = self.live.get_mut(&start)?;
+        let tail = block.checked_sub(len)?;
+        if tail < crate::free_ranges::SPLIT_MIN {
+            return Some(*block);
+        }
+        *block = len;
+        poison::poison(pointer(start + len), tail);
+        self.ranges.give(start + len, tail);
+        Some(len)
+    }
+
+    /// Gives free memory back until at most `target` cached bytes hold
+    /// memory: fixed segments with no live block (returned for the caller to
+    /// free), then the free tops of reservations (uncommitted), then the
+    /// pages inside the largest free ranges of reservations (decommitted).
+    /// Pinned bytes stay.
+    pub(crate) fn shed(&mut self, target: usize) -> Shed {
+        let mut shed = Shed::default();
+        let cached = |arena: &Self| arena.held().1;
+        // Whole fixed segments: no memory stays behind.
+        let free_fixed: Vec<usize> = self
+            .fixed
+            .keys()
+            .copied()
+            .filter(|&start| self.ranges.is_segment_free(start))
+            .collect();
+        for start in free_fixed {
+            if cached(self) <= target {
+                return shed;
+            }
+            if self.ranges.remove_segment_if_free(start)
+                && let Some(layout) = self.fixed.remove(&start)
+            {
+                poison::unpoison(pointer(start), layout.size());
+                shed.segments.push((start, layout));
+                shed.bytes += layout.size();
+                shed.pieces += 1;
+                shed.segment_frees += 1;
+            }
+        }
+        // Free tops of reservations: uncommitted, only as far as needed.
+        for index in 0..self.reservations.len() {
+            let excess = cached(self).saturating_sub(target);
+            if excess == 0 {
+                return shed;
+            }
+            let base = self.reservations[index].base();
+            let Some((start, _)) = self.ranges.free_top(base) else {
+                continue;
+            };
+            let committed = self.reservations[index].committed();
+            let keep = (start - base)
+                .next_multiple_of(PAGE)
+                .max((committed.saturating_sub(excess)) / PAGE * PAGE);
+            if keep >= committed {
+                continue;
+            }
+            let before = cached(self);
+            self.forget_decommitted(base + keep, base + committed);
+            self.ranges.shrink_segment(base, committed - keep);
+            poison::unpoison(pointer(base + keep), committed - keep);
+            self.reservations[index].uncommit(keep);
+            shed.bytes += before - cached(self);
+            shed.pieces += 1;
+            shed.segment_frees += 1;
+        }
+        // Whole pages inside free ranges, largest range first, from their
+        // ends, only as many as needed.
+        if cached(self) > target && !self.reservations.is_empty() {
+            let candidates: Vec<(usize, usize)> = self
+                .ranges
+                .largest_first()
+                .filter(|&(start, len)| len >= PAGE && !self.in_fixed(start))
+                .collect();
+            for (start, len) in candidates {
+                let excess = cached(self).saturating_sub(target);
+                if excess == 0 {
+                    break;
+                }
+                let from = start.next_multiple_of(PAGE);
+                let to = (start + len) / PAGE * PAGE;
+                let from = from.max(to.saturating_sub(excess.next_multiple_of(PAGE)));
+                if to <= from {
+                    continue;
+                }
+                let before = cached(self);
+                self.forget_decommitted(from, to);
+                self.decommitted_bytes += to - from;
+                // Merge with decommitted neighbours: the map stays minimal.
+                let (mut from, mut to) = (from, to);
+                if let Some((&before_start, &before_end)) =
+                    self.decommitted.range(..from).next_back()
+                    && before_end == from
+                {
+                    self.decommitted.remove(&before_start);
+                    from = before_start;
+                }
+                if let Some(&after_end) = self.decommitted.get(&to) {
+                    self.decommitted.remove(&to);
+                    to = after_end;
+                }
+                self.decommitted.insert(from, to);
+                let gained = before - cached(self);
+                if let Some(reservation) = self.reservation_of(start) {
+                    // SAFETY: inside a free range of the reservation.
+                    reservation.decommit(from, to - from);
+                }
+                if gained > 0 {
+                    shed.bytes += gained;
+                    shed.pieces += 1;
+                }
+            }
+        }
+        shed
+    }
+
+    /// Every reservation, out of the arena (the cache is going away: nothing
+    /// may be live in them); dropping one unmaps it.
+    pub(crate) fn take_reservations(&mut self) -> Vec<Reservation> {
+        for reservation in &self.reservations {
+            poison::unpoison(pointer(reservation.base()), reservation.committed());
+        }
+        core::mem::take(&mut self.reservations)
+    }
+
+    /// Every fixed segment, all free (the cache is going away), out of the
+    /// index for the caller to give back.
+    pub(crate) fn take_fixed(&mut self) -> Vec<(usize, Layout)> {
+        let fixed = core::mem::take(&mut self.fixed);
+        fixed
+            .into_iter()
+            .inspect(|&(start, layout)| {
+                self.ranges.remove_segment_if_free(start);
+                poison::unpoison(pointer(start), layout.size());
+            })
+            .collect()
+    }
+
+    fn in_fixed(&self, addr: usize) -> bool {
+        self.fixed
+            .range(..=addr)
+            .next_back()
+            .is_some_and(|(&start, layout)| addr < start + layout.size())
+    }
+
+    fn reservation_of(&self, addr: usize) -> Option<&Reservation> {
+        self.reservations
+            .iter()
+            .find(|r| addr >= r.base() && addr < r.base() + r.committed())
+    }
+
+    /// The pages under `[start, start + len)` hold memory again; whether any
+    /// of them had been decommitted.
+    fn recommit(&mut self, start: usize, len: usize) -> bool {
+        if self.decommitted.is_empty() {
+            return false;
+        }
+        let from = start / PAGE * PAGE;
+        let to = (start + len).next_multiple_of(PAGE);
+        self.forget_decommitted(from, to) > 0
+    }
+
+    /// Removes `[from, to)` from the decommitted pages; how many bytes were.
+    fn forget_decommitted(&mut self, from: usize, to: usize) -> usize {
+        let overlapping: Vec<(usize, usize)> = self
+            .decommitted
+            .range(..to)
+            .rev()
+            .take_while(|&(_, &end)| end > from)
+            .map(|(&start, &end)| (start, end))
+            .collect();
+        let mut forgotten = 0;
+        for (start, end) in overlapping {
+            self.decommitted.remove(&start);
+            if start < from {
+                self.decommitted.insert(start, from);
+            }
+            if end > to {
+                self.decommitted.insert(to, end);
+            }
+            forgotten += end.min(to) - start.max(from);
+        }
+        self.decommitted_bytes -= forgotten;
+        forgotten
+    }
+}
+
+impl core::fmt::Debug for Arena {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Arena")
+            .field("free_ranges", &self.ranges.len())
+            .field("live", &self.live.len())
+            .field("fixed_segments", &self.fixed.len())
+            .field("reservations", &self.reservations.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The pointer to `addr`, an address inside a segment: segments' pointers
+/// are exposed when they are added (a reservation's by the kernel's mapping,
+/// a fixed segment's by the cache).
+#[inline]
+pub(crate) fn pointer(addr: usize) -> core::ptr::NonNull<u8> {
+    let raw = core::ptr::with_exposed_provenance_mut::<u8>(addr);
+    // SAFETY: segments never start at address 0, so no address inside one is
+    // null.
+    unsafe { core::ptr::NonNull::new_unchecked(raw) }
+}

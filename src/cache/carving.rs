@@ -1,0 +1,435 @@
+//! `SizePolicy::BestFit` in the cache: blocks carved out of the arena's
+//! segments (`best_fit.rs`), and the cap, the budget, trims and releases over
+//! its free bytes.
+//!
+//! Locking: the arena changes only under the cache's lock, with the thread
+//! marked inside (its B-trees allocate through the global allocator). A
+//! reservation's system calls (`mprotect`, `madvise`, `mmap`) run under the
+//! lock: they call no user code, and running them there means no other thread
+//! can carve a range while its pages are being dropped. The backing
+//! allocator and the budget are called with the lock released, as everywhere
+//! in the cache.
+
+use core::alloc::Layout;
+use core::ptr::{self, NonNull};
+
+use allocator_api2::alloc::{AllocError, Allocator};
+
+use super::{Cache, State};
+use crate::best_fit::{self, Arena, Carved, Shed};
+use crate::budget::Budget;
+use crate::reentry;
+use crate::unwind::Deferred;
+
+/// Which counters a shed feeds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Count {
+    /// `release_cached` (and the flush before a retry): `releases`.
+    Release,
+    /// A trim, the cap, the budget: `evictions`.
+    Evict,
+}
+
+impl State {
+    fn arena(&mut self) -> &mut Arena {
+        self.arena.as_mut().expect("a best-fit cache has an arena")
+    }
+
+    /// Copies the arena's memory into the stats.
+    fn sync_held(&mut self) {
+        let arena = self.arena.as_mut().expect("a best-fit cache has an arena");
+        let (reserved, cached, ranges, decommitted) = arena.held();
+        if cached == 0 {
+            arena.cached_since = None;
+        }
+        self.stats.set_held(reserved, cached, ranges, decommitted);
+    }
+}
+
+/// What an operation leaves for `settle`: the free bytes now, and whether
+/// caching stopped.
+#[derive(Clone, Copy)]
+struct After {
+    cached: usize,
+    stopped: bool,
+}
+
+impl<A: Allocator> Cache<A> {
+    pub(super) fn allocate_carved(
+        &self,
+        layout: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        let Some((len, align)) = best_fit::block_of(layout) else {
+            self.state.lock().stats.failures += 1;
+            return Err(AllocError);
+        };
+        let (carved, after) = match self.carve_existing(layout, len, align) {
+            Some(done) => done,
+            None => self.carve_new_segment(layout, len, align)?,
+        };
+        self.settle(after);
+        let block = best_fit::pointer(carved.start);
+        if zeroed {
+            // SAFETY: the block was just carved for us: nobody else
+            // references it, and it holds `carved.len >= layout.size()`
+            // writable bytes.
+            unsafe { ptr::write_bytes(block.as_ptr(), 0, layout.size()) };
+        }
+        Ok(NonNull::slice_from_raw_parts(block, layout.size()))
+    }
+
+    /// A block from the free ranges, or from a reservation grown for it.
+    fn carve_existing(&self, layout: Layout, len: usize, align: usize) -> Option<(Carved, After)> {
+        let mut state = self.state.lock();
+        let _inside = reentry::inside();
+        let arena = state.arena();
+        let (carved, grew) = match arena.carve(len, align) {
+            Some(carved) => (carved, false),
+            None => (arena.grow_and_carve(len, align)?, true),
+        };
+        if grew {
+            state.stats.backing_allocs += 1;
+        }
+        state
+            .stats
+            .on_carved(layout.size(), carved.len, !carved.fresh);
+        state.sync_held();
+        let after = After {
+            cached: state.stats.bytes_cached,
+            stopped: state.caching_stopped,
+        };
+        Some((carved, after))
+    }
+
+    /// A block from a new fixed segment taken from the backing allocator; if
+    /// that fails, the cache is released and it is tried once more (c10's
+    /// out-of-memory path).
+    fn carve_new_segment(
+        &self,
+        layout: Layout,
+        len: usize,
+        align: usize,
+    ) -> Result<(Carved, After), AllocError> {
+        let segment = {
+            let mut state = self.state.lock();
+            state.arena().fixed_segment_layout(len, align)
+        };
+        let Some(segment) = segment else {
+            self.state.lock().stats.failures += 1;
+            return Err(AllocError);
+        };
+        let attempt = || reentry::allocate_from(&self.backing, segment, false);
+        let memory = match attempt() {
+            Ok(memory) => memory,
+            Err(_) => {
+                self.state.lock().stats.retries += 1;
+                self.release_cached();
+                match attempt() {
+                    Ok(memory) => memory,
+                    Err(error) => {
+                        let mut state = self.state.lock();
+                        state.stats.failures += 1;
+                        if self.config.stop_caching_after_failure {
+                            state.caching_stopped = true;
+                        }
+                        return Err(error);
+                    }
+                }
+            }
+        };
+        let start = memory.cast::<u8>().as_ptr().expose_provenance();
+        let mut state = self.state.lock();
+        let _inside = reentry::inside();
+        let arena = state.arena();
+        arena.add_fixed(start, segment);
+        // The segment fits the block at its start (it is at least `len`
+        // bytes, aligned to at least `align`), and no other thread carved from
+        // it: the lock was held since it was added.
+        let carved = arena.carve(len, align);
+        state.stats.backing_allocs += 1;
+        let Some(carved) = carved else {
+            // Only if the live-block table could not grow.
+            state.stats.failures += 1;
+            state.sync_held();
+            return Err(AllocError);
+        };
+        state.stats.on_carved(layout.size(), carved.len, false);
+        state.sync_held();
+        let after = After {
+            cached: state.stats.bytes_cached,
+            stopped: state.caching_stopped,
+        };
+        Ok((carved, after))
+    }
+
+    /// # Safety
+    ///
+    /// `block` was carved by this cache for `layout` and is not used after.
+    pub(super) unsafe fn deallocate_carved(&self, block: NonNull<u8>, layout: Layout) {
+        let after = {
+            let mut state = self.state.lock();
+            let _inside = reentry::inside();
+            let age = match &self.config.budget {
+                Some(budget) => budget.tick(),
+                None => {
+                    state.clock += 1;
+                    state.clock
+                }
+            };
+            let arena = state.arena();
+            let Some(len) = arena.uncarve(block.as_ptr().addr()) else {
+                debug_assert!(false, "freed a block this cache did not carve");
+                return;
+            };
+            arena.cached_since.get_or_insert(age);
+            state.stats.on_uncarved(layout.size(), len);
+            state.sync_held();
+            After {
+                cached: state.stats.bytes_cached,
+                stopped: state.caching_stopped,
+            }
+        };
+        self.settle(after);
+    }
+
+    /// In place when the block already holds the new layout (a shrink gives
+    /// its tail back), else through a new block, copying.
+    ///
+    /// # Safety
+    ///
+    /// `block` is live and was carved by this cache for `old`.
+    pub(super) unsafe fn resize_carved(
+        &self,
+        block: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        if old.size() != 0
+            && new.size() != 0
+            && let Some((len, align)) = best_fit::block_of(new)
+            && block.as_ptr().addr().is_multiple_of(align)
+        {
+            let resized = {
+                let mut state = self.state.lock();
+                let _inside = reentry::inside();
+                let arena = state.arena();
+                let start = block.as_ptr().addr();
+                match arena.block_len(start) {
+                    Some(old_len) if len <= old_len => {
+                        let new_len = arena.shrink(start, len).unwrap_or(old_len);
+                        state.stats.bytes_in_use =
+                            state.stats.bytes_in_use - old.size() + new.size();
+                        state.stats.bytes_lost_to_rounding =
+                            state.stats.bytes_lost_to_rounding + old.size() + new_len
+                                - old_len
+                                - new.size();
+                        state.stats.peak_bytes_in_use =
+                            state.stats.peak_bytes_in_use.max(state.stats.bytes_in_use);
+                        state.sync_held();
+                        Some(After {
+                            cached: state.stats.bytes_cached,
+                            stopped: state.caching_stopped,
+                        })
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(after) = resized {
+                if zeroed && new.size() > old.size() {
+                    // SAFETY: the block is live, ours to write, and holds at
+                    // least `len >= new.size()` bytes.
+                    unsafe {
+                        ptr::write_bytes(block.as_ptr().add(old.size()), 0, new.size() - old.size())
+                    };
+                }
+                self.settle(after);
+                return Ok(NonNull::slice_from_raw_parts(block, new.size()));
+            }
+        }
+        let moved = self.allocate_carved(new, zeroed)?;
+        let kept = old.size().min(new.size());
+        // SAFETY: `block` is live with `old.size()` readable bytes and `moved`
+        // is a different live block (the arena never carves a live range
+        // twice) with `new.size()` writable bytes; both hold at least `kept`.
+        unsafe { ptr::copy_nonoverlapping(block.as_ptr(), moved.cast::<u8>().as_ptr(), kept) };
+        if old.size() != 0 {
+            // SAFETY: `block` was carved for `old` (contract), and the caller
+            // stops using it once we return the new one.
+            unsafe { self.deallocate_carved(block, old) };
+        }
+        Ok(moved)
+    }
+
+    /// After an operation: caching stopped sheds everything, the cap sheds
+    /// down to it, and the budget learns the free bytes.
+    fn settle(&self, after: After) {
+        let cap = self.config.max_cached_bytes;
+        let over_cap = cap.is_some_and(|cap| after.cached > cap);
+        if !after.stopped && !over_cap && self.config.budget.is_none() {
+            return;
+        }
+        let mut panics = Deferred::new();
+        if after.stopped {
+            self.shed_carved(0, Count::Evict, &mut panics);
+        } else if let Some(cap) = cap
+            && over_cap
+        {
+            self.shed_carved(cap, Count::Evict, &mut panics);
+        }
+        if let Some(budget) = &self.config.budget {
+            self.reconcile(budget, &mut panics);
+        }
+        panics.resume();
+    }
+
+    /// Brings the bytes reserved on `budget` to the cache's free bytes:
+    /// gives back a surplus; reserves a shortfall, and if the budget has no
+    /// room even after evicting its oldest, sheds the cache's own free memory
+    /// instead. Bytes that cannot be shed (pinned) are counted anyway.
+    ///
+    /// Between a free and this call the budget may count a few bytes too few:
+    /// a best-fit cache learns its free bytes only once the range merged.
+    fn reconcile(&self, budget: &Budget, panics: &mut Deferred) {
+        for _ in 0..8 {
+            let shortfall = {
+                let mut state = self.state.lock();
+                let cached = state.stats.bytes_cached;
+                let arena = state.arena();
+                if cached <= arena.budget_held {
+                    let surplus = arena.budget_held - cached;
+                    arena.budget_held = cached;
+                    drop(state);
+                    budget.unreserve(surplus);
+                    return;
+                }
+                cached - arena.budget_held
+            };
+            if panics.catch(|| budget.reserve(shortfall)) == Some(true) {
+                self.state.lock().arena().budget_held += shortfall;
+                continue;
+            }
+            let held = self.state.lock().arena().budget_held;
+            if self.shed_carved(held, Count::Evict, panics) == 0 {
+                budget.force(shortfall);
+                self.state.lock().arena().budget_held += shortfall;
+            }
+        }
+    }
+
+    /// Gives the budget back what the cache no longer holds (after an
+    /// eviction the budget asked for: never reserves, so never recurses).
+    fn unreserve_surplus(&self, budget: &Budget) {
+        let surplus = {
+            let mut state = self.state.lock();
+            let cached = state.stats.bytes_cached;
+            let arena = state.arena();
+            let surplus = arena.budget_held.saturating_sub(cached);
+            arena.budget_held -= surplus;
+            surplus
+        };
+        budget.unreserve(surplus);
+    }
+
+    /// Sheds free memory down to `target` cached bytes (see `Arena::shed`)
+    /// and gives the emptied fixed segments back; the bytes shed.
+    pub(super) fn shed_carved(&self, target: usize, count: Count, panics: &mut Deferred) -> usize {
+        let Shed {
+            segments, bytes, ..
+        } = {
+            let mut state = self.state.lock();
+            let _inside = reentry::inside();
+            let shed = state.arena().shed(target);
+            let stats = &mut state.stats;
+            stats.backing_frees += shed.segment_frees;
+            match count {
+                Count::Release => {
+                    stats.releases += 1;
+                    stats.bytes_released += shed.bytes as u64;
+                }
+                Count::Evict => {
+                    stats.evictions += shed.pieces;
+                    stats.bytes_evicted += shed.bytes as u64;
+                }
+            }
+            state.sync_held();
+            shed
+        };
+        let _inside = reentry::inside();
+        for (start, layout) in segments {
+            panics.catch(|| {
+                // SAFETY: the segment was taken from the backing allocator
+                // with `layout` at `start`, and left the arena under the lock
+                // with no live block in it: ours alone, given back once.
+                unsafe { self.backing.deallocate(best_fit::pointer(start), layout) }
+            });
+        }
+        bytes
+    }
+
+    pub(super) fn release_carved(&self) -> usize {
+        let mut panics = Deferred::new();
+        let bytes = self.shed_carved(0, Count::Release, &mut panics);
+        if let Some(budget) = &self.config.budget {
+            self.unreserve_surplus(budget);
+        }
+        panics.resume();
+        bytes
+    }
+
+    pub(super) fn trim_carved(&self, target: usize) -> usize {
+        let mut panics = Deferred::new();
+        let bytes = self.shed_carved(target, Count::Evict, &mut panics);
+        if let Some(budget) = &self.config.budget {
+            self.unreserve_surplus(budget);
+        }
+        panics.resume();
+        bytes
+    }
+
+    /// The age a budget sees: when the free bytes last rose from zero, if
+    /// any of them can be shed.
+    pub(super) fn oldest_carved(&self) -> Option<u64> {
+        let mut state = self.state.lock();
+        let cached = state.stats.bytes_cached;
+        let arena = state.arena();
+        if cached > arena.pinned() {
+            arena.cached_since
+        } else {
+            None
+        }
+    }
+
+    /// One piece of free memory back, for the budget: whether any was.
+    pub(super) fn evict_carved(&self) -> bool {
+        let cached = self.state.lock().stats.bytes_cached;
+        let mut panics = Deferred::new();
+        let shed = self.shed_carved(cached.saturating_sub(1), Count::Evict, &mut panics);
+        if let Some(budget) = &self.config.budget {
+            self.unreserve_surplus(budget);
+        }
+        panics.resume();
+        shed > 0
+    }
+
+    /// The cache is going away: every segment goes back (all free: no user
+    /// is left), the fixed ones to the backing allocator.
+    pub(super) fn drop_segments(&self, panics: &mut Deferred) {
+        let (fixed, reservations) = {
+            let mut state = self.state.lock();
+            let _inside = reentry::inside();
+            let arena = state.arena();
+            (arena.take_fixed(), arena.take_reservations())
+        };
+        drop(reservations);
+        let _inside = reentry::inside();
+        for (start, layout) in fixed {
+            panics.catch(|| {
+                // SAFETY: as in `shed_carved`: taken with `layout`, out of
+                // the arena, and no user is left to hold a block in it.
+                unsafe { self.backing.deallocate(best_fit::pointer(start), layout) }
+            });
+        }
+    }
+}

@@ -20,14 +20,15 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use allocator_api2::alloc::Allocator;
-use caching_allocator::CachingAllocator;
+use caching_allocator::{CachingAllocator, SizePolicy};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use mimalloc::MiMalloc;
 
 /// c10 allocates every CPU block 64-byte aligned.
 const ALIGN: usize = 64;
 
-const SIZES: [(usize, &str); 4] = [
+const SIZES: [(usize, &str); 5] = [
+    (64, "64B"),
     (4 << 10, "4KiB"),
     (64 << 10, "64KiB"),
     (1 << 20, "1MiB"),
@@ -68,6 +69,28 @@ fn hit_path(c: &mut Criterion) {
         });
         let stats = cache.stats();
         assert_eq!(stats.misses, 1, "every iteration after the first is a hit");
+        // Best fit, with live neighbours on both sides of the freed block's
+        // range: every free merges with a free neighbour, every allocation
+        // splits a range.
+        let best_fit = CachingAllocator::builder()
+            .size_policy(SizePolicy::BestFit)
+            .build();
+        let neighbours: Vec<_> = (0..8)
+            .map(|_| best_fit.allocate(layout).expect("allocation"))
+            .collect();
+        // SAFETY: allocated just above with `layout`, not used again.
+        unsafe { best_fit.deallocate(neighbours[3].cast(), layout) };
+        let misses = best_fit.stats().misses;
+        group.bench_with_input(BenchmarkId::new("bestfit", label), &layout, |b, &layout| {
+            b.iter(|| cache_pair(&best_fit, layout));
+        });
+        assert_eq!(best_fit.stats().misses, misses, "every iteration is a hit");
+        for (i, block) in neighbours.into_iter().enumerate() {
+            if i != 3 {
+                // SAFETY: as above.
+                unsafe { best_fit.deallocate(block.cast(), layout) };
+            }
+        }
         group.bench_with_input(BenchmarkId::new("system", label), &layout, |b, &layout| {
             b.iter(|| global_pair(&System, layout));
         });

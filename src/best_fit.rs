@@ -26,11 +26,22 @@ use std::collections::BTreeMap;
 use foldhash::fast::FixedState;
 use hashbrown::HashMap;
 
+use allocator_api2::vec::Vec;
+
 use crate::free_ranges::FreeRanges;
 use crate::poison;
 use crate::policy::MIN_ALIGN;
 use crate::reentry::Bookkeeping;
 use crate::reservation::{self, FIRST_CAPACITY, PAGE, Reservation};
+
+/// Freed blocks up to this length wait on exact-length quick lists before
+/// they merge into the free ranges (PyTorch keeps a separate small pool too).
+/// Measured on the bundled traces (README "Best fit"): small blocks are most
+/// of the allocations of a decode step and placing them exactly matters
+/// little, while quick-listing large blocks scatters them and breaks best
+/// fit's compaction (resnet18 held 2.9x its peak live with every length
+/// quick-listed, 1.04x with 4 KiB and below).
+pub(crate) const QUICK_MAX: usize = 4096;
 
 /// The length and alignment of the block that serves `layout`: its size
 /// rounded up to [`MIN_ALIGN`], aligned to at least [`MIN_ALIGN`]. `None` if
@@ -72,6 +83,14 @@ pub(crate) struct Arena {
     ranges: FreeRanges,
     /// `start -> len` of every block handed out.
     live: HashMap<usize, usize, FixedState, Bookkeeping>,
+    /// Freed blocks of at most [`QUICK_MAX`] bytes not yet merged into the
+    /// free ranges, by length: a request of a length freed before is served
+    /// with two hash operations instead of a dozen B-tree ones. They merge
+    /// (`flush`) before the arena grows and before it sheds, so they never
+    /// make it hold more.
+    quick: HashMap<usize, Vec<usize, Bookkeeping>, FixedState, Bookkeeping>,
+    quick_bytes: usize,
+    quick_blocks: usize,
     /// `start -> end` of free pages given back to the system: page-aligned,
     /// disjoint, each inside a free range of a reservation.
     decommitted: BTreeMap<usize, usize>,
@@ -96,6 +115,9 @@ impl Arena {
         Self {
             ranges: FreeRanges::new(),
             live: HashMap::with_hasher_in(FixedState::default(), Bookkeeping),
+            quick: HashMap::with_hasher_in(FixedState::default(), Bookkeeping),
+            quick_bytes: 0,
+            quick_blocks: 0,
             decommitted: BTreeMap::new(),
             decommitted_bytes: 0,
             fixed: BTreeMap::new(),
@@ -112,8 +134,8 @@ impl Arena {
         let segments = self.committed_bytes();
         (
             segments - self.decommitted_bytes,
-            self.ranges.free_bytes() - self.decommitted_bytes,
-            self.ranges.len(),
+            self.ranges.free_bytes() + self.quick_bytes - self.decommitted_bytes,
+            self.ranges.len() + self.quick_blocks,
             self.decommitted_bytes,
         )
     }
@@ -140,7 +162,29 @@ impl Arena {
     /// free range that holds it; `None` if none does.
     pub(crate) fn carve(&mut self, len: usize, align: usize) -> Option<Carved> {
         self.live.try_reserve(1).ok()?;
-        let taken = self.ranges.take(len, align)?;
+        if let Some(list) = self.quick.get_mut(&len)
+            && let Some(&start) = list.last()
+            && start.is_multiple_of(align)
+        {
+            list.pop();
+            self.quick_bytes -= len;
+            self.quick_blocks -= 1;
+            self.live.insert(start, len);
+            poison::unpoison(pointer(start), len);
+            return Some(Carved {
+                start,
+                len,
+                fresh: false,
+            });
+        }
+        let taken = match self.ranges.take(len, align) {
+            Some(taken) => taken,
+            None if self.quick_blocks > 0 => {
+                self.flush();
+                self.ranges.take(len, align)?
+            }
+            None => return None,
+        };
         let fresh = self.recommit(taken.start, taken.len);
         self.live.insert(taken.start, taken.len);
         poison::unpoison(pointer(taken.start), taken.len);
@@ -232,8 +276,33 @@ impl Arena {
     pub(crate) fn uncarve(&mut self, start: usize) -> Option<usize> {
         let len = self.live.remove(&start)?;
         poison::poison(pointer(start), len);
-        self.ranges.give(start, len);
+        if len > QUICK_MAX {
+            self.ranges.give(start, len);
+            return Some(len);
+        }
+        let list = self
+            .quick
+            .entry(len)
+            .or_insert_with(|| Vec::new_in(Bookkeeping));
+        if list.try_reserve(1).is_ok() {
+            list.push(start);
+            self.quick_bytes += len;
+            self.quick_blocks += 1;
+        } else {
+            self.ranges.give(start, len);
+        }
         Some(len)
+    }
+
+    /// Merges every quick-listed block into the free ranges.
+    pub(crate) fn flush(&mut self) {
+        for (len, list) in self.quick.iter_mut() {
+            for start in list.drain(..) {
+                self.ranges.give(start, *len);
+            }
+        }
+        self.quick_bytes = 0;
+        self.quick_blocks = 0;
     }
 
     /// The length of the live block at `start`.
@@ -262,6 +331,7 @@ impl Arena {
     /// Pinned bytes stay.
     pub(crate) fn shed(&mut self, target: usize) -> Shed {
         let mut shed = Shed::default();
+        self.flush();
         let cached = |arena: &Self| arena.held().1;
         // Whole fixed segments: no memory stays behind.
         let free_fixed: Vec<usize> = self
@@ -305,7 +375,9 @@ impl Arena {
             self.forget_decommitted(base + keep, base + committed);
             self.ranges.shrink_segment(base, committed - keep);
             poison::unpoison(pointer(base + keep), committed - keep);
-            self.reservations[index].uncommit(keep);
+            // SAFETY: `[base + keep, base + committed)` was the free top of
+            // the segment and just left the index: nobody uses it.
+            unsafe { self.reservations[index].uncommit(keep) };
             shed.bytes += before - cached(self);
             shed.pieces += 1;
             shed.segment_frees += 1;
@@ -348,8 +420,9 @@ impl Arena {
                 self.decommitted.insert(from, to);
                 let gained = before - cached(self);
                 if let Some(reservation) = self.reservation_of(start) {
-                    // SAFETY: inside a free range of the reservation.
-                    reservation.decommit(from, to - from);
+                    // SAFETY: `[from, to)` is page-aligned and lies inside a
+                    // free range of this reservation: committed, ours, unused.
+                    unsafe { reservation.decommit(from, to - from) };
                 }
                 if gained > 0 {
                     shed.bytes += gained;

@@ -65,6 +65,7 @@ mod reservation;
 mod registry;
 #[cfg(not(loom))]
 mod scope;
+mod size_bins;
 mod stats;
 mod sync;
 mod unwind;

@@ -3,58 +3,55 @@
 //!
 //! The range is reserved once with no access and no commit charge
 //! (`PROT_NONE`, `MAP_NORESERVE`); [`Reservation::commit`] makes more of its
-//! bottom readable and writable as the cache grows, so growth extends the one
-//! segment in place and coalesces with a free range at its top (PyTorch's
-//! "expandable segments", on the CPU). [`Reservation::uncommit`] gives the top
-//! back (its pages and commit charge go, the address space stays reserved) and
-//! [`Reservation::decommit`] drops the pages of a free range in the middle
-//! (`MADV_DONTNEED`: they read as zero when touched again).
+//! bottom readable and writable as the cache grows, page by page, so growth
+//! extends the one segment in place and coalesces with a free range at its
+//! top (PyTorch's "expandable segments", on the CPU).
+//! [`Reservation::uncommit`] gives the top back (its pages and commit charge
+//! go, the address space stays reserved) and [`Reservation::decommit`] drops
+//! the pages of a free range in the middle (`MADV_DONTNEED`: they read as zero
+//! when touched again).
 //!
-//! Huge pages: each page-table walk is costly on a VM, and a cache that idles
+//! Huge pages: a page-table walk is costly on a VM, and a cache that idles
 //! between passes finds its TLB cold (issue 12's experiment: resnet18 at a
 //! 20 ms gap, 0.387 ms a pass over 4 KiB pages against 0.269 over 2 MiB
-//! pages). The range is 2 MiB-aligned and advised `MADV_HUGEPAGE` from
-//! [`HUGE_FROM`] up, and commits above it come in whole 2 MiB units, so the
-//! kernel backs them with huge pages at first touch. Below [`HUGE_FROM`],
-//! commits are page-granular: a small cache holds no 2 MiB slack.
+//! pages). The range is 2 MiB-aligned and advised `MADV_HUGEPAGE`, so a 2 MiB
+//! chunk that is wholly committed when first touched is backed by one huge
+//! page. A chunk that was touched while only partly committed (the top, as
+//! the cache grows in small steps) got small pages; the commit that completes
+//! it collapses it (`MADV_COLLAPSE`, Linux 6.1+; ignored where unsupported):
+//! at most one chunk per commit, and only bytes already committed become
+//! resident, so resident memory never exceeds `bytes_reserved`. A cache
+//! smaller than a huge page keeps small pages and no 2 MiB slack.
 //!
-//! Everywhere else (other systems, Miri) there is no reservation and best fit
-//! takes fixed segments from the backing allocator.
+//! The system calls go through `libc`: `rustix` has no `MADV_COLLAPSE`.
+//! Everywhere else (other systems, Miri) there is no reservation and best
+//! fit takes fixed segments from the backing allocator.
 
-/// The system page size this module assumes for its rounding (a multiple of
-/// every Linux page size that matters here would be safer, but 4 KiB is what
-/// x86-64 and most aarch64 kernels use; a larger real page only means some
-/// decommits are skipped, never wrong).
+/// The page size commits and decommits are rounded to. A kernel with larger
+/// pages only makes some decommits partial, never wrong: `madvise` and
+/// `mprotect` round to its pages themselves.
 pub(crate) const PAGE: usize = 4096;
 
 /// A transparent huge page.
 pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
-/// Commits below this offset are page-granular; above it, whole huge pages.
-pub(crate) const HUGE_FROM: usize = 8 << 20;
-
 /// Address space reserved by the first reservation of a cache. Reserving costs
 /// no memory; when it fills up, the next reservation doubles.
 pub(crate) const FIRST_CAPACITY: usize = 4 << 30;
 
-/// How far `committed` must reach to hold `needed` bytes: page-granular
-/// below [`HUGE_FROM`], whole huge pages above it.
+/// How far `committed` must reach to hold `needed` bytes: the next page.
 pub(crate) fn commit_target(needed: usize) -> Option<usize> {
-    if needed <= HUGE_FROM {
-        needed.checked_next_multiple_of(PAGE)
-    } else {
-        needed.checked_next_multiple_of(HUGE_PAGE)
-    }
+    needed.checked_next_multiple_of(PAGE)
 }
 
-#[cfg(all(any(target_os = "linux", target_os = "android"), not(miri)))]
+#[cfg(all(target_os = "linux", not(miri)))]
 mod imp {
-    use core::ffi::c_void;
-    use core::ptr;
+    use libc::{c_int, c_void};
 
-    use rustix::mm::{self, Advice, MapFlags, MprotectFlags, ProtFlags};
+    use super::{HUGE_PAGE, PAGE};
 
-    use super::{HUGE_FROM, HUGE_PAGE, PAGE};
+    /// `MADV_COLLAPSE` (Linux 6.1): not every libc target defines it.
+    const MADV_COLLAPSE: c_int = 25;
 
     /// A reserved range `[base, base + capacity)`, of which `[base, base +
     /// committed)` is readable and writable. Unmapped when dropped.
@@ -65,6 +62,32 @@ mod imp {
         committed: usize,
     }
 
+    /// Maps `len` bytes of fresh, no-access, uncharged memory at `at` (with
+    /// `fixed`: replacing what is there) or anywhere.
+    ///
+    /// # Safety
+    ///
+    /// With `fixed`, `[at, at + len)` is ours and holds nothing anyone uses.
+    unsafe fn map_reserved(at: usize, len: usize, fixed: bool) -> Option<usize> {
+        let flags = libc::MAP_PRIVATE
+            | libc::MAP_ANONYMOUS
+            | libc::MAP_NORESERVE
+            | if fixed { libc::MAP_FIXED } else { 0 };
+        // SAFETY: an anonymous mapping; without `MAP_FIXED` the kernel picks
+        // free addresses, with it the caller vouches for the range.
+        let raw = unsafe { libc::mmap(at as *mut c_void, len, libc::PROT_NONE, flags, -1, 0) };
+        (raw != libc::MAP_FAILED).then_some(raw as usize)
+    }
+
+    /// Advises huge pages for `[start, start + len)` of a reservation. Only
+    /// speed depends on it: failure (THP compiled out) is ignored.
+    fn advise_huge(start: usize, len: usize) {
+        if len > 0 {
+            // SAFETY: advice on memory of ours; it changes no contents.
+            unsafe { libc::madvise(start as *mut c_void, len, libc::MADV_HUGEPAGE) };
+        }
+    }
+
     impl Reservation {
         /// Reserves `capacity` bytes (rounded up to a huge page) of address
         /// space, 2 MiB-aligned; `None` if the system refuses.
@@ -73,40 +96,21 @@ mod imp {
             // Over-reserve by a huge page, then cut the ends so the base is
             // aligned to one.
             let span = capacity.checked_add(HUGE_PAGE)?;
-            // SAFETY: a new anonymous mapping at an address of the kernel's
-            // choosing: no existing memory is touched.
-            let raw = unsafe {
-                mm::mmap_anonymous(
-                    ptr::null_mut(),
-                    span,
-                    ProtFlags::empty(),
-                    MapFlags::PRIVATE | MapFlags::NORESERVE,
-                )
-            }
-            .ok()? as usize;
+            // SAFETY: not fixed: the kernel picks free addresses.
+            let raw = unsafe { map_reserved(0, span, false) }?;
             let base = raw.next_multiple_of(HUGE_PAGE);
             let (head, tail) = (base - raw, raw + span - (base + capacity));
             // SAFETY: both ends lie inside the mapping just made, which no one
             // else knows of; unmapping them leaves `[base, base + capacity)`.
             unsafe {
                 if head > 0 {
-                    let _ = mm::munmap(raw as *mut c_void, head);
+                    libc::munmap(raw as *mut c_void, head);
                 }
                 if tail > 0 {
-                    let _ = mm::munmap((base + capacity) as *mut c_void, tail);
+                    libc::munmap((base + capacity) as *mut c_void, tail);
                 }
             }
-            if capacity > HUGE_FROM {
-                // SAFETY: advice on our own reserved range; it changes no
-                // contents. Failure (THP compiled out) only costs speed.
-                let _ = unsafe {
-                    mm::madvise(
-                        (base + HUGE_FROM) as *mut c_void,
-                        capacity - HUGE_FROM,
-                        Advice::LinuxHugepage,
-                    )
-                };
-            }
+            advise_huge(base, capacity);
             Some(Self {
                 base,
                 capacity,
@@ -131,75 +135,70 @@ mod imp {
         /// most `capacity`.
         pub(crate) fn commit(&mut self, to: usize) -> bool {
             debug_assert!(to > self.committed && to <= self.capacity && to.is_multiple_of(PAGE));
+            let from = self.committed;
             // SAFETY: `[committed, to)` is inside our reservation and holds
             // no data (it has no access yet).
             let made = unsafe {
-                mm::mprotect(
-                    (self.base + self.committed) as *mut c_void,
-                    to - self.committed,
-                    MprotectFlags::READ | MprotectFlags::WRITE,
+                libc::mprotect(
+                    (self.base + from) as *mut c_void,
+                    to - from,
+                    libc::PROT_READ | libc::PROT_WRITE,
                 )
             };
-            if made.is_ok() {
-                self.committed = to;
+            if made != 0 {
+                return false;
             }
-            made.is_ok()
+            self.committed = to;
+            // The chunk the old top was in may have been touched with small
+            // pages; now that it is wholly committed, make it one huge page.
+            let chunk = from / HUGE_PAGE * HUGE_PAGE;
+            if !from.is_multiple_of(HUGE_PAGE) && chunk + HUGE_PAGE <= to {
+                // SAFETY: the chunk is committed memory of ours; collapsing
+                // keeps its contents. Failure (an older kernel) only costs
+                // speed.
+                unsafe {
+                    libc::madvise((self.base + chunk) as *mut c_void, HUGE_PAGE, MADV_COLLAPSE)
+                };
+            }
+            true
         }
 
         /// Gives `[base + to, base + committed)` back: its pages and commit
-        /// charge go, the address space stays reserved. The range must hold
-        /// nothing anyone uses.
-        pub(crate) fn uncommit(&mut self, to: usize) {
+        /// charge go, the address space stays reserved.
+        ///
+        /// # Safety
+        ///
+        /// The range holds nothing anyone uses. `to` is page-aligned and below
+        /// `committed`.
+        pub(crate) unsafe fn uncommit(&mut self, to: usize) {
             debug_assert!(to < self.committed && to.is_multiple_of(PAGE));
+            let (start, len) = (self.base + to, self.committed - to);
             // Mapping fresh no-access memory over the range drops its pages
             // and charge in one call.
-            // SAFETY: the range is inside our reservation and unused (the
-            // caller's contract), so replacing it loses nothing.
-            let remapped = unsafe {
-                mm::mmap_anonymous(
-                    (self.base + to) as *mut c_void,
-                    self.committed - to,
-                    ProtFlags::empty(),
-                    MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
-                )
-            };
-            if remapped.is_ok() {
-                if to < HUGE_FROM && self.capacity > HUGE_FROM {
-                    // The new mapping lost the huge-page advice: restore it
-                    // above `HUGE_FROM`.
-                    // SAFETY: advice on our own range.
-                    let _ = unsafe {
-                        mm::madvise(
-                            (self.base + HUGE_FROM) as *mut c_void,
-                            self.committed.max(HUGE_FROM) - HUGE_FROM,
-                            Advice::LinuxHugepage,
-                        )
-                    };
-                } else if to >= HUGE_FROM {
-                    // SAFETY: as above.
-                    let _ = unsafe {
-                        mm::madvise(
-                            (self.base + to) as *mut c_void,
-                            self.committed - to,
-                            Advice::LinuxHugepage,
-                        )
-                    };
-                }
+            // SAFETY: the range is ours and unused (the caller's contract).
+            if unsafe { map_reserved(start, len, true) }.is_some() {
+                // The new mapping lost the huge-page advice.
+                advise_huge(start, len);
                 self.committed = to;
             } else {
                 // Keep the range committed but drop its pages at least.
-                self.decommit(self.base + to, self.committed - to);
+                // SAFETY: the caller's contract.
+                unsafe { self.decommit(start, len) };
             }
         }
 
-        /// Drops the pages of `[start, start + len)` (page-aligned, committed,
-        /// unused): they read as zero when touched again.
-        pub(crate) fn decommit(&self, start: usize, len: usize) {
+        /// Drops the pages of `[start, start + len)`: they read as zero when
+        /// touched again.
+        ///
+        /// # Safety
+        ///
+        /// The range is page-aligned, committed, ours, and holds nothing
+        /// anyone uses.
+        pub(crate) unsafe fn decommit(&self, start: usize, len: usize) {
             debug_assert!(start.is_multiple_of(PAGE) && len.is_multiple_of(PAGE));
             debug_assert!(start >= self.base && start + len <= self.base + self.committed);
-            // SAFETY: the range is committed memory of ours that holds nothing
-            // anyone uses (the caller's contract).
-            let _ = unsafe { mm::madvise(start as *mut c_void, len, Advice::LinuxDontNeed) };
+            // SAFETY: the caller's contract.
+            unsafe { libc::madvise(start as *mut c_void, len, libc::MADV_DONTNEED) };
         }
     }
 
@@ -207,12 +206,12 @@ mod imp {
         fn drop(&mut self) {
             // SAFETY: the whole range is ours, and the cache drops its
             // reservations only once nothing in them is in use.
-            let _ = unsafe { mm::munmap(self.base as *mut c_void, self.capacity) };
+            unsafe { libc::munmap(self.base as *mut c_void, self.capacity) };
         }
     }
 }
 
-#[cfg(not(all(any(target_os = "linux", target_os = "android"), not(miri))))]
+#[cfg(not(all(target_os = "linux", not(miri))))]
 mod imp {
     /// No reservations here: best fit takes fixed segments from the backing
     /// allocator. This type is never constructed.
@@ -240,11 +239,17 @@ mod imp {
             match self.0 {}
         }
 
-        pub(crate) fn uncommit(&mut self, _to: usize) {
+        /// # Safety
+        ///
+        /// Never callable: the type has no values.
+        pub(crate) unsafe fn uncommit(&mut self, _to: usize) {
             match self.0 {}
         }
 
-        pub(crate) fn decommit(&self, _start: usize, _len: usize) {
+        /// # Safety
+        ///
+        /// Never callable: the type has no values.
+        pub(crate) unsafe fn decommit(&self, _start: usize, _len: usize) {
             match self.0 {}
         }
     }

@@ -270,6 +270,8 @@ pub struct Sample {
     pub live: usize,
     /// The cache's `bytes_cached` (0 for other allocators).
     pub cached: usize,
+    /// The cache's `bytes_reserved` (0 for other allocators).
+    pub reserved: usize,
     /// Resident bytes of the process minus its baseline.
     pub rss: usize,
 }
@@ -357,6 +359,7 @@ impl<A: ReplayAlloc> PassMeter<'_, A> {
             pass,
             live,
             cached: stats.map_or(0, |stats| stats.bytes_cached),
+            reserved: stats.map_or(0, |stats| stats.bytes_reserved),
             rss: self.rss.resident().saturating_sub(self.baseline_rss),
         });
     }

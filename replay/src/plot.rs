@@ -60,11 +60,16 @@ pub fn draw(path: &Path, panels: &[Panel<'_>]) -> Result<(), Box<dyn std::error:
                 color,
             ));
             if *is_cache {
-                let cached = PALETTE[(index + 4) % PALETTE.len()];
+                let shade = |step: usize| PALETTE[(index + step) % PALETTE.len()];
+                lines.push((
+                    format!("{name} bytes_reserved"),
+                    points(samples, |s| s.reserved),
+                    shade(2),
+                ));
                 lines.push((
                     format!("{name} bytes_cached"),
                     points(samples, |s| s.cached),
-                    cached,
+                    shade(4),
                 ));
             }
         }

@@ -22,6 +22,8 @@
 //!   backing gives `AllocError` and leaks nothing; two caches on one budget
 //!   reconcile with it after every operation; the counters after a known
 //!   sequence; which free range best fit picks, and coalescing.
+//! - Tests marked `#[ignore = "BUG: ..."]` demonstrate defects found in
+//!   `src/` (run them with `--ignored`); each states what it expects.
 //!
 //! Under Miri: the fixed-segment property test at 4 cases with sizes up to
 //! 64 KiB, and the targeted tests on fixed segments (Miri has no `mmap`, so
@@ -300,7 +302,8 @@ struct Harness<A: Allocator> {
     /// Blocks it took back: frees, and the old blocks of resizes that moved.
     freed: u64,
     /// A release with nothing live must leave nothing reserved (else only
-    /// the counters' invariant is checked then).
+    /// nothing cached beyond what is reserved: the reservation bug in
+    /// `release_with_nothing_live_after_a_decommit_leaves_nothing_reserved`).
     strict_release: bool,
 }
 
@@ -613,13 +616,21 @@ proptest! {
         Harness::new(cache, Some(backing)).run(&ops);
     }
 
-    /// Over a reservation, minus the final release's `bytes_reserved == 0`.
+    /// Over a reservation, minus the final release's `bytes_reserved == 0`
+    /// (see the strict version below, ignored for the bug it finds).
     #[cfg(not(miri))]
     #[test]
     fn best_fit_over_a_reservation_matches_its_model(ops in ops()) {
         let mut harness = Harness::new(best_fit().build(), None);
         harness.strict_release = false;
         harness.run(&ops);
+    }
+
+    #[cfg(not(miri))]
+    #[test]
+    #[ignore = "BUG: with nothing live, a reservation that holds decommitted pages is not released"]
+    fn best_fit_over_a_reservation_matches_its_model_strictly(ops in ops()) {
+        Harness::new(best_fit().build(), None).run(&ops);
     }
 }
 
@@ -724,6 +735,62 @@ fn trim_with_nothing_live_leaves_nothing_reserved() {
     }
 }
 
+/// `trim_with_nothing_live_leaves_nothing_reserved` over a reservation.
+#[cfg(not(miri))]
+#[test]
+#[ignore = "BUG: with nothing live, a reservation that holds decommitted pages is not released"]
+fn trim_with_nothing_live_leaves_nothing_reserved_over_a_reservation() {
+    type Shed = fn(&CachingAllocator);
+    let sheds: [Shed; 2] = [
+        |cache| {
+            cache.trim(0);
+        },
+        |cache| {
+            cache.release_cached();
+        },
+    ];
+    for shed in sheds {
+        nothing_live_then(&best_fit().build(), shed);
+    }
+}
+
+/// The smallest case of the bug above: a free range in the middle is
+/// decommitted while its neighbours are live; once they are freed too,
+/// nothing is live, and a release must give back the whole range.
+///
+/// Diagnosis: `Arena::shed` sizes what it gives back by the excess of
+/// *committed* free bytes (`cached`), but cuts a window at the top of the
+/// segment (`keep = committed - excess`) or of a free range (`[to - excess,
+/// to)`) whatever the window holds: when it covers pages already
+/// decommitted, it gains nothing, and the pages below it are never
+/// reached. Here the uncommit takes only the top 128 KiB (half of it
+/// already decommitted), then the decommit window falls on decommitted
+/// pages: the low block's 64 KiB stay reserved, 960 KiB decommitted above.
+#[cfg(not(miri))]
+#[test]
+#[ignore = "BUG: with nothing live, a reservation that holds decommitted pages is not released"]
+fn release_with_nothing_live_after_a_decommit_leaves_nothing_reserved() {
+    for release in [false, true] {
+        let cache = best_fit().build();
+        let low = take(&cache, layout(64 << 10, 4096), 1);
+        let middle = take(&cache, layout(1 << 20, 4096), 2);
+        let high = take(&cache, layout(64 << 10, 4096), 3);
+        give(&cache, middle);
+        cache.trim(0);
+        assert_eq!(cache.stats().bytes_decommitted, 1 << 20);
+        give(&cache, low);
+        give(&cache, high);
+        if release {
+            cache.release_cached();
+        } else {
+            cache.trim(0);
+        }
+        let stats = cache.stats();
+        assert_eq!(stats.blocks_in_use, 0);
+        assert_empty(&stats);
+    }
+}
+
 /// With nothing live, a trim to a positive target keeps at most that much.
 #[test]
 fn trim_to_a_target_with_nothing_live_keeps_at_most_the_target() {
@@ -804,6 +871,81 @@ fn the_cap_bounds_cached_bytes_over_fixed_segments() {
         cap_holds(&cache, cap, 7 + i as u64);
         drop(cache);
         backing.assert_all_returned();
+    }
+}
+
+/// The cap over a reservation: nothing is pinned there, so the cached bytes
+/// must stay under the cap itself.
+#[cfg(not(miri))]
+#[test]
+#[ignore = "BUG: sub-page free bytes of a reservation are never shed nor counted pinned"]
+fn the_cap_bounds_cached_bytes_over_a_reservation() {
+    for (i, cap) in [0, 4096, 64 << 10, 1 << 20, 4 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        let cache = best_fit().max_cached_bytes(cap).build();
+        cap_holds(&cache, cap, 7 + i as u64);
+    }
+}
+
+/// The smallest case of the bug above: two 100-byte blocks in one page,
+/// the first freed. The free bytes of that page (3968) can be neither
+/// uncommitted nor decommitted (page-granular), so they stay cached above
+/// the cap, while `bytes_pinned` (documented as the free bytes nothing can
+/// give back) says 0. Either `bytes_pinned` should count a reservation's
+/// partial free pages, or the cap's promise needs that exception.
+#[cfg(not(miri))]
+#[test]
+#[ignore = "BUG: sub-page free bytes of a reservation are never shed nor counted pinned"]
+fn a_capped_reservation_sheds_its_partial_pages() {
+    let cache = best_fit().max_cached_bytes(0).build();
+    let a = take(&cache, layout(100, 8), 1);
+    let b = take(&cache, layout(100, 8), 2);
+    give(&cache, a);
+    let stats = cache.stats();
+    assert!(
+        stats.bytes_cached <= stats.bytes_pinned,
+        "cap 0: {} cached, {} pinned: {stats:?}",
+        stats.bytes_cached,
+        stats.bytes_pinned
+    );
+    give(&cache, b);
+}
+
+/// A partial trim decommits the top pages of a free range in the middle of
+/// a reservation; a later `trim(0)` or `release_cached` must then give back
+/// the rest of that range too. Same cause as above: the second shed's
+/// window, `[to - 512 KiB, to)`, is the half already decommitted.
+#[cfg(not(miri))]
+#[test]
+#[ignore = "BUG: after a partial trim, shed's decommit window covers only pages already decommitted"]
+fn release_after_a_partial_trim_gives_back_the_rest_of_the_range() {
+    for release in [false, true] {
+        let cache = best_fit().build();
+        let low = take(&cache, layout(64 << 10, 4096), 1);
+        let middle = take(&cache, layout(1 << 20, 4096), 2);
+        let high = take(&cache, layout(64 << 10, 4096), 3);
+        give(&cache, middle);
+        assert_eq!(cache.stats().bytes_cached, 1 << 20);
+        cache.trim(512 << 10);
+        let stats = cache.stats();
+        assert!(stats.bytes_cached <= 512 << 10, "{stats:?}");
+        if release {
+            cache.release_cached();
+        } else {
+            cache.trim(0);
+        }
+        let stats = cache.stats();
+        // The range is page-aligned: every byte of it can go.
+        assert_eq!(stats.bytes_cached, 0, "release {release}: {stats:?}");
+        assert_eq!(
+            stats.bytes_decommitted,
+            1 << 20,
+            "release {release}: {stats:?}"
+        );
+        give(&cache, low);
+        give(&cache, high);
     }
 }
 
@@ -1209,6 +1351,39 @@ fn resizes_in_place_and_give_back_tails() {
     assert_invariant(&stats);
     give(&cache, a);
     give(&cache, guard);
+    cache.release_cached();
+    assert_empty(&cache.stats());
+    drop(cache);
+    backing.assert_all_returned();
+}
+
+/// `shrink` to a zero-sized layout is allowed by the `Allocator` contract:
+/// the old block must be freed and a dangling pointer returned, as the
+/// other policies do.
+///
+/// Diagnosis: `resize_carved` moves through `allocate_carved(new)`, which
+/// (unlike `RawAllocator::allocate`) does not answer zero-sized layouts
+/// with a dangling pointer: `block_of` gives a 0-byte block and
+/// `FreeRanges::take(0, 64)` trips its `len > 0` debug assertion. In a
+/// release build a zero-length (or sub-512-byte tail) entry is carved and
+/// counted in `blocks_in_use`, and since a zero-sized `deallocate` returns
+/// early it is never taken back.
+#[test]
+#[ignore = "BUG: resize_carved carves a zero-length block for a zero-sized new layout"]
+fn shrink_to_zero_frees_the_block() {
+    let (cache, backing) = fixed();
+    let a = cache.allocate(layout(100, 8)).unwrap();
+    // SAFETY: `a` is live for its layout; 0 <= 100.
+    let zero = unsafe { cache.shrink(a.cast(), layout(100, 8), layout(0, 8)) }.unwrap();
+    assert_eq!(zero.len(), 0);
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.blocks_in_use, stats.bytes_in_use),
+        (0, 0),
+        "{stats:?}"
+    );
+    // SAFETY: the zero-sized block handed out above.
+    unsafe { cache.deallocate(zero.cast(), layout(0, 8)) };
     cache.release_cached();
     assert_empty(&cache.stats());
     drop(cache);

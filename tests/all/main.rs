@@ -11,6 +11,7 @@ mod plan_support;
 /// `cfg(asan)`).
 #[cfg(asan)]
 mod asan_poison;
+mod best_fit;
 mod budget;
 mod collections;
 mod failure;

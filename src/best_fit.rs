@@ -16,9 +16,11 @@
 //!   own their pages): while a segment holds a live block, its free bytes are
 //!   *pinned* (`Stats::bytes_pinned`).
 //!
-//! A block's bytes are recorded at carving (`live`), so a free needs only its
-//! address: its length may exceed the request by alignment rounding or a tail
-//! too small to keep ([`SPLIT_MIN`](crate::free_ranges::SPLIT_MIN)).
+//! A block is as long as its request rounded up to [`MIN_ALIGN`], so a free
+//! knows its length from the layout; the few blocks that hold more (a tail
+//! too small to keep, [`SPLIT_MIN`](crate::free_ranges::SPLIT_MIN), or what an
+//! in-place shrink left) are recorded in `extra`, which is usually empty: a
+//! free then costs no lookup there.
 
 use core::alloc::Layout;
 use std::collections::BTreeMap;
@@ -81,8 +83,8 @@ pub(crate) struct Shed {
 /// Best fit's memory. See the module documentation.
 pub(crate) struct Arena {
     ranges: FreeRanges,
-    /// `start -> len` of every block handed out.
-    live: HashMap<usize, usize, FixedState, Bookkeeping>,
+    /// `start -> bytes` a live block holds beyond its request's length.
+    extra: HashMap<usize, usize, FixedState, Bookkeeping>,
     /// Freed blocks of at most [`QUICK_MAX`] bytes not yet merged into the
     /// free ranges, by length: a request of a length freed before is served
     /// with two hash operations instead of a dozen B-tree ones. They merge
@@ -114,7 +116,7 @@ impl Arena {
     pub(crate) fn new(reserves: bool) -> Self {
         Self {
             ranges: FreeRanges::new(),
-            live: HashMap::with_hasher_in(FixedState::default(), Bookkeeping),
+            extra: HashMap::with_hasher_in(FixedState::default(), Bookkeeping),
             quick: HashMap::with_hasher_in(FixedState::default(), Bookkeeping),
             quick_bytes: 0,
             quick_blocks: 0,
@@ -144,24 +146,55 @@ impl Arena {
         self.ranges.segment_bytes()
     }
 
-    /// Free bytes in fixed segments that hold a live block.
+    /// Free bytes no shed can give back: those of fixed segments that hold a
+    /// live block, and in reservations the parts of free ranges that share a
+    /// page with a live block (pages are decommitted whole). Quick-listed
+    /// blocks count as the free ranges they merge into before a shed.
+    /// `O(n log n)` in the free ranges: for `stats()` and the budget, not the
+    /// hot path.
     pub(crate) fn pinned(&self) -> usize {
-        self.fixed
-            .iter()
-            .filter(|&(&start, _)| !self.ranges.is_segment_free(start))
-            .map(|(&start, layout)| {
-                self.ranges
-                    .free_in(start, start + layout.size())
-                    .map(|(_, len)| len)
-                    .sum::<usize>()
-            })
-            .sum()
+        let mut free: Vec<(usize, usize), Bookkeeping> = Vec::new_in(Bookkeeping);
+        free.extend(self.ranges.largest_first());
+        for (&len, starts) in &self.quick {
+            free.extend(starts.iter().map(|&start| (start, len)));
+        }
+        free.sort_unstable();
+        let mut pinned = 0;
+        // Fixed segments: all their free bytes, unless the segment is free.
+        for (&segment, layout) in &self.fixed {
+            let end = segment + layout.size();
+            let from = free.partition_point(|&(start, _)| start < segment);
+            let bytes: usize = free[from..]
+                .iter()
+                .take_while(|&&(start, _)| start < end)
+                .map(|&(_, len)| len)
+                .sum();
+            if bytes < layout.size() {
+                pinned += bytes;
+            }
+        }
+        // Reservations: merged free runs, less their whole pages.
+        let mut run: Option<(usize, usize)> = None;
+        let partial = |(start, end): (usize, usize)| {
+            let (from, to) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+            (end - start) - to.saturating_sub(from)
+        };
+        for &(start, len) in free.iter().filter(|&&(start, _)| !self.in_fixed(start)) {
+            run = match run {
+                Some((run_start, run_end)) if run_end == start => Some((run_start, start + len)),
+                Some(done) => {
+                    pinned += partial(done);
+                    Some((start, start + len))
+                }
+                None => Some((start, start + len)),
+            };
+        }
+        pinned + run.map_or(0, partial)
     }
 
     /// Carves a block of `len` bytes aligned to `align` out of the smallest
     /// free range that holds it; `None` if none does.
     pub(crate) fn carve(&mut self, len: usize, align: usize) -> Option<Carved> {
-        self.live.try_reserve(1).ok()?;
         if let Some(list) = self.quick.get_mut(&len)
             && let Some(&start) = list.last()
             && start.is_multiple_of(align)
@@ -169,7 +202,6 @@ impl Arena {
             list.pop();
             self.quick_bytes -= len;
             self.quick_blocks -= 1;
-            self.live.insert(start, len);
             poison::unpoison(pointer(start), len);
             return Some(Carved {
                 start,
@@ -185,8 +217,17 @@ impl Arena {
             }
             None => return None,
         };
+        let mut taken = taken;
+        if taken.len > len {
+            if self.extra.try_reserve(1).is_ok() {
+                self.extra.insert(taken.start, taken.len - len);
+            } else {
+                // Nowhere to record the tail: it stays free instead.
+                self.ranges.give(taken.start + len, taken.len - len);
+                taken.len = len;
+            }
+        }
         let fresh = self.recommit(taken.start, taken.len);
-        self.live.insert(taken.start, taken.len);
         poison::unpoison(pointer(taken.start), taken.len);
         Some(Carved {
             start: taken.start,
@@ -271,14 +312,17 @@ impl Arena {
         self.fixed.insert(start, layout);
     }
 
-    /// Takes back the block at `start`; its length, or `None` if no such
-    /// block is live (a broken contract: the block is then left alone).
-    pub(crate) fn uncarve(&mut self, start: usize) -> Option<usize> {
-        let len = self.live.remove(&start)?;
+    /// Takes back the live block at `start`, carved for a request of `len`
+    /// bytes (`block_of`); its whole length.
+    pub(crate) fn uncarve(&mut self, start: usize, len: usize) -> usize {
+        let len = self.block_len(start, len);
+        if !self.extra.is_empty() {
+            self.extra.remove(&start);
+        }
         poison::poison(pointer(start), len);
         if len > QUICK_MAX {
             self.ranges.give(start, len);
-            return Some(len);
+            return len;
         }
         let list = self
             .quick
@@ -291,7 +335,7 @@ impl Arena {
         } else {
             self.ranges.give(start, len);
         }
-        Some(len)
+        len
     }
 
     /// Merges every quick-listed block into the free ranges.
@@ -305,23 +349,36 @@ impl Arena {
         self.quick_blocks = 0;
     }
 
-    /// The length of the live block at `start`.
-    pub(crate) fn block_len(&self, start: usize) -> Option<usize> {
-        self.live.get(&start).copied()
+    /// The whole length of the live block at `start`, carved for a request
+    /// of `len` bytes (`block_of`).
+    #[inline]
+    pub(crate) fn block_len(&self, start: usize, len: usize) -> usize {
+        if self.extra.is_empty() {
+            return len;
+        }
+        len + self.extra.get(&start).copied().unwrap_or(0)
     }
 
-    /// Cuts the live block at `start` down to `len` bytes if the tail is
-    /// worth keeping free; its length afterwards.
-    pub(crate) fn shrink(&mut self, start: usize, len: usize) -> Option<usize> {
-        let block = self.live.get_mut(&start)?;
-        let tail = block.checked_sub(len)?;
-        if tail < crate::free_ranges::SPLIT_MIN {
-            return Some(*block);
+    /// Makes the live block at `start` (carved for `old` bytes) serve a
+    /// request of `new` bytes (`block_of`, at most its whole length) in
+    /// place: a tail worth keeping goes back to the free ranges. Its whole
+    /// length afterwards, or `None` if that cannot be recorded.
+    pub(crate) fn shrink(&mut self, start: usize, old: usize, new: usize) -> Option<usize> {
+        let whole = self.block_len(start, old);
+        let tail = whole.checked_sub(new)?;
+        if tail >= crate::free_ranges::SPLIT_MIN {
+            self.extra.remove(&start);
+            poison::poison(pointer(start + new), tail);
+            self.ranges.give(start + new, tail);
+            return Some(new);
         }
-        *block = len;
-        poison::poison(pointer(start + len), tail);
-        self.ranges.give(start + len, tail);
-        Some(len)
+        if tail == 0 {
+            self.extra.remove(&start);
+        } else {
+            self.extra.try_reserve(1).ok()?;
+            self.extra.insert(start, tail);
+        }
+        Some(whole)
     }
 
     /// Gives free memory back until at most `target` cached bytes hold
@@ -342,7 +399,7 @@ impl Arena {
             .collect();
         for start in free_fixed {
             if cached(self) <= target {
-                return shed;
+                break;
             }
             if self.ranges.remove_segment_if_free(start)
                 && let Some(layout) = self.fixed.remove(&start)
@@ -354,20 +411,35 @@ impl Arena {
                 shed.segment_frees += 1;
             }
         }
-        // Free tops of reservations: uncommitted, only as far as needed.
+        // Free tops of reservations: uncommitted as far as needed, and
+        // always past pages at the top that are already decommitted.
         for index in 0..self.reservations.len() {
-            let excess = cached(self).saturating_sub(target);
-            if excess == 0 {
-                return shed;
-            }
             let base = self.reservations[index].base();
             let Some((start, _)) = self.ranges.free_top(base) else {
                 continue;
             };
             let committed = self.reservations[index].committed();
-            let keep = (start - base)
-                .next_multiple_of(PAGE)
-                .max((committed.saturating_sub(excess)) / PAGE * PAGE);
+            let floor = (start - base).next_multiple_of(PAGE);
+            let mut excess = cached(self).saturating_sub(target);
+            let mut keep = committed;
+            while keep > floor {
+                match self.decommitted_below(base + keep) {
+                    // The page below `keep` is decommitted: uncommitting it
+                    // costs nothing.
+                    Some((from, to)) if to >= base + keep => {
+                        keep = (from - base).max(floor);
+                    }
+                    below => {
+                        if excess == 0 {
+                            break;
+                        }
+                        let low = below.map_or(floor, |(_, to)| (to - base).max(floor));
+                        let cut = (keep - low).min(excess.next_multiple_of(PAGE));
+                        keep -= cut;
+                        excess = excess.saturating_sub(cut);
+                    }
+                }
+            }
             if keep >= committed {
                 continue;
             }
@@ -383,7 +455,7 @@ impl Arena {
             shed.segment_frees += 1;
         }
         // Whole pages inside free ranges, largest range first, from their
-        // ends, only as many as needed.
+        // tops, skipping pages already decommitted, only as many as needed.
         if cached(self) > target && !self.reservations.is_empty() {
             let candidates: Vec<(usize, usize)> = self
                 .ranges
@@ -391,42 +463,32 @@ impl Arena {
                 .filter(|&(start, len)| len >= PAGE && !self.in_fixed(start))
                 .collect();
             for (start, len) in candidates {
-                let excess = cached(self).saturating_sub(target);
-                if excess == 0 {
-                    break;
-                }
                 let from = start.next_multiple_of(PAGE);
-                let to = (start + len) / PAGE * PAGE;
-                let from = from.max(to.saturating_sub(excess.next_multiple_of(PAGE)));
-                if to <= from {
-                    continue;
-                }
-                let before = cached(self);
-                self.forget_decommitted(from, to);
-                self.decommitted_bytes += to - from;
-                // Merge with decommitted neighbours: the map stays minimal.
-                let (mut from, mut to) = (from, to);
-                if let Some((&before_start, &before_end)) =
-                    self.decommitted.range(..from).next_back()
-                    && before_end == from
-                {
-                    self.decommitted.remove(&before_start);
-                    from = before_start;
-                }
-                if let Some(&after_end) = self.decommitted.get(&to) {
-                    self.decommitted.remove(&to);
-                    to = after_end;
-                }
-                self.decommitted.insert(from, to);
-                let gained = before - cached(self);
-                if let Some(reservation) = self.reservation_of(start) {
-                    // SAFETY: `[from, to)` is page-aligned and lies inside a
-                    // free range of this reservation: committed, ours, unused.
-                    unsafe { reservation.decommit(from, to - from) };
-                }
-                if gained > 0 {
-                    shed.bytes += gained;
+                let mut high = (start + len) / PAGE * PAGE;
+                while high > from {
+                    let excess = cached(self).saturating_sub(target);
+                    if excess == 0 {
+                        return shed;
+                    }
+                    let below = self.decommitted_below(high);
+                    if let Some((low, end)) = below
+                        && end >= high
+                    {
+                        high = low.max(from);
+                        continue;
+                    }
+                    let low = below.map_or(from, |(_, end)| end.max(from));
+                    let low = low.max(high - (high - low).min(excess.next_multiple_of(PAGE)));
+                    self.mark_decommitted(low, high);
+                    if let Some(reservation) = self.reservation_of(low) {
+                        // SAFETY: `[low, high)` is page-aligned and lies
+                        // inside a free range of this reservation:
+                        // committed, ours, unused.
+                        unsafe { reservation.decommit(low, high - low) };
+                    }
+                    shed.bytes += high - low;
                     shed.pieces += 1;
+                    high = low;
                 }
             }
         }
@@ -479,6 +541,32 @@ impl Arena {
         self.forget_decommitted(from, to) > 0
     }
 
+    /// The decommitted interval with the highest start below `addr`.
+    fn decommitted_below(&self, addr: usize) -> Option<(usize, usize)> {
+        self.decommitted
+            .range(..addr)
+            .next_back()
+            .map(|(&from, &to)| (from, to))
+    }
+
+    /// Records `[from, to)` (committed free pages) as decommitted, merged with
+    /// the decommitted intervals that touch it.
+    fn mark_decommitted(&mut self, from: usize, to: usize) {
+        self.decommitted_bytes += to - from;
+        let mut from = from;
+        let mut to = to;
+        if let Some((low, end)) = self.decommitted_below(from)
+            && end == from
+        {
+            self.decommitted.remove(&low);
+            from = low;
+        }
+        if let Some(end) = self.decommitted.remove(&to) {
+            to = end;
+        }
+        self.decommitted.insert(from, to);
+    }
+
     /// Removes `[from, to)` from the decommitted pages; how many bytes were.
     fn forget_decommitted(&mut self, from: usize, to: usize) -> usize {
         let overlapping: Vec<(usize, usize)> = self
@@ -508,7 +596,7 @@ impl core::fmt::Debug for Arena {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Arena")
             .field("free_ranges", &self.ranges.len())
-            .field("live", &self.live.len())
+            .field("longer_blocks", &self.extra.len())
             .field("fixed_segments", &self.fixed.len())
             .field("reservations", &self.reservations.len())
             .finish_non_exhaustive()

@@ -98,18 +98,6 @@ impl FreeRanges {
             .map(|(len, start)| (start, len))
     }
 
-    /// The free ranges inside `[start, end)`, `(start, len)` by address.
-    pub(crate) fn free_in(
-        &self,
-        start: usize,
-        end: usize,
-    ) -> impl Iterator<Item = (usize, usize)> + '_ {
-        self.by_start
-            .iter()
-            .filter(move |&(&at, _)| at >= start && at < end)
-            .map(|(&start, &len)| (start, len))
-    }
-
     /// Whether the segment starting at `segment` is all free.
     pub(crate) fn is_segment_free(&self, segment: usize) -> bool {
         self.segments

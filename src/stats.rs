@@ -36,9 +36,11 @@ use core::fmt;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Allocations served from a free list.
+    /// Allocations served from a free list (best fit: that needed no new
+    /// memory).
     pub hits: u64,
-    /// Allocations served by the backing allocator (a new block).
+    /// Allocations served by the backing allocator (a new block; best fit:
+    /// a new or grown segment, or free pages that had been decommitted).
     pub misses: u64,
     /// Deallocations.
     pub frees: u64,
@@ -49,17 +51,19 @@ pub struct Stats {
     pub bytes_missed: u64,
     /// Bytes handed out and not yet freed.
     pub bytes_in_use: usize,
-    /// Bytes held on free lists, ready to be handed out again (block sizes).
+    /// Bytes held on free lists, ready to be handed out again (block sizes;
+    /// best fit: the free bytes of its segments that hold memory).
     pub bytes_cached: usize,
     /// Bytes taken from the backing allocator and not given back: in use plus
-    /// cached. This is the cache's memory footprint.
+    /// cached (plus lost to rounding). This is the cache's memory footprint.
+    /// Best fit: the bytes of its segments, less `bytes_decommitted`.
     pub bytes_reserved: usize,
     /// Bytes of the blocks in use beyond what their requests asked for (size
     /// classes round up; always 0 with `SizePolicy::Exact`).
     pub bytes_lost_to_rounding: usize,
     /// Blocks handed out and not yet freed.
     pub blocks_in_use: usize,
-    /// Blocks held on free lists.
+    /// Blocks held on free lists (best fit: free ranges).
     pub blocks_cached: usize,
     /// Highest `bytes_in_use` seen.
     pub peak_bytes_in_use: usize,
@@ -67,9 +71,11 @@ pub struct Stats {
     pub peak_bytes_cached: usize,
     /// Highest `bytes_reserved` seen.
     pub peak_bytes_reserved: usize,
-    /// Blocks taken from the backing allocator.
+    /// Blocks taken from the backing allocator (best fit: segments taken or
+    /// grown).
     pub backing_allocs: u64,
-    /// Blocks given back to the backing allocator.
+    /// Blocks given back to the backing allocator (best fit: segments given
+    /// back whole, or cut at their top).
     pub backing_frees: u64,
     /// Times the free lists were emptied: `release_cached` calls, and flushes
     /// after a failed backing allocation.
@@ -78,7 +84,8 @@ pub struct Stats {
     pub bytes_released: u64,
     /// Cached blocks given back one by one to respect `max_cached_bytes`, a
     /// shared `Budget` or a `trim`, and freed blocks not cached because they
-    /// did not fit (or caching stopped after a failure).
+    /// did not fit (or caching stopped after a failure). Best fit: pieces of
+    /// free memory given back (segments, segment tops, decommitted ranges).
     pub evictions: u64,
     /// Bytes of those blocks, in total.
     pub bytes_evicted: u64,
@@ -92,12 +99,13 @@ pub struct Stats {
     /// system (`MADV_DONTNEED`) while the segment stays: counted in neither
     /// `bytes_cached` nor `bytes_reserved`. Always 0 for the other policies.
     pub bytes_decommitted: usize,
-    /// Best fit over fixed segments (a cache built with `build_in`): free
-    /// bytes, part of `bytes_cached`, that no release, trim, cap or budget can
-    /// give back, because they lie in a segment that still holds a live block
-    /// (the backing allocator takes a segment back only whole, and the cache
-    /// does not own its pages). Always 0 for the other policies and for a
-    /// cache that reserves its own address range.
+    /// Best fit: free bytes, part of `bytes_cached`, that no release, trim,
+    /// cap or budget can give back while their neighbours live: in fixed
+    /// segments (a cache built with `build_in`) every free byte of a segment
+    /// that still holds a live block (the backing allocator takes a segment
+    /// back only whole, and the cache does not own its pages); in a reserved
+    /// range the free bytes that share a page with a live block (pages are
+    /// given back whole). Always 0 for the other policies.
     pub bytes_pinned: usize,
 }
 

@@ -17,6 +17,7 @@ use allocator_api2::alloc::{AllocError, Allocator};
 
 use super::{Cache, State};
 use crate::best_fit::{self, Arena, Carved, Shed};
+use crate::alloc::RawAllocator;
 use crate::budget::Budget;
 use crate::reentry;
 use crate::unwind::Deferred;
@@ -177,11 +178,12 @@ impl<A: Allocator> Cache<A> {
                     state.clock
                 }
             };
-            let arena = state.arena();
-            let Some(len) = arena.uncarve(block.as_ptr().addr()) else {
-                debug_assert!(false, "freed a block this cache did not carve");
+            // A layout a block was carved for has a block length.
+            let Some((len, _)) = best_fit::block_of(layout) else {
                 return;
             };
+            let arena = state.arena();
+            let len = arena.uncarve(block.as_ptr().addr(), len);
             arena.cached_since.get_or_insert(age);
             state.stats.on_uncarved(layout.size(), len);
             state.sync_held();
@@ -208,6 +210,7 @@ impl<A: Allocator> Cache<A> {
     ) -> Result<NonNull<[u8]>, AllocError> {
         if old.size() != 0
             && new.size() != 0
+            && let Some((old_request, _)) = best_fit::block_of(old)
             && let Some((len, align)) = best_fit::block_of(new)
             && block.as_ptr().addr().is_multiple_of(align)
         {
@@ -216,9 +219,9 @@ impl<A: Allocator> Cache<A> {
                 let _inside = reentry::inside();
                 let arena = state.arena();
                 let start = block.as_ptr().addr();
-                match arena.block_len(start) {
-                    Some(old_len) if len <= old_len => {
-                        let new_len = arena.shrink(start, len).unwrap_or(old_len);
+                let old_len = arena.block_len(start, old_request);
+                match (len <= old_len).then(|| arena.shrink(start, old_request, len)) {
+                    Some(Some(new_len)) => {
                         state.stats.bytes_in_use =
                             state.stats.bytes_in_use - old.size() + new.size();
                         state.stats.bytes_lost_to_rounding =
@@ -248,7 +251,8 @@ impl<A: Allocator> Cache<A> {
                 return Ok(NonNull::slice_from_raw_parts(block, new.size()));
             }
         }
-        let moved = self.allocate_carved(new, zeroed)?;
+        // Through `RawAllocator::allocate`: a zero-sized `new` is dangling.
+        let moved = RawAllocator::allocate(self, new, zeroed)?;
         let kept = old.size().min(new.size());
         // SAFETY: `block` is live with `old.size()` readable bytes and `moved`
         // is a different live block (the arena never carves a live range

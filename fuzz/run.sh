@@ -12,7 +12,7 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked || exit 1
 
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(cache_ops plan_ops trace_parser)
+  targets=(cache_ops plan_ops best_fit trace_parser)
 fi
 
 failed=()

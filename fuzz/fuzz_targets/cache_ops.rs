@@ -434,6 +434,10 @@ impl World {
                             SizePolicy::PowerOfTwoDivisions(n) => {
                                 Policy::PowerOfTwoDivisions(n as u8 - 1)
                             }
+                            // Best fit has its own target (best_fit.rs).
+                            SizePolicy::BestFit => {
+                                unreachable!("cache_ops builds no best-fit cache")
+                            }
                         },
                         cap: slot.cap.map(|c| c as u32),
                         stop_caching_after_failure: slot.stop,

@@ -21,9 +21,9 @@ use core::alloc::Layout;
 use loom::thread;
 use loom_tests::{Block, Counting, model, model_outcomes};
 
-/// A block: above the split threshold (512), so carving splits a range and
-/// freeing merges ranges.
-const SIZE: usize = 1024;
+/// A block: above the split threshold (512), so carving splits a range, and
+/// above the quick lists' limit (4 KiB), so freeing merges ranges at once.
+const SIZE: usize = 8 << 10;
 
 /// The size of a fixed segment best fit takes for a small block.
 const SEGMENT: usize = 256 << 10;

@@ -16,8 +16,8 @@ use core::ptr::{self, NonNull};
 use allocator_api2::alloc::{AllocError, Allocator};
 
 use super::{Cache, State};
-use crate::best_fit::{self, Arena, Carved, Shed};
 use crate::alloc::RawAllocator;
+use crate::best_fit::{self, Arena, Carved, Shed};
 use crate::budget::Budget;
 use crate::reentry;
 use crate::unwind::Deferred;

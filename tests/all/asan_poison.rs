@@ -87,3 +87,41 @@ fn a_write_into_a_freed_arena_slot_is_reported() {
     let report = child_report(CASE);
     assert!(report.contains("use-after-poison"), "{report}");
 }
+
+#[test]
+fn a_write_into_a_free_best_fit_range_is_reported() {
+    const CASE: &str = "a_write_into_a_free_best_fit_range_is_reported";
+    if is_child(CASE) {
+        let cache = CachingAllocator::builder()
+            .size_policy(caching_allocator::SizePolicy::BestFit)
+            .build();
+        // Above the quick lists' limit, so the free merges into a range; a
+        // neighbour keeps the range from being the whole segment.
+        let layout = Layout::from_size_align(64 << 10, 8).unwrap();
+        let block = cache.allocate(layout).unwrap().cast::<u8>();
+        let _neighbour = cache.allocate(layout).unwrap();
+        // SAFETY: allocated just above with `layout`.
+        unsafe { cache.deallocate(block, layout) };
+        // SAFETY: none; ASan must stop the process here.
+        unsafe { block.as_ptr().add(5000).write_volatile(1) };
+        unreachable!("ASan did not report the write");
+    }
+    let report = child_report(CASE);
+    assert!(report.contains("use-after-poison"), "{report}");
+}
+
+#[test]
+fn a_carved_best_fit_block_is_addressable() {
+    // Carving unpoisons exactly the block: a whole reused range is writable.
+    let cache = CachingAllocator::builder()
+        .size_policy(caching_allocator::SizePolicy::BestFit)
+        .build();
+    drop(Vec::<u8, _>::with_capacity_in(64 << 10, cache.clone()));
+    let mut again: Vec<u8, _> = Vec::with_capacity_in(100 << 10, cache.clone());
+    again.resize(100 << 10, 7);
+    assert!(again.iter().all(|&b| b == 7));
+    cache.trim(0);
+    drop(again);
+    cache.release_cached();
+    assert_eq!(cache.stats().bytes_reserved, 0);
+}

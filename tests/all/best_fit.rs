@@ -1222,7 +1222,10 @@ fn stats_follow_a_known_sequence_over_a_reservation() {
     assert_eq!(stats.bytes_reserved, 8192);
     assert_eq!(stats.bytes_cached, 4096 - 128);
     // The rest of b's page cannot be given back while b lives.
-    assert_eq!((stats.bytes_pinned, stats.bytes_decommitted), (4096 - 128, 0));
+    assert_eq!(
+        (stats.bytes_pinned, stats.bytes_decommitted),
+        (4096 - 128, 0)
+    );
     assert_invariant(&stats);
     // Served from the rest of that page.
     let c = take(&cache, layout(1000, 8), 3);

@@ -15,6 +15,7 @@ use crate::sync::Arc;
 /// | setting | when to use it |
 /// |---|---|
 /// | [`size_policy`](Self::size_policy)`(PowerOfTwoDivisions(4))` | dynamic shapes: sizes that vary a little from pass to pass |
+/// | [`size_policy`](Self::size_policy)`(BestFit)` | memory held close to peak live, static or dynamic shapes (see the README's "Best fit") |
 /// | [`max_cached_bytes`](Self::max_cached_bytes) | bound what one cache holds beyond its live blocks |
 /// | [`budget`](Self::budget) | several caches (models) in one memory budget |
 /// | [`stop_caching_after_failure`](Self::stop_caching_after_failure) | memory is so tight that an out-of-memory is likely to recur |
@@ -85,7 +86,9 @@ impl Builder {
         self
     }
 
-    /// A cache backed by the global allocator.
+    /// A cache backed by the global allocator. With `SizePolicy::BestFit` on
+    /// Linux the cache maps its own memory instead: one reserved address
+    /// range, grown in place (see [`SizePolicy::BestFit`]).
     pub fn build(mut self) -> CachingAllocator {
         // The backing is the global allocator: best fit may map its own
         // memory instead (see `SizePolicy::BestFit`).
@@ -93,7 +96,9 @@ impl Builder {
         self.build_in(Global)
     }
 
-    /// A cache backed by `backing`. The bounds let caches on a shared budget
+    /// A cache backed by `backing`. With `SizePolicy::BestFit` the cache takes
+    /// fixed segments from `backing` and gives each back only whole (see
+    /// `Stats::bytes_pinned`). The bounds let caches on a shared budget
     /// give back each other's blocks from any thread; without a budget,
     /// [`CachingAllocator::new_in`] takes any allocator.
     pub fn build_in<A: Allocator + Send + Sync + 'static>(self, backing: A) -> CachingAllocator<A> {

@@ -250,8 +250,12 @@ impl Arena {
                 .map_or(FIRST_CAPACITY, |last| last.capacity().saturating_mul(2))
                 .max(len.checked_add(align)?.checked_add(PAGE)?);
             let Some(reservation) = Reservation::new(capacity) else {
-                // No address space: fixed segments from now on.
-                self.reserves = false;
+                // No address space even for the first reservation: fixed
+                // segments from now on. A refused larger one (an absurd
+                // request) only sends this request to the backing.
+                if self.reservations.is_empty() && capacity == FIRST_CAPACITY {
+                    self.reserves = false;
+                }
                 return None;
             };
             self.reservations.push(reservation);

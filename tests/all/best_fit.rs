@@ -31,7 +31,7 @@
 use std::ptr::NonNull;
 use std::sync::OnceLock;
 
-use allocator_api2::alloc::{AllocError, Allocator, Layout};
+use allocator_api2::alloc::{AllocError, Allocator, Global, Layout};
 use caching_allocator::{Budget, Builder, CachingAllocator, SizePolicy, Stats};
 use proptest::prelude::*;
 
@@ -1385,4 +1385,49 @@ fn shrink_to_zero_frees_the_block() {
     assert_empty(&cache.stats());
     drop(cache);
     backing.assert_all_returned();
+}
+
+/// Absurd requests are `AllocError` (counted in `failures`), never a panic
+/// or an abort, over both sources; huge alignments that can be met are.
+#[test]
+fn absurd_requests_fail_cleanly_and_huge_alignments_are_met() {
+    let caches: Vec<(CachingAllocator<Global>, bool)> = vec![
+        (best_fit().build_in(Global), false),
+        #[cfg(all(target_os = "linux", not(miri)))]
+        (best_fit().build(), true),
+    ];
+    for (cache, reserves) in caches {
+        for (size, align) in [
+            (isize::MAX as usize - 63, 64),
+            (isize::MAX as usize / 2, 4096),
+            (1, 1 << 62),
+            (usize::MAX / 4, 1 << 20),
+        ] {
+            let layout = Layout::from_size_align(size, align).unwrap();
+            assert!(cache.allocate(layout).is_err(), "{size} bytes at {align}");
+        }
+        assert!(cache.stats().failures >= 4);
+        // Large but possible alignments, from inside a segment or their own.
+        for align in [PAGE, 64 << 10, 2 << 20] {
+            let layout = Layout::from_size_align(1000, align).unwrap();
+            let block = cache.allocate(layout).unwrap().cast::<u8>();
+            assert_eq!(block.as_ptr() as usize % align, 0);
+            // SAFETY: allocated just above with `layout`.
+            unsafe { cache.deallocate(block, layout) };
+        }
+        cache.release_cached();
+        assert_empty(&cache.stats());
+        // Still carving from its own memory after the absurd requests: on
+        // Linux, `build()` keeps its reservation (no fixed segment appears).
+        let layout = Layout::from_size_align(4096, 64).unwrap();
+        let block = cache.allocate(layout).unwrap().cast::<u8>();
+        let reserved = cache.stats().bytes_reserved;
+        // SAFETY: allocated just above with `layout`.
+        unsafe { cache.deallocate(block, layout) };
+        if reserves {
+            assert_eq!(reserved, 4096, "one page committed, not a fixed segment");
+        } else {
+            assert_eq!(reserved, 256 << 10, "a fixed segment");
+        }
+    }
 }

@@ -184,3 +184,95 @@ fn the_last_handle_may_drop_on_another_thread() {
     .unwrap();
     assert_eq!(backing.frees(), backing.allocs());
 }
+
+/// Best fit over its own reserved range (and over fixed segments): threads
+/// carve, free each other's blocks, grow and shrink in place, while one
+/// thread trims, releases and reads the stats. Blocks keep their contents,
+/// every snapshot agrees with itself, and with nothing live a release leaves
+/// nothing reserved.
+#[test]
+fn best_fit_threads_carve_and_free_while_one_trims() {
+    use caching_allocator::SizePolicy;
+
+    let backing = Counting::new();
+    let caches = [
+        CachingAllocator::builder()
+            .size_policy(SizePolicy::BestFit)
+            .build(),
+        CachingAllocator::builder()
+            .size_policy(SizePolicy::BestFit)
+            .build_in(Global),
+    ];
+    let fixed = CachingAllocator::builder()
+        .size_policy(SizePolicy::BestFit)
+        .build_in(backing.clone());
+    // Each trim and release is a system call under the lock: fewer rounds.
+    const BEST_FIT_ROUNDS: usize = 100;
+    // Sizes on both sides of the quick lists' limit (4 KiB) and of a page.
+    const BEST_FIT_SIZES: [usize; 6] = [24, 1000, 4096, 5000, 70_000, 300_000];
+    fn traffic<A: allocator_api2::alloc::Allocator + Clone + Send + Sync>(
+        cache: &CachingAllocator<A>,
+        sizes: &[usize],
+        stats: impl Fn() -> caching_allocator::Stats + Sync,
+    ) {
+        thread::scope(|scope| {
+            for t in 0..THREADS - 1 {
+                let cache = cache.clone();
+                scope.spawn(move || {
+                    let mut held: std::vec::Vec<(usize, Vec<u8, _>)> = std::vec::Vec::new();
+                    for round in 0..BEST_FIT_ROUNDS {
+                        let size = sizes[(round * 7 + t) % sizes.len()];
+                        let mut block: Vec<u8, _> = Vec::with_capacity_in(size, cache.clone());
+                        block.extend(stamp(t, round, size));
+                        held.push((round, block));
+                        if held.len() > 3 {
+                            let (round, mut block) = held.remove(round % 3);
+                            assert!(block.iter().copied().eq(stamp(t, round, block.len())));
+                            // Shrink in place (a tail goes back), then free.
+                            let len = block.len() / 2;
+                            block.truncate(len);
+                            block.shrink_to_fit();
+                            assert!(block.iter().copied().eq(stamp(t, round, len)));
+                        }
+                    }
+                    for (round, block) in held {
+                        assert!(block.iter().copied().eq(stamp(t, round, block.len())));
+                    }
+                });
+            }
+            let cache = cache.clone();
+            let stats = &stats;
+            scope.spawn(move || {
+                for round in 0..BEST_FIT_ROUNDS {
+                    match round % 3 {
+                        0 => drop(cache.trim(1 << 20)),
+                        1 => drop(cache.release_cached()),
+                        _ => drop(cache.trim(0)),
+                    }
+                    let s = stats();
+                    assert_eq!(
+                        s.bytes_in_use + s.bytes_lost_to_rounding + s.bytes_cached,
+                        s.bytes_reserved,
+                        "{s:?}"
+                    );
+                    assert!(s.bytes_pinned <= s.bytes_cached, "{s:?}");
+                }
+            });
+        });
+        cache.release_cached();
+        let s = stats();
+        assert_eq!((s.bytes_in_use, s.blocks_in_use), (0, 0), "{s:?}");
+        assert_eq!(
+            (s.bytes_reserved, s.bytes_cached, s.bytes_decommitted),
+            (0, 0, 0),
+            "{s:?}"
+        );
+        assert_eq!(s.frees, s.hits + s.misses, "{s:?}");
+    }
+    for cache in &caches {
+        traffic(cache, &BEST_FIT_SIZES, || cache.stats());
+    }
+    traffic(&fixed, &BEST_FIT_SIZES, || fixed.stats());
+    drop(fixed);
+    backing.assert_all_returned();
+}

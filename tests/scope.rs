@@ -322,3 +322,33 @@ fn stats_show_a_cross_thread_free_as_soon_as_it_returns() {
     drop(send);
     freer.join().unwrap();
 }
+
+/// A best-fit cache as the scope: its arena's own tables (B-trees, hash maps,
+/// bins) allocate through this global allocator while the cache's lock is
+/// held, and must come from the inner allocator, not recurse into the cache.
+#[test]
+fn a_best_fit_scope_serves_plain_vecs_and_keeps_its_tables_out() {
+    let cache = CachingAllocator::builder()
+        .size_policy(caching_allocator::SizePolicy::BestFit)
+        .build();
+    let outputs: Vec<f32> = {
+        let _scope = cache.enter();
+        (0..5)
+            .map(|pass| {
+                let input = vec![pass as f32; FLOATS + pass * 1000];
+                let out = forward(&input);
+                // Trims and stats inside the scope allocate bookkeeping too.
+                cache.trim(FLOATS);
+                let _ = cache.stats();
+                out
+            })
+            .collect()
+    };
+    assert_eq!(outputs[4], 4.0 * 2.0 * (FLOATS + 4000) as f32);
+    let stats = cache.stats();
+    assert_eq!(stats.hits + stats.misses, 15, "{stats:?}");
+    assert_eq!(stats.frees, 15);
+    assert_eq!(stats.bytes_in_use, 0);
+    cache.release_cached();
+    assert_eq!(cache.stats().bytes_reserved, 0);
+}

@@ -130,6 +130,53 @@ impl Stats {
         }
     }
 
+    /// What happened since `earlier` (a snapshot of the same cache): the
+    /// counters (`hits`, `misses`, `frees`, `bytes_hit`, `bytes_missed`,
+    /// `backing_allocs`, `backing_frees`, `releases`, `bytes_released`,
+    /// `evictions`, `bytes_evicted`, `retries`, `failures`) as differences,
+    /// and everything else (bytes and blocks in use, cached, reserved, their
+    /// peaks) as of `self`. The steady state of a server without hand
+    /// subtraction: take a snapshot after the first (cold) pass, and
+    /// `since` it later.
+    ///
+    /// A counter that went down (a snapshot of another cache) reads 0.
+    ///
+    /// ```
+    /// use allocator_api2::vec::Vec;
+    /// use caching_allocator::CachingAllocator;
+    ///
+    /// let cache = CachingAllocator::new();
+    /// let pass = || drop(Vec::<u8, _>::with_capacity_in(1 << 20, cache.clone()));
+    /// pass(); // the cold pass misses
+    /// let warm = cache.stats();
+    /// for _ in 0..9 {
+    ///     pass();
+    /// }
+    /// let steady = cache.stats().since(&warm);
+    /// assert_eq!((steady.hits, steady.misses), (9, 0));
+    /// assert_eq!(steady.hit_ratio(), 1.0); // the whole life: 0.9
+    /// assert_eq!(steady.bytes_cached, 1 << 20); // a gauge: as of now
+    /// ```
+    #[must_use]
+    pub fn since(&self, earlier: &Stats) -> Stats {
+        Stats {
+            hits: self.hits.saturating_sub(earlier.hits),
+            misses: self.misses.saturating_sub(earlier.misses),
+            frees: self.frees.saturating_sub(earlier.frees),
+            bytes_hit: self.bytes_hit.saturating_sub(earlier.bytes_hit),
+            bytes_missed: self.bytes_missed.saturating_sub(earlier.bytes_missed),
+            backing_allocs: self.backing_allocs.saturating_sub(earlier.backing_allocs),
+            backing_frees: self.backing_frees.saturating_sub(earlier.backing_frees),
+            releases: self.releases.saturating_sub(earlier.releases),
+            bytes_released: self.bytes_released.saturating_sub(earlier.bytes_released),
+            evictions: self.evictions.saturating_sub(earlier.evictions),
+            bytes_evicted: self.bytes_evicted.saturating_sub(earlier.bytes_evicted),
+            retries: self.retries.saturating_sub(earlier.retries),
+            failures: self.failures.saturating_sub(earlier.failures),
+            ..*self
+        }
+    }
+
     /// A cached block of `block` bytes served a request of `requested`.
     #[inline]
     pub(crate) fn on_hit(&mut self, requested: usize, block: usize) {
@@ -397,6 +444,43 @@ mod tests {
             (stats.bytes_reserved, stats.evictions, stats.bytes_evicted),
             (0, 1, 1024)
         );
+    }
+
+    #[test]
+    fn since_subtracts_counters_and_keeps_gauges() {
+        let mut earlier = Stats::default();
+        earlier.on_miss(100, 128);
+        earlier.on_free(100, 128);
+        let mut later = earlier;
+        later.on_hit(100, 128);
+        later.on_miss(50, 64);
+        later.failures += 2;
+        later.retries += 1;
+        let steady = later.since(&earlier);
+        assert_eq!((steady.hits, steady.misses, steady.frees), (1, 1, 0));
+        assert_eq!((steady.bytes_hit, steady.bytes_missed), (100, 50));
+        assert_eq!((steady.backing_allocs, steady.failures, steady.retries), (1, 2, 1));
+        // Gauges and peaks as of `later`.
+        assert_eq!(steady.bytes_in_use, later.bytes_in_use);
+        assert_eq!(steady.bytes_reserved, later.bytes_reserved);
+        assert_eq!(steady.peak_bytes_in_use, later.peak_bytes_in_use);
+        assert_eq!(steady.blocks_in_use, 2);
+        // Every counter field is covered: since itself is all zeros.
+        let none = later.since(&later);
+        assert_eq!(
+            (none.hits, none.misses, none.frees, none.bytes_hit, none.bytes_missed),
+            (0, 0, 0, 0, 0)
+        );
+        assert_eq!(
+            (none.backing_allocs, none.backing_frees, none.releases, none.bytes_released),
+            (0, 0, 0, 0)
+        );
+        assert_eq!(
+            (none.evictions, none.bytes_evicted, none.retries, none.failures),
+            (0, 0, 0, 0)
+        );
+        // Another cache's snapshot: no underflow.
+        assert_eq!(earlier.since(&later).hits, 0);
     }
 
     #[test]

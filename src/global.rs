@@ -7,6 +7,7 @@ use core::ptr::{self, NonNull};
 use std::alloc::System;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::alloc::Owner;
 use crate::reentry;
@@ -74,6 +75,43 @@ impl ScopedGlobal<System> {
     /// ([`DEFAULT_MIN_SIZE`]).
     pub const fn new() -> Self {
         Self::new_in(System, DEFAULT_MIN_SIZE)
+    }
+}
+
+/// The layout [`ScopedGlobal::is_installed`] allocates through the global
+/// allocator: unusual enough that nothing else asks for it in practice.
+const PROBE: Layout = match Layout::from_size_align(3, 2048) {
+    Ok(layout) => layout,
+    Err(_) => panic!("a valid layout"),
+};
+
+/// Set when a `ScopedGlobal` served the probe: it is the global allocator.
+static PROBE_SEEN: AtomicBool = AtomicBool::new(false);
+
+impl ScopedGlobal {
+    /// Whether a `ScopedGlobal` (over any inner allocator) is this program's
+    /// `#[global_allocator]`: without one, [`CachingAllocator::enter`]
+    /// (crate::CachingAllocator::enter) and the plan's scopes have no
+    /// effect. Asks once, with one tiny allocation through the global
+    /// allocator.
+    ///
+    /// ```
+    /// // This doctest installs no global allocator.
+    /// assert!(!caching_allocator::ScopedGlobal::is_installed());
+    /// ```
+    pub fn is_installed() -> bool {
+        if PROBE_SEEN.load(Ordering::Relaxed) {
+            return true;
+        }
+        // SAFETY: `PROBE` is not zero-sized; the block is freed at once with
+        // the layout it was allocated with.
+        unsafe {
+            let probe = std::alloc::alloc(PROBE);
+            if !probe.is_null() {
+                std::alloc::dealloc(probe, PROBE);
+            }
+        }
+        PROBE_SEEN.load(Ordering::Relaxed)
     }
 }
 
@@ -204,6 +242,9 @@ fn contain(f: impl FnOnce()) {
 unsafe impl<G: GlobalAlloc> GlobalAlloc for ScopedGlobal<G> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout == PROBE {
+            PROBE_SEEN.store(true, Ordering::Relaxed);
+        }
         if layout.size() >= self.min_size
             && let Some(block) = self.allocate_scoped(layout, false)
         {

@@ -258,7 +258,10 @@ impl<A: Allocator + Send + Sync + 'static> CachingAllocator<A> {
     /// time: they go back to this cache, which lives until its last block is
     /// freed.
     ///
-    /// Without `ScopedGlobal` installed, a scope has no effect.
+    /// Without `ScopedGlobal` installed, a scope has no effect: the first
+    /// scope entered then says so once on stderr, and
+    /// [`ScopedGlobal::is_installed`](crate::ScopedGlobal::is_installed)
+    /// answers the question in code.
     ///
     /// # Examples
     ///

@@ -75,6 +75,8 @@ fn release(owner: Option<OwnerPtr>) {
 /// Makes `owner` current for this thread until the returned guard drops: the
 /// `enter` of every handle (cache, recorder, planned arena).
 pub(crate) fn enter(owner: Arc<dyn Owner>) -> Scope {
+    #[cfg(not(loom))]
+    warn_once_if_not_installed();
     // The registry exists before any scope block does, so it is never
     // created inside an allocation.
     registry::prepare();
@@ -163,4 +165,20 @@ pub(crate) fn has_current() -> bool {
     SCOPES
         .try_with(|scopes| scopes.current.get().is_some())
         .unwrap_or(false)
+}
+
+/// The first scope entered in a program without `ScopedGlobal` as its global
+/// allocator can have no effect: say so once, on stderr, instead of letting
+/// every allocation silently bypass the cache.
+#[cfg(not(loom))]
+fn warn_once_if_not_installed() {
+    static CHECKED: std::sync::Once = std::sync::Once::new();
+    CHECKED.call_once(|| {
+        if !crate::ScopedGlobal::is_installed() {
+            eprintln!(
+                "caching-allocator: a scope was entered, but ScopedGlobal is not the \
+                 #[global_allocator]: scopes have no effect (see ScopedGlobal::is_installed)"
+            );
+        }
+    });
 }

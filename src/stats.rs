@@ -459,7 +459,10 @@ mod tests {
         let steady = later.since(&earlier);
         assert_eq!((steady.hits, steady.misses, steady.frees), (1, 1, 0));
         assert_eq!((steady.bytes_hit, steady.bytes_missed), (100, 50));
-        assert_eq!((steady.backing_allocs, steady.failures, steady.retries), (1, 2, 1));
+        assert_eq!(
+            (steady.backing_allocs, steady.failures, steady.retries),
+            (1, 2, 1)
+        );
         // Gauges and peaks as of `later`.
         assert_eq!(steady.bytes_in_use, later.bytes_in_use);
         assert_eq!(steady.bytes_reserved, later.bytes_reserved);
@@ -468,15 +471,31 @@ mod tests {
         // Every counter field is covered: since itself is all zeros.
         let none = later.since(&later);
         assert_eq!(
-            (none.hits, none.misses, none.frees, none.bytes_hit, none.bytes_missed),
+            (
+                none.hits,
+                none.misses,
+                none.frees,
+                none.bytes_hit,
+                none.bytes_missed
+            ),
             (0, 0, 0, 0, 0)
         );
         assert_eq!(
-            (none.backing_allocs, none.backing_frees, none.releases, none.bytes_released),
+            (
+                none.backing_allocs,
+                none.backing_frees,
+                none.releases,
+                none.bytes_released
+            ),
             (0, 0, 0, 0)
         );
         assert_eq!(
-            (none.evictions, none.bytes_evicted, none.retries, none.failures),
+            (
+                none.evictions,
+                none.bytes_evicted,
+                none.retries,
+                none.failures
+            ),
             (0, 0, 0, 0)
         );
         // Another cache's snapshot: no underflow.

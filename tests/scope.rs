@@ -352,3 +352,8 @@ fn a_best_fit_scope_serves_plain_vecs_and_keeps_its_tables_out() {
     cache.release_cached();
     assert_eq!(cache.stats().bytes_reserved, 0);
 }
+
+#[test]
+fn scoped_global_knows_it_is_installed() {
+    assert!(ScopedGlobal::is_installed());
+}

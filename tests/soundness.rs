@@ -137,7 +137,9 @@ fn a_planned_arena_dropped_as_an_orphan_gives_its_plan_copy_back_to_its_cache() 
         let _scope = cache.enter();
         Planned::new(&plan)
     };
-    assert_eq!(cache.stats().blocks_in_use, 1);
+    // (And its per-size slot index, once that is over 4 KiB too.)
+    let tables = cache.stats().blocks_in_use;
+    assert!((1..=2).contains(&tables), "{tables}");
     // A scope block of the arena outlives every handle of it...
     let block = {
         let _scope = planned.enter();
@@ -147,7 +149,7 @@ fn a_planned_arena_dropped_as_an_orphan_gives_its_plan_copy_back_to_its_cache() 
     // ...so the arena is dropped inside this free, and frees its plan copy.
     drop(block);
     let stats = cache.stats();
-    assert_eq!((stats.blocks_in_use, stats.blocks_cached), (0, 1));
+    assert_eq!((stats.blocks_in_use, stats.blocks_cached), (0, tables));
     // The address is the cache's again, not a stale registry entry's: a plain
     // block there later goes to the system allocator, not to the cache.
     cache.release_cached();

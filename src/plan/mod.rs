@@ -17,7 +17,7 @@ mod planned;
 mod planner;
 mod recorder;
 
-pub use planned::{Pass, Planned};
+pub use planned::{Pass, PassReport, Planned, PlannedScope};
 pub use recorder::Recorder;
 
 /// Where one recorded block goes in the arena.

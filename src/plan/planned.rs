@@ -3,7 +3,7 @@
 use core::alloc::Layout;
 use core::fmt;
 use core::ptr::{self, NonNull};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use allocator_api2::alloc::{AllocError, Allocator, Global};
 
@@ -15,7 +15,10 @@ use crate::stats::Stats;
 use crate::sync::{Arc, Mutex};
 
 /// Serves the allocations of a pass from one arena of the plan's size: the
-/// i-th allocation of a pass gets the recording's i-th block's slot.
+/// i-th allocation of a pass gets the recording's i-th block's slot, and a
+/// pass that deviates (extra, missing or changed allocations) is
+/// re-synchronised by size (see [`last_pass`](Self::last_pass) and the
+/// README's "Passes that deviate").
 ///
 /// Where a cache holds as many blocks of each size as were ever live at once
 /// (3.5x the peak live bytes on resnet18), a plan holds one arena of about
@@ -68,6 +71,9 @@ pub struct Planned<A: Allocator = Global> {
 
 pub(crate) struct Arena<A: Allocator> {
     plan: Plan,
+    /// Slot indices by slot size, ascending: where a pass that deviated
+    /// from the recording finds the slot of a request again.
+    by_size: HashMap<usize, std::vec::Vec<usize>>,
     /// The arena, `None` if the plan is empty or it could not be allocated
     /// (then everything comes from the backing allocator).
     base: Option<NonNull<u8>>,
@@ -86,11 +92,39 @@ unsafe impl<A: Allocator + Sync> Sync for Arena<A> {}
 struct PassState {
     /// Live pass guards.
     passes: usize,
-    /// Index of the next allocation of the pass.
+    /// The slot the pass's next allocation gets if the pass goes as
+    /// recorded.
     next: usize,
+    /// Counts passes; `used[i] == epoch`: slot `i` served this pass.
+    epoch: u32,
+    used: std::vec::Vec<u32>,
+    /// Per slot size: where in `Arena::by_size` to look first.
+    cursors: HashMap<usize, usize>,
     /// Live arena blocks: offset -> end offset.
     live: BTreeMap<usize, usize>,
+    report: PassReport,
     stats: Stats,
+}
+
+/// How the last pass of a [`Planned`] arena followed its plan: returned by
+/// [`Planned::last_pass`].
+///
+/// An allocation *deviates* when it is not the one the recording had next:
+/// extra (one-time work on a first call, a lazily filled cache), changed (a
+/// different size), or after a run of recorded allocations that did not
+/// happen. A deviating allocation still gets a slot of its size if one is
+/// free (the arena re-synchronises); `first_deviation` says where to look.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PassReport {
+    /// Allocations the pass made.
+    pub allocations: usize,
+    /// Of them, served from their recorded slot in order.
+    pub in_order: usize,
+    /// Of them, deviating from the recording.
+    pub deviations: usize,
+    /// The first deviating allocation: its index in the pass and its layout.
+    pub first_deviation: Option<(usize, Layout)>,
 }
 
 impl PassState {
@@ -148,15 +182,28 @@ impl<A: Allocator> Planned<A> {
                 }
             }
         };
+        // No lock is held: these tables may be scope blocks like the plan's
+        // copy (freed to their owner when the arena goes).
+        let mut by_size: HashMap<usize, std::vec::Vec<usize>> = HashMap::new();
+        for index in 0..plan.allocations() {
+            if let Some(slot) = plan.slot(index) {
+                by_size.entry(slot.size).or_default().push(index);
+            }
+        }
         Self {
             inner: Arc::new(Arena {
                 plan: plan.clone(),
+                by_size,
                 base,
                 layout,
                 state: Mutex::new(PassState {
                     passes: 0,
                     next: 0,
+                    epoch: 0,
+                    used: std::vec![0; plan.allocations()],
+                    cursors: HashMap::new(),
                     live: BTreeMap::new(),
+                    report: PassReport::default(),
                     stats,
                 }),
                 backing,
@@ -171,6 +218,14 @@ impl<A: Allocator> Planned<A> {
         let mut state = self.inner.state.lock();
         state.passes += 1;
         state.next = 0;
+        state.epoch = state.epoch.wrapping_add(1);
+        if state.epoch == 0 {
+            // Wrapped: forget every stamp so none looks current.
+            state.used.fill(0);
+            state.epoch = 1;
+        }
+        state.cursors.clear();
+        state.report = PassReport::default();
         drop(state);
         Pass {
             planned: self.clone(),
@@ -181,6 +236,12 @@ impl<A: Allocator> Planned<A> {
     /// from the backing allocator; `bytes_reserved` includes the arena.
     pub fn stats(&self) -> Stats {
         self.inner.state.lock().stats
+    }
+
+    /// How the current pass (or the last one, once it ended) followed the
+    /// plan: how many allocations deviated, and the first that did.
+    pub fn last_pass(&self) -> PassReport {
+        self.inner.state.lock().report
     }
 
     /// The plan this arena follows.
@@ -197,11 +258,18 @@ impl<A: Allocator> Planned<A> {
 #[cfg(not(loom))]
 impl<A: Allocator + Send + Sync + 'static> Planned<A> {
     /// Makes this arena the current thread's scope (see
-    /// [`CachingAllocator::enter`](crate::CachingAllocator::enter)): with
-    /// [`ScopedGlobal`](crate::ScopedGlobal) installed, a model written with
-    /// plain `Vec`s is served from its plan, pass by pass.
-    pub fn enter(&self) -> crate::Scope {
-        crate::scope::enter(self.inner.clone())
+    /// [`CachingAllocator::enter`](crate::CachingAllocator::enter)) and
+    /// starts a pass: with [`ScopedGlobal`](crate::ScopedGlobal) installed,
+    /// a model written with plain `Vec`s is served from its plan. One guard
+    /// per pass: the scope and the pass end when it drops. (A
+    /// [`pass`](Self::pass) inside restarts the pass, as always.)
+    pub fn enter(&self) -> PlannedScope<A> {
+        // The pass starts first and ends last.
+        let pass = self.pass();
+        PlannedScope {
+            scope: crate::scope::enter(self.inner.clone()),
+            _pass: pass,
+        }
     }
 }
 
@@ -270,24 +338,73 @@ impl<A: Allocator> Arena<A> {
         (addr >= base && addr < base + self.layout.size()).then(|| addr - base)
     }
 
-    /// The slot of the pass's next allocation, if the request fits it and no
-    /// live block overlaps it; counts the allocation either way.
+    /// A slot for the pass's next allocation, if one fits and no live block
+    /// overlaps it; counts the allocation either way.
+    ///
+    /// In order, the `next` slot serves a request of its size. Otherwise the
+    /// pass deviated from the recording: a request that fits the `next` slot
+    /// and is at least half its size (the same tensor, a smaller shape) takes
+    /// it; else the arena re-synchronises: the first slot of the request's
+    /// size not yet used this pass (from a per-size cursor, so extra
+    /// allocations of other sizes change nothing, and the ones the recording
+    /// had but the pass skips are stepped over), and the sequence continues
+    /// after it.
     fn allocate_planned(&self, layout: Layout) -> Option<NonNull<u8>> {
-        let mut state = self.state.lock();
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
         if state.passes == 0 {
             return None;
         }
-        let index = state.next;
-        state.next += 1;
+        let position = state.report.allocations;
+        state.report.allocations += 1;
         let base = self.base?;
-        let slot = self.plan.slot(index)?;
-        if layout.size() > slot.size || layout.align() > slot.align {
+        let len = layout.size().checked_next_multiple_of(crate::MIN_ALIGN)?;
+        let epoch = state.epoch;
+        // `exact`: the slot's size is the request's; else the request fits
+        // a slot at most twice its size (the same tensor, a smaller shape).
+        let usable = |state: &PassState, index: usize, exact: bool| {
+            self.plan.slot(index).filter(|slot| {
+                (if exact {
+                    slot.size == len
+                } else {
+                    layout.size() <= slot.size && slot.size / 2 <= len
+                }) && layout.align() <= slot.align
+                    && state.used[index] != epoch
+                    && !state.overlaps(slot.offset, slot.offset + layout.size())
+            })
+        };
+        let next = state.next;
+        let found = if let Some(slot) = usable(state, next, true) {
+            state.report.in_order += 1;
+            Some((next, slot))
+        } else {
+            state.report.deviations += 1;
+            state
+                .report
+                .first_deviation
+                .get_or_insert((position, layout));
+            usable(state, next, false)
+                .map(|slot| (next, slot))
+                .or_else(|| self.resync(state, len, |state, index| usable(state, index, true)))
+        };
+        let Some((index, slot)) = found else {
+            // An extra allocation keeps the sequence where it is; one in the
+            // place of a recorded block of a similar size (a changed shape)
+            // takes its place in it.
+            if self
+                .plan
+                .slot(next)
+                .is_some_and(|slot| slot.size / 2 <= len && len <= slot.size.saturating_mul(2))
+            {
+                state.next = next + 1;
+            }
             return None;
+        };
+        state.used[index] = epoch;
+        if index >= state.next {
+            state.next = index + 1;
         }
         let (start, end) = (slot.offset, slot.offset + layout.size());
-        if state.overlaps(start, end) {
-            return None;
-        }
         {
             let _inside = reentry::inside();
             state.live.insert(start, end);
@@ -298,6 +415,35 @@ impl<A: Allocator> Arena<A> {
         let block = unsafe { base.add(start) };
         poison::unpoison(block, layout.size());
         Some(block)
+    }
+}
+
+impl<A: Allocator> Arena<A> {
+    /// The first slot of `len` bytes from the size's cursor on for which
+    /// `usable` holds (at most a few tried: a slot still overlapped by a
+    /// live block is skipped), and the cursor moved past the used ones.
+    fn resync(
+        &self,
+        state: &mut PassState,
+        len: usize,
+        usable: impl Fn(&PassState, usize) -> Option<super::Slot>,
+    ) -> Option<(usize, super::Slot)> {
+        /// Candidates tried per request.
+        const TRIES: usize = 8;
+        let indices = self.by_size.get(&len)?;
+        let cursor = state.cursors.get(&len).copied().unwrap_or(0);
+        // Step over the slots this pass already used.
+        let cursor = cursor
+            + indices[cursor..]
+                .iter()
+                .take_while(|&&index| state.used[index] == state.epoch)
+                .count();
+        let _inside = reentry::inside();
+        state.cursors.insert(len, cursor);
+        indices[cursor..]
+            .iter()
+            .take(TRIES)
+            .find_map(|&index| usable(state, index).map(|slot| (index, slot)))
     }
 }
 
@@ -317,6 +463,22 @@ impl<A: Allocator> Drop for Pass<A> {
     fn drop(&mut self) {
         let mut state = self.planned.inner.state.lock();
         state.passes -= 1;
+    }
+}
+
+/// The guard of [`Planned::enter`]: a scope and a pass, ending together.
+#[must_use = "the scope and the pass end when the guard is dropped"]
+pub struct PlannedScope<A: Allocator = Global> {
+    // Dropped in this order: the scope ends before the pass.
+    scope: crate::Scope,
+    _pass: Pass<A>,
+}
+
+impl<A: Allocator> fmt::Debug for PlannedScope<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PlannedScope")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
     }
 }
 

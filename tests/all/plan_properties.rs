@@ -308,6 +308,9 @@ struct Harness {
     // The model.
     in_pass: bool,
     next: usize,
+    /// Slots used this pass, and the per-size cursors of the re-sync.
+    used: std::collections::BTreeSet<usize>,
+    cursors: BTreeMap<usize, usize>,
     live: BTreeMap<usize, Live>,
     expected: Stats,
 }
@@ -330,6 +333,8 @@ impl Harness {
             pass: None,
             in_pass: false,
             next: 0,
+            used: Default::default(),
+            cursors: BTreeMap::new(),
             live: BTreeMap::new(),
             expected,
         };
@@ -346,16 +351,60 @@ impl Harness {
         if !self.in_pass {
             return None;
         }
-        let index = self.next;
-        self.next += 1;
-        let slot = self.plan.slot(index)?;
-        let (start, end) = (slot.offset, slot.offset + size);
-        let fits = size <= slot.size && align <= slot.align;
-        let free = self.live.values().all(|live| {
-            live.offset
-                .is_none_or(|o| o + live.block.layout.size() <= start || end <= o)
-        });
-        (fits && free).then_some(start)
+        let len = size.next_multiple_of(64);
+        let usable = |this: &Self, index: usize, exact: bool| {
+            let slot = this.plan.slot(index)?;
+            let (start, end) = (slot.offset, slot.offset + size);
+            let fits = if exact {
+                slot.size == len
+            } else {
+                size <= slot.size && slot.size / 2 <= len
+            };
+            let free = this.live.values().all(|live| {
+                live.offset
+                    .is_none_or(|o| o + live.block.layout.size() <= start || end <= o)
+            });
+            (fits && align <= slot.align && !this.used.contains(&index) && free).then_some(index)
+        };
+        let next = self.next;
+        // In order; else the next slot if the request fits it and is at
+        // least half of it; else the first unused slot of this size from the
+        // size's cursor (8 tried).
+        let found = usable(self, next, true)
+            .or_else(|| usable(self, next, false))
+            .or_else(|| {
+                let same: Vec<usize> = (0..self.plan.allocations())
+                    .filter(|&i| self.plan.slot(i).is_some_and(|slot| slot.size == len))
+                    .collect();
+                let mut cursor = self.cursors.get(&len).copied().unwrap_or(0);
+                while cursor < same.len() && self.used.contains(&same[cursor]) {
+                    cursor += 1;
+                }
+                self.cursors.insert(len, cursor);
+                same[cursor.min(same.len())..]
+                    .iter()
+                    .take(8)
+                    .find_map(|&i| usable(self, i, true))
+            });
+        match found {
+            Some(index) => {
+                self.used.insert(index);
+                if index >= self.next {
+                    self.next = index + 1;
+                }
+                self.plan.slot(index).map(|slot| slot.offset)
+            }
+            None => {
+                if self
+                    .plan
+                    .slot(next)
+                    .is_some_and(|slot| slot.size / 2 <= len && len <= slot.size * 2)
+                {
+                    self.next = next + 1;
+                }
+                None
+            }
+        }
     }
 
     fn step(&mut self, action: Action) {
@@ -364,6 +413,8 @@ impl Harness {
                 self.pass = Some(self.planned.inner().pass());
                 self.in_pass = true;
                 self.next = 0;
+                self.used.clear();
+                self.cursors.clear();
             }
             Action::End => {
                 self.pass = None;

@@ -90,9 +90,9 @@ static PROBE_SEEN: AtomicBool = AtomicBool::new(false);
 
 impl ScopedGlobal {
     /// Whether a `ScopedGlobal` (over any inner allocator) is this program's
-    /// `#[global_allocator]`: without one, [`CachingAllocator::enter`]
-    /// (crate::CachingAllocator::enter) and the plan's scopes have no
-    /// effect. Asks once, with one tiny allocation through the global
+    /// `#[global_allocator]`: without one,
+    /// [`CachingAllocator::enter`](crate::CachingAllocator::enter) and the
+    /// plan's scopes have no effect. Asks once, with one tiny allocation through the global
     /// allocator.
     ///
     /// ```

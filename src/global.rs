@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::alloc::Owner;
 use crate::reentry;
-use crate::registry::{self, scope_blocks};
+use crate::registry::{self, ScopeBlock, scope_blocks};
 use crate::scope;
 
 /// Allocations smaller than this stay with the inner allocator by default:
@@ -166,10 +166,15 @@ impl<G> ScopedGlobal<G> {
                 let registry = scope_blocks().unwrap_or_else(registry::prepare);
                 let _in_registry = reentry::in_registry();
                 // The owner's count moves into the registry.
-                let replaced = registry.insert(block as usize, owner);
+                let entry = ScopeBlock {
+                    owner,
+                    scope: scope::current_id(),
+                    size: layout.size(),
+                };
+                let replaced = registry.insert(block as usize, entry);
                 drop(_in_registry);
                 // Nothing to replace: a live block is registered once.
-                release(replaced);
+                release(replaced.map(|entry| entry.owner));
                 Some(block)
             }
             Ok(Err(_)) => {
@@ -198,7 +203,7 @@ impl<G> ScopedGlobal<G> {
             return None;
         }
         let _in_registry = reentry::in_registry();
-        registry.take(ptr as usize)
+        registry.take(ptr as usize).map(|entry| entry.owner)
     }
 
     fn is_owned(&self, ptr: *mut u8, layout: Layout) -> bool {

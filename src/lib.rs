@@ -78,7 +78,7 @@ pub use global::{DEFAULT_MIN_SIZE, ScopedGlobal};
 pub use handle::CachingAllocator;
 pub use policy::{MIN_ALIGN, SIZE_GRANULARITY, SizePolicy};
 #[cfg(not(loom))]
-pub use scope::Scope;
+pub use scope::{LiveBlocks, Scope};
 pub use stats::Stats;
 
 #[cfg(doctest)]

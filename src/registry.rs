@@ -12,7 +12,7 @@ use core::sync::atomic::Ordering;
 use crate::sync::{AtomicUsize, ConcurrentMap};
 
 #[cfg(not(loom))]
-pub(crate) use scope_blocks::{prepare, scope_blocks};
+pub(crate) use scope_blocks::{ScopeBlock, prepare, scope_blocks};
 
 /// The one registry `ScopedGlobal` and the scopes share (std only: loom
 /// models install no global allocator).
@@ -24,20 +24,28 @@ mod scope_blocks {
     use crate::alloc::Owner;
     use crate::reentry;
 
+    /// A live block a scope's owner handed out: a strong count of the owner,
+    /// the scope it was handed out in, and its size.
+    pub(crate) struct ScopeBlock {
+        pub(crate) owner: Arc<dyn Owner>,
+        pub(crate) scope: u64,
+        pub(crate) size: usize,
+    }
+
     /// Every live block a scope's owner handed out.
-    static SCOPE_BLOCKS: OnceLock<Registry<Arc<dyn Owner>>> = OnceLock::new();
+    static SCOPE_BLOCKS: OnceLock<Registry<ScopeBlock>> = OnceLock::new();
 
     /// The registry, if a scope was ever entered (no scope block exists
     /// before that).
     #[inline]
-    pub(crate) fn scope_blocks() -> Option<&'static Registry<Arc<dyn Owner>>> {
+    pub(crate) fn scope_blocks() -> Option<&'static Registry<ScopeBlock>> {
         SCOPE_BLOCKS.get()
     }
 
     /// The registry, created if need be, marked inside so its tables come
     /// from the inner allocator. Every `enter` calls it first, so it is never
     /// created inside an allocation.
-    pub(crate) fn prepare() -> &'static Registry<Arc<dyn Owner>> {
+    pub(crate) fn prepare() -> &'static Registry<ScopeBlock> {
         let _inside = reentry::inside();
         SCOPE_BLOCKS.get_or_init(Registry::new)
     }
@@ -83,6 +91,11 @@ impl<V> Registry<V> {
     /// Whether a registered block lives at `addr`.
     pub(crate) fn contains(&self, addr: usize) -> bool {
         !self.is_empty() && self.blocks.contains(addr)
+    }
+
+    /// Calls `f` on every live entry (for reports, not the hot path).
+    pub(crate) fn for_each(&self, f: impl FnMut(&V)) {
+        self.blocks.for_each(f);
     }
 
     /// No registered block is live. A relaxed load suffices: whoever frees a

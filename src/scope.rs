@@ -12,9 +12,13 @@ use core::cell::Cell;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::alloc::Owner;
 use crate::registry;
+
+/// Scope ids: unique in the process (0 is "no scope").
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A strong count of an owner, as a raw pointer (from `Arc::into_raw`).
 type OwnerPtr = NonNull<dyn Owner>;
@@ -22,6 +26,9 @@ type OwnerPtr = NonNull<dyn Owner>;
 struct ThreadScopes {
     /// The current owner; holds one strong count.
     current: Cell<Option<OwnerPtr>>,
+    /// The innermost live scope's id (unique in the process), 0 when none:
+    /// what the registry tags the blocks handed out in it with.
+    current_id: Cell<u64>,
     /// Serial of the innermost live guard, 0 when none.
     top: Cell<u64>,
     next_serial: Cell<u64>,
@@ -34,6 +41,7 @@ std::thread_local! {
     static SCOPES: ThreadScopes = const {
         ThreadScopes {
             current: Cell::new(None),
+            current_id: Cell::new(0),
             top: Cell::new(0),
             next_serial: Cell::new(1),
             epoch: Cell::new(0),
@@ -49,7 +57,9 @@ std::thread_local! {
 pub struct Scope {
     serial: u64,
     epoch: u64,
+    id: u64,
     previous: Option<OwnerPtr>,
+    previous_id: u64,
     previous_top: u64,
     _not_send: PhantomData<*const ()>,
 }
@@ -86,10 +96,13 @@ pub(crate) fn enter(owner: Arc<dyn Owner>) -> Scope {
     let entered = SCOPES.try_with(|scopes| {
         let serial = scopes.next_serial.get();
         scopes.next_serial.set(serial + 1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         Scope {
             serial,
             epoch: scopes.epoch.get(),
+            id,
             previous: scopes.current.replace(owner),
+            previous_id: scopes.current_id.replace(id),
             previous_top: scopes.top.replace(serial),
             _not_send: PhantomData,
         }
@@ -102,7 +115,9 @@ pub(crate) fn enter(owner: Arc<dyn Owner>) -> Scope {
             Scope {
                 serial: 0,
                 epoch: u64::MAX,
+                id: 0,
                 previous: None,
+                previous_id: 0,
                 previous_top: 0,
                 _not_send: PhantomData,
             }
@@ -120,11 +135,13 @@ impl Drop for Scope {
             } else if scopes.top.get() == self.serial {
                 // The innermost scope ends: the one before is current again.
                 scopes.top.set(self.previous_top);
+                scopes.current_id.set(self.previous_id);
                 (scopes.current.replace(previous), None)
             } else {
                 // Dropped out of order: end every scope on this thread.
                 scopes.epoch.set(self.epoch + 1);
                 scopes.top.set(0);
+                scopes.current_id.set(0);
                 (scopes.current.replace(None), previous)
             }
         });
@@ -157,6 +174,75 @@ pub(crate) fn current() -> Option<Arc<dyn Owner>> {
     // SAFETY: `current` came from `Arc::into_raw`, and the count just taken is
     // the one the returned `Arc` gives back.
     Some(unsafe { Arc::from_raw(current) })
+}
+
+/// The id of this thread's innermost scope, 0 when none.
+#[inline]
+pub(crate) fn current_id() -> u64 {
+    SCOPES
+        .try_with(|scopes| scopes.current_id.get())
+        .unwrap_or(0)
+}
+
+/// The blocks a scope handed out that are still live: see
+/// [`Scope::live_blocks`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LiveBlocks {
+    /// How many.
+    pub blocks: usize,
+    /// Their requested bytes.
+    pub bytes: usize,
+}
+
+impl Scope {
+    /// The blocks this scope handed out (allocations of at least the
+    /// minimum size that `ScopedGlobal` served from its cache while it was
+    /// the innermost scope) that are still live. At the end of a request,
+    /// what is left is what the request kept: its outputs, or a library's
+    /// thread-local scratch buffer (candle's gemm keeps 2 MiB for the
+    /// thread's life), which stays "in use" in the cache. Scans the live
+    /// scope blocks of the process: for reports, not for every request.
+    ///
+    /// ```
+    /// use caching_allocator::{CachingAllocator, ScopedGlobal};
+    ///
+    /// #[global_allocator]
+    /// static GLOBAL: ScopedGlobal = ScopedGlobal::new();
+    ///
+    /// let cache = CachingAllocator::new();
+    /// let scope = cache.enter();
+    /// drop(vec![0u8; 1 << 20]);
+    /// let kept = vec![1u8; 10_000];
+    /// let live = scope.end();
+    /// assert_eq!((live.blocks, live.bytes), (1, 10_000));
+    /// drop(kept);
+    /// ```
+    pub fn live_blocks(&self) -> LiveBlocks {
+        let mut live = LiveBlocks::default();
+        let Some(registry) = registry::scope_blocks() else {
+            return live;
+        };
+        if self.id == 0 {
+            return live;
+        }
+        let _in_registry = crate::reentry::in_registry();
+        registry.for_each(|entry| {
+            if entry.scope == self.id {
+                live.blocks += 1;
+                live.bytes += entry.size;
+            }
+        });
+        live
+    }
+
+    /// Ends the scope, and says what it handed out that is still live
+    /// ([`live_blocks`](Self::live_blocks)).
+    pub fn end(self) -> LiveBlocks {
+        let live = self.live_blocks();
+        drop(self);
+        live
+    }
 }
 
 /// Whether this thread has a current cache.

@@ -99,6 +99,13 @@ impl<V> ConcurrentMap<V> {
     pub(crate) fn contains(&self, key: usize) -> bool {
         self.0.contains_key(&key)
     }
+
+    /// Calls `f` on every value (a shard at a time, under its read lock).
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&V)) {
+        for entry in self.0.iter() {
+            f(entry.value());
+        }
+    }
 }
 
 #[cfg(loom)]
@@ -120,5 +127,9 @@ impl<V> ConcurrentMap<V> {
 
     pub(crate) fn contains(&self, key: usize) -> bool {
         self.0.lock().contains_key(&key)
+    }
+
+    pub(crate) fn for_each(&self, f: impl FnMut(&V)) {
+        self.0.lock().values().for_each(f);
     }
 }

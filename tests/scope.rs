@@ -357,3 +357,30 @@ fn a_best_fit_scope_serves_plain_vecs_and_keeps_its_tables_out() {
 fn scoped_global_knows_it_is_installed() {
     assert!(ScopedGlobal::is_installed());
 }
+
+/// A scope reports the blocks it handed out that are still live: what a
+/// request kept (its output, a library's thread-local scratch).
+#[test]
+fn a_scope_reports_the_blocks_it_handed_out_that_are_still_live() {
+    let cache = CachingAllocator::new();
+    let outer = cache.enter();
+    let kept = vec![1u8; 10_000];
+    let (inner_kept, inner_live) = {
+        let inner = cache.enter();
+        let inner_kept = vec![2u8; 20_000];
+        drop(vec![3u8; 30_000]);
+        // Below the minimum size: not a scope block.
+        let small: Vec<u8> = (0..100).collect();
+        assert_eq!(small.len(), 100);
+        (inner_kept, inner.end())
+    };
+    // The inner scope's blocks are its own, not the outer's.
+    assert_eq!((inner_live.blocks, inner_live.bytes), (1, 20_000));
+    let live = outer.live_blocks();
+    assert_eq!((live.blocks, live.bytes), (1, 10_000));
+    // Freed on another thread: no longer live.
+    std::thread::spawn(move || drop(kept)).join().unwrap();
+    assert_eq!(outer.end().blocks, 0);
+    drop(inner_kept);
+    assert_eq!(cache.stats().bytes_in_use, 0);
+}

@@ -474,6 +474,14 @@ pub struct PlannedScope<A: Allocator = Global> {
     _pass: Pass<A>,
 }
 
+impl<A: Allocator> PlannedScope<A> {
+    /// The blocks this scope handed out that are still live (see
+    /// [`Scope::live_blocks`](crate::Scope::live_blocks)).
+    pub fn live_blocks(&self) -> crate::LiveBlocks {
+        self.scope.live_blocks()
+    }
+}
+
 impl<A: Allocator> fmt::Debug for PlannedScope<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PlannedScope")

@@ -106,7 +106,9 @@ impl ScopedGlobal {
         // SAFETY: `PROBE` is not zero-sized; the block is freed at once with
         // the layout it was allocated with.
         unsafe {
-            let probe = std::alloc::alloc(PROBE);
+            // `black_box`: an allocation freed unused may be optimised away,
+            // and then the global allocator never sees the probe.
+            let probe = core::hint::black_box(std::alloc::alloc(PROBE));
             if !probe.is_null() {
                 std::alloc::dealloc(probe, PROBE);
             }

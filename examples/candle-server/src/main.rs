@@ -7,10 +7,12 @@
 //! `cargo run --release -p candle-server -- [REQUESTS]` (default 40). The
 //! same requests run twice: first with no scope (everything goes to glibc
 //! through `ScopedGlobal`'s inner allocator), then each inside a scope of the
-//! model's cache.
+//! model's cache. Then requests of one fixed length are served from a plan
+//! recorded on one of them.
 
 use std::time::Instant;
 
+use caching_allocator::plan::{Planned, Recorder};
 use caching_allocator::{CachingAllocator, ScopedGlobal, SizePolicy, Stats};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -144,6 +146,47 @@ fn main() -> candle_core::Result<()> {
         100.0 * steady.hit_ratio()
     );
     println!("cache stats:\n{stats}");
+
+    // A plan, for requests of one fixed length: record one request (after
+    // the warm-up above), then serve each request from the plan's arena
+    // with one guard (the scope and the pass).
+    let recorder = Recorder::new();
+    let fixed = 64;
+    let expected = {
+        let _record = recorder.enter();
+        forward(1, fixed)?
+    };
+    let plan = recorder.plan();
+    let planned = Planned::new(&plan);
+    let mut times = Vec::new();
+    let faults = minor_faults();
+    for index in 0..requests {
+        let start = Instant::now();
+        let output = {
+            let _pass = planned.enter();
+            forward(1, fixed)?
+        };
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(output, expected, "the same output from the plan");
+        let report = planned.last_pass();
+        if index == 0 || report.deviations > 0 {
+            println!(
+                "plan, request {index}: {} allocations, {} in order, {} deviated (first: {:?})",
+                report.allocations, report.in_order, report.deviations, report.first_deviation
+            );
+        }
+    }
+    let plan_stats = planned.stats();
+    println!(
+        "plan of one {fixed}-token request: arena {:.2} MiB for {:.2} MiB peak live; median {:.3} ms a request, {:.0} page faults a request; {} of {} allocations from the arena",
+        plan.arena_bytes() as f64 / (1 << 20) as f64,
+        plan.peak_live_bytes() as f64 / (1 << 20) as f64,
+        median(times),
+        (minor_faults() - faults) as f64 / requests as f64,
+        plan_stats.hits,
+        plan_stats.hits + plan_stats.misses
+    );
+    assert_eq!(plan_stats.misses, 0, "every allocation from the plan");
     // Nothing the requests made is left in use, and a release empties it.
     assert_eq!(stats.bytes_in_use, 0, "{stats}");
     cache.release_cached();

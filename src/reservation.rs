@@ -37,7 +37,12 @@ pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
 /// Address space reserved by the first reservation of a cache. Reserving costs
 /// no memory; when it fills up, the next reservation doubles.
-pub(crate) const FIRST_CAPACITY: usize = 4 << 30;
+/// (4 GiB on 64-bit targets, 1 GiB on 32-bit ones.)
+pub(crate) const FIRST_CAPACITY: usize = if usize::BITS >= 64 {
+    1 << (usize::BITS / 2)
+} else {
+    1 << (usize::BITS - 2)
+};
 
 /// How far `committed` must reach to hold `needed` bytes: the next page.
 pub(crate) fn commit_target(needed: usize) -> Option<usize> {

@@ -87,7 +87,7 @@ pub(crate) struct Arena {
     extra: HashMap<usize, usize, FixedState, Bookkeeping>,
     /// Freed blocks of at most [`QUICK_MAX`] bytes not yet merged into the
     /// free ranges, by length: a request of a length freed before is served
-    /// with two hash operations instead of a dozen B-tree ones. They merge
+    /// with two hash operations instead of the free ranges' bins and maps. They merge
     /// (`flush`) before the arena grows and before it sheds, so they never
     /// make it hold more.
     quick: HashMap<usize, Vec<usize, Bookkeeping>, FixedState, Bookkeeping>,

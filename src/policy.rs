@@ -24,7 +24,7 @@ pub const SIZE_GRANULARITY: usize = 64;
 /// |---|---|---|
 /// | `Exact` (default, c10's) | static shapes: the same sizes every pass | none: a block is exactly the size asked for |
 /// | `PowerOfTwoDivisions(n)` | dynamic shapes (variable sequence length, a growing KV cache) | up to `1/n` of a block lost to rounding |
-/// | `BestFit` | memory held close to peak live, static or dynamic shapes | a few B-tree operations per allocation and free |
+/// | `BestFit` | memory held close to peak live, static or dynamic shapes | a few hash and bin operations per allocation and free (50–80 ns a hit pair against 33) |
 ///
 /// # Examples
 ///

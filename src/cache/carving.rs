@@ -3,7 +3,7 @@
 //! its free bytes.
 //!
 //! Locking: the arena changes only under the cache's lock, with the thread
-//! marked inside (its B-trees allocate through the global allocator). A
+//! marked inside (its tables allocate through the global allocator). A
 //! reservation's system calls (`mprotect`, `madvise`, `mmap`) run under the
 //! lock: they call no user code, and running them there means no other thread
 //! can carve a range while its pages are being dropped. The backing

@@ -17,7 +17,9 @@ mod planned;
 mod planner;
 mod recorder;
 
-pub use planned::{Pass, PassReport, Planned, PlannedScope};
+#[cfg(not(loom))]
+pub use planned::PlannedScope;
+pub use planned::{Pass, PassReport, Planned};
 pub use recorder::Recorder;
 
 /// Where one recorded block goes in the arena.

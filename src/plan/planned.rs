@@ -467,6 +467,7 @@ impl<A: Allocator> Drop for Pass<A> {
 }
 
 /// The guard of [`Planned::enter`]: a scope and a pass, ending together.
+#[cfg(not(loom))]
 #[must_use = "the scope and the pass end when the guard is dropped"]
 pub struct PlannedScope<A: Allocator = Global> {
     // Dropped in this order: the scope ends before the pass.
@@ -474,6 +475,7 @@ pub struct PlannedScope<A: Allocator = Global> {
     _pass: Pass<A>,
 }
 
+#[cfg(not(loom))]
 impl<A: Allocator> PlannedScope<A> {
     /// The blocks this scope handed out that are still live (see
     /// [`Scope::live_blocks`](crate::Scope::live_blocks)).
@@ -482,6 +484,7 @@ impl<A: Allocator> PlannedScope<A> {
     }
 }
 
+#[cfg(not(loom))]
 impl<A: Allocator> fmt::Debug for PlannedScope<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PlannedScope")

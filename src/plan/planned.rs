@@ -374,6 +374,14 @@ impl<A: Allocator> Arena<A> {
             })
         };
         let next = state.next;
+        if next < self.plan.allocations() && self.plan.slot(next).is_none() {
+            // The recording's allocation here has no slot (it outlived the
+            // recording): this one takes its place in the sequence, from the
+            // backing allocator.
+            state.next = next + 1;
+            state.report.in_order += 1;
+            return None;
+        }
         let found = if let Some(slot) = usable(state, next, true) {
             state.report.in_order += 1;
             Some((next, slot))
@@ -389,12 +397,13 @@ impl<A: Allocator> Arena<A> {
         };
         let Some((index, slot)) = found else {
             // An extra allocation keeps the sequence where it is; one in the
-            // place of a recorded block of a similar size (a changed shape)
-            // takes its place in it.
+            // place of a recorded block of a similar size (a changed shape),
+            // or of a recorded block that has no slot (it outlived the
+            // recording), takes its place in it.
             if self
                 .plan
                 .slot(next)
-                .is_some_and(|slot| slot.size / 2 <= len && len <= slot.size.saturating_mul(2))
+                .is_none_or(|slot| slot.size / 2 <= len && len <= slot.size.saturating_mul(2))
             {
                 state.next = next + 1;
             }

@@ -367,6 +367,11 @@ impl Harness {
             (fits && align <= slot.align && !this.used.contains(&index) && free).then_some(index)
         };
         let next = self.next;
+        // A recorded allocation with no slot: this one takes its place.
+        if next < self.plan.allocations() && self.plan.slot(next).is_none() {
+            self.next += 1;
+            return None;
+        }
         // In order; else the next slot if the request fits it and is at
         // least half of it; else the first unused slot of this size from the
         // size's cursor (8 tried).
@@ -398,7 +403,7 @@ impl Harness {
                 if self
                     .plan
                     .slot(next)
-                    .is_some_and(|slot| slot.size / 2 <= len && len <= slot.size * 2)
+                    .is_none_or(|slot| slot.size / 2 <= len && len <= slot.size * 2)
                 {
                     self.next = next + 1;
                 }

@@ -78,6 +78,53 @@ impl Builder {
         self
     }
 
+    /// Gives each thread that uses the cache a *front cache* of up to
+    /// `bytes` of freed blocks (0, the default: none). A hit or a free on
+    /// that thread then takes no lock and no atomic read-modify-write, and
+    /// threads sharing the cache scale; blocks move to and from the shared
+    /// cache in batches. [`FRONT_CACHE_BYTES`](crate::FRONT_CACHE_BYTES) is
+    /// a good start.
+    ///
+    /// What changes: each thread may hold up to `bytes` of cached blocks
+    /// that other threads cannot reuse until they move (a full bin, a full
+    /// front, the thread's exit, or a release or trim, which reach every
+    /// thread's front, idle or not); a trim takes the fronts' blocks after
+    /// the shared cache's older ones; with [`SizePolicy::BestFit`] a block in
+    /// a front is not merged with its free neighbours. A cache with a cap or
+    /// a budget ignores this setting (both count every cached byte at every
+    /// moment; see the README's "Threads").
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use allocator_api2::vec::Vec;
+    /// use caching_allocator::{CachingAllocator, FRONT_CACHE_BYTES};
+    ///
+    /// let cache = CachingAllocator::builder()
+    ///     .front_cache_bytes(FRONT_CACHE_BYTES)
+    ///     .build();
+    /// std::thread::scope(|threads| {
+    ///     for _ in 0..2 {
+    ///         threads.spawn(|| {
+    ///             for _ in 0..100 {
+    ///                 drop(Vec::<u8, _>::with_capacity_in(1 << 20, cache.clone()));
+    ///             }
+    ///         });
+    ///     }
+    /// });
+    /// let stats = cache.stats();
+    /// assert_eq!(stats.hits + stats.misses, 200);
+    /// assert!(stats.misses <= 2);
+    /// // The threads exited; their fronts' blocks count, and a release
+    /// // reaches them.
+    /// assert_eq!(cache.release_cached(), stats.bytes_cached);
+    /// assert_eq!(cache.stats().bytes_reserved, 0);
+    /// ```
+    pub fn front_cache_bytes(mut self, bytes: usize) -> Self {
+        self.config.front_cache_bytes = bytes;
+        self
+    }
+
     /// After an allocation failed even after releasing the cache and retrying
     /// (c10's open question), stop caching: later frees go straight back to
     /// the backing allocator. Default `false`.

@@ -14,6 +14,7 @@
 //! `cache/carving.rs`, over the arena of `best_fit.rs`.
 
 mod carving;
+mod fronts;
 
 use core::alloc::Layout;
 use core::mem;
@@ -28,6 +29,7 @@ use crate::alloc::{RawAllocator, dangling};
 use crate::best_fit::Arena;
 use crate::budget::{Budget, Member};
 use crate::eviction::{EvictionIndex, Victim};
+use crate::front::{Fronts, Slot};
 use crate::poison;
 use crate::policy::{Key, SizePolicy};
 use crate::reentry::{self, Bookkeeping};
@@ -46,6 +48,9 @@ pub(crate) struct Config {
     /// (set by `Builder::build`, whose backing is the global allocator), not
     /// from the backing allocator.
     pub(crate) reserves: bool,
+    /// The limit of each thread's front cache in bytes (0, the default: no
+    /// front caches).
+    pub(crate) front_cache_bytes: usize,
 }
 
 impl Config {
@@ -53,6 +58,14 @@ impl Config {
     /// kept so the victim is found in `O(log n)`.
     fn evicts(&self) -> bool {
         self.max_cached_bytes.is_some() || self.budget.is_some()
+    }
+
+    /// The limit of each thread's front cache, if the cache has them: not
+    /// with a cap or a budget, which count every cached byte at every moment
+    /// (see the README's "Threads").
+    pub(crate) fn front_limit(&self) -> Option<usize> {
+        let limit = self.front_cache_bytes;
+        (limit > 0 && !self.evicts()).then_some(limit)
     }
 }
 
@@ -75,6 +88,8 @@ type FreeLists = HashMap<Key, FreeList, FixedState, Bookkeeping>;
 /// A cache over a backing allocator `A`; shared by all handles through an `Arc`.
 pub(crate) struct Cache<A: Allocator> {
     state: Mutex<State>,
+    /// Each thread's front cache of this cache, if it has them.
+    fronts: Option<Fronts>,
     config: Config,
     backing: A,
 }
@@ -93,6 +108,10 @@ struct State {
     /// Best fit's segments and free ranges (`SizePolicy::BestFit` only; the
     /// free lists stay empty then).
     arena: Option<Arena>,
+    /// Bytes and blocks in front caches, as of the counters folded so far
+    /// (not part of `stats.bytes_cached`, which is the shared side's).
+    front_bytes: usize,
+    front_blocks: usize,
 }
 
 // SAFETY: the `NonNull`s on the free lists are blocks this cache owns
@@ -111,6 +130,8 @@ impl State {
             caching_stopped: false,
             stats: Stats::default(),
             arena: (config.policy == SizePolicy::BestFit).then(|| Arena::new(config.reserves)),
+            front_bytes: 0,
+            front_blocks: 0,
         }
     }
 
@@ -197,6 +218,7 @@ impl<A: Allocator> Cache<A> {
     pub(crate) fn new(backing: A, config: Config) -> Self {
         Self {
             state: Mutex::new(State::new(&config)),
+            fronts: config.front_limit().map(Fronts::new),
             config,
             backing,
         }
@@ -211,6 +233,9 @@ impl<A: Allocator> Cache<A> {
     }
 
     pub(crate) fn stats(&self) -> Stats {
+        if let Some(fronts) = &self.fronts {
+            return self.stats_with_fronts(fronts);
+        }
         let state = self.state.lock();
         let mut stats = state.stats;
         if let Some(arena) = &state.arena {
@@ -252,6 +277,9 @@ impl<A: Allocator> Cache<A> {
                 state.stats.failures += 1;
                 if self.config.stop_caching_after_failure {
                     state.caching_stopped = true;
+                    if let Some(fronts) = &self.fronts {
+                        fronts.stop();
+                    }
                 }
                 Err(error)
             }
@@ -295,6 +323,7 @@ impl<A: Allocator> Cache<A> {
     /// bytes given back. A panicking backing `deallocate` does not stop it:
     /// every block is handed back, then the first panic is resumed.
     pub(crate) fn release_cached(&self) -> usize {
+        self.drain_fronts(false);
         if self.carves() {
             return self.release_carved();
         }
@@ -341,6 +370,7 @@ impl<A: Allocator> Cache<A> {
     /// A panicking backing `deallocate` does not stop it: the trim goes on,
     /// then the first panic is resumed.
     pub(crate) fn trim(&self, target_bytes: usize) -> usize {
+        self.drain_fronts(false);
         if self.carves() {
             return self.trim_carved(target_bytes);
         }
@@ -382,6 +412,21 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
     fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
         if layout.size() == 0 {
             return Ok(dangling(layout));
+        }
+        if let Some(slot) = self.front()
+            && let Some(key) = self.key(layout)
+        {
+            let Some(block) = slot.pop(key, layout.size()) else {
+                return self.allocate_behind_front(slot, key, layout, zeroed);
+            };
+            poison::unpoison(block, key.size());
+            if zeroed {
+                // SAFETY: the block was just taken from this thread's front
+                // cache, so nobody else references it, and it holds
+                // `key.size() >= layout.size()` writable bytes.
+                unsafe { ptr::write_bytes(block.as_ptr(), 0, layout.size()) };
+            }
+            return Ok(NonNull::slice_from_raw_parts(block, layout.size()));
         }
         if self.carves() {
             return self.allocate_carved(layout, zeroed);
@@ -434,6 +479,43 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
         if layout.size() == 0 {
             return;
         }
+        if let Some(slot) = self.front()
+            && let Some(key) = self.key(layout)
+            && !self.fronts.as_ref().is_some_and(Fronts::is_stopped)
+        {
+            // Poisoned before it is kept: a drain may take it at any moment.
+            poison::poison(block, key.size());
+            if slot.push(key, block, layout.size()) {
+                return;
+            }
+            // SAFETY: this function's contract.
+            return unsafe { self.deallocate_behind_front(slot, key, block, layout) };
+        }
+        // SAFETY: this function's contract.
+        unsafe { self.deallocate_shared(block, layout) }
+    }
+
+    /// `resize` and its in-place test, and the slow paths of `deallocate`.
+    unsafe fn resize(
+        &self,
+        block: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        // SAFETY: this function's contract.
+        unsafe { self.resize_shared(block, old, new, zeroed) }
+    }
+}
+
+impl<A: Allocator> Cache<A> {
+    /// `deallocate` on the shared side: a free list, the arena, or the
+    /// backing allocator.
+    ///
+    /// # Safety
+    ///
+    /// `RawAllocator::deallocate`'s contract.
+    unsafe fn deallocate_shared(&self, block: NonNull<u8>, layout: Layout) {
         if self.carves() {
             // SAFETY: this function's contract.
             return unsafe { self.deallocate_carved(block, layout) };
@@ -524,7 +606,7 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
     /// # Safety
     ///
     /// `block` is live and was handed out by this cache for `old`.
-    unsafe fn resize(
+    unsafe fn resize_shared(
         &self,
         block: NonNull<u8>,
         old: Layout,
@@ -532,16 +614,20 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
         zeroed: bool,
     ) -> Result<NonNull<[u8]>, AllocError> {
         if self.carves() {
+            self.fold_mine();
             // SAFETY: this function's contract.
             return unsafe { self.resize_carved(block, old, new, zeroed) };
         }
         if old.size() != 0 && new.size() != 0 && self.key(old) == self.key(new) {
             // Same key: the block already has the new layout's size class and
             // alignment class.
-            self.state
-                .lock()
-                .stats
-                .on_resize_in_place(old.size(), new.size());
+            let deltas = self.front().map(Slot::take_counters);
+            let mut state = self.state.lock();
+            if let Some(deltas) = &deltas {
+                state.fold(deltas);
+            }
+            state.stats.on_resize_in_place(old.size(), new.size());
+            drop(state);
             if zeroed && new.size() > old.size() {
                 // SAFETY: the block is live, ours to write, and holds at least
                 // `new.size()` bytes (its key's size).
@@ -551,7 +637,7 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
             }
             return Ok(NonNull::slice_from_raw_parts(block, new.size()));
         }
-        let moved = self.allocate(new, zeroed)?;
+        let moved = RawAllocator::allocate(self, new, zeroed)?;
         let kept = old.size().min(new.size());
         // SAFETY: `block` is live with `old.size()` readable bytes and `moved`
         // is a different live block (a free list never holds a live block) with
@@ -559,7 +645,7 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
         unsafe { ptr::copy_nonoverlapping(block.as_ptr(), moved.cast::<u8>().as_ptr(), kept) };
         // SAFETY: `block` was handed out for `old` (contract), and the caller
         // stops using it once we return the new one.
-        unsafe { self.deallocate(block, old) };
+        unsafe { RawAllocator::deallocate(self, block, old) };
         Ok(moved)
     }
 }
@@ -602,6 +688,7 @@ impl<A: Allocator> Drop for Cache<A> {
         // `Users`, and a budget let go of the cache when its users did), so no
         // block is in use: everything cached goes back.
         let mut panics = Deferred::new();
+        self.drain_fronts(true);
         self.release_into(&mut panics);
         if self.carves() {
             self.drop_segments(&mut panics);

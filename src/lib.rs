@@ -52,6 +52,7 @@ mod builder;
 mod cache;
 mod eviction;
 mod free_ranges;
+mod front;
 #[cfg(not(loom))]
 mod global;
 mod handle;
@@ -73,6 +74,7 @@ mod unwind;
 pub use allocator_api2::alloc::{AllocError, Allocator, Global};
 pub use budget::Budget;
 pub use builder::Builder;
+pub use front::FRONT_CACHE_BYTES;
 #[cfg(not(loom))]
 pub use global::{DEFAULT_MIN_SIZE, ScopedGlobal};
 pub use handle::CachingAllocator;

@@ -243,9 +243,19 @@ impl Stats {
 
     /// A block changed size in place (`grow`/`shrink` within one free list).
     pub(crate) fn on_resize_in_place(&mut self, old_bytes: usize, new_bytes: usize) {
-        self.bytes_in_use = self.bytes_in_use - old_bytes + new_bytes;
-        self.bytes_lost_to_rounding = self.bytes_lost_to_rounding + old_bytes - new_bytes;
-        self.peak_bytes_in_use = self.peak_bytes_in_use.max(self.bytes_in_use);
+        self.resize_in_use(old_bytes, new_bytes, 0);
+    }
+
+    /// A block in use now serves `new` requested bytes instead of `old`,
+    /// and its length grew by `block_growth` (wrapping: may shrink).
+    pub(crate) fn resize_in_use(&mut self, old: usize, new: usize, block_growth: usize) {
+        self.bytes_in_use = self.bytes_in_use.wrapping_sub(old).wrapping_add(new);
+        self.bytes_lost_to_rounding = self
+            .bytes_lost_to_rounding
+            .wrapping_add(old)
+            .wrapping_add(block_growth)
+            .wrapping_sub(new);
+        raise(&mut self.peak_bytes_in_use, self.bytes_in_use);
     }
 
     /// `blocks` cached blocks holding `bytes` went back to the backing
@@ -311,18 +321,22 @@ impl Stats {
 
     #[inline]
     fn add_in_use(&mut self, requested: usize, block: usize) {
-        self.bytes_in_use += requested;
-        self.bytes_lost_to_rounding += block - requested;
-        self.blocks_in_use += 1;
-        self.peak_bytes_in_use = self.peak_bytes_in_use.max(self.bytes_in_use);
+        self.bytes_in_use = self.bytes_in_use.wrapping_add(requested);
+        self.bytes_lost_to_rounding = self
+            .bytes_lost_to_rounding
+            .wrapping_add(block - requested);
+        self.blocks_in_use = self.blocks_in_use.wrapping_add(1);
+        raise(&mut self.peak_bytes_in_use, self.bytes_in_use);
     }
 
     #[inline]
     fn remove_in_use(&mut self, requested: usize, block: usize) {
         self.frees += 1;
-        self.bytes_in_use -= requested;
-        self.bytes_lost_to_rounding -= block - requested;
-        self.blocks_in_use -= 1;
+        self.bytes_in_use = self.bytes_in_use.wrapping_sub(requested);
+        self.bytes_lost_to_rounding = self
+            .bytes_lost_to_rounding
+            .wrapping_sub(block - requested);
+        self.blocks_in_use = self.blocks_in_use.wrapping_sub(1);
     }
 }
 /// A short human summary: the numbers a person tuning memory reads first.
@@ -506,5 +520,17 @@ mod tests {
     fn byte_counts_print_with_binary_units() {
         assert_eq!(Bytes(512).to_string(), "512 B");
         assert_eq!(Bytes(3 << 20).to_string(), "3.00 MiB");
+    }
+}
+
+/// Raises `peak` to `value`, unless `value` is "below zero". The shared
+/// books' in-use fields wrap: with front caches they are the true figures
+/// less what the fronts have not folded yet, and a block hit from one
+/// thread's front and freed into another's can take them below zero for a
+/// while (`stats()` adds the fronts back; see `cache/fronts.rs`).
+#[inline]
+pub(crate) fn raise(peak: &mut usize, value: usize) {
+    if value <= isize::MAX as usize && value > *peak {
+        *peak = value;
     }
 }

@@ -15,12 +15,139 @@
 #[cfg(not(loom))]
 pub(crate) use std::sync::Arc;
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize};
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 
 #[cfg(loom)]
 pub(crate) use loom::sync::Arc;
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+#[cfg(loom)]
+pub(crate) use loom::cell::UnsafeCell;
+
+/// `UnsafeCell` with loom's access surface (`with_mut`), so loom can check
+/// the front caches' magazine accesses.
+#[cfg(not(loom))]
+#[derive(Debug)]
+pub(crate) struct UnsafeCell<T>(core::cell::UnsafeCell<T>);
+
+#[cfg(not(loom))]
+impl<T> UnsafeCell<T> {
+    pub(crate) const fn new(value: T) -> Self {
+        Self(core::cell::UnsafeCell::new(value))
+    }
+
+    #[inline]
+    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        f(self.0.get())
+    }
+}
+
+/// Waits a moment for another thread (a drainer waiting for an owner).
+pub(crate) fn spin() {
+    #[cfg(not(loom))]
+    std::thread::yield_now();
+    #[cfg(loom)]
+    loom::thread::yield_now();
+}
+
+/// The two sides of an asymmetric fence (see `front.rs`): `light` on the
+/// owner's hot path, `heavy` on a drainer's rare one. Together they order a
+/// store before a load on both sides, as two `SeqCst` fences would.
+///
+/// On Linux `heavy` is `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which
+/// runs a full fence on every running thread of the process, so `light`
+/// only has to stop the compiler. Where that is not available (other
+/// systems, kernels before 4.14, a seccomp filter, Miri, loom), both are
+/// `SeqCst` fences.
+pub(crate) mod asymmetric {
+    #[cfg(not(loom))]
+    use core::sync::atomic::{AtomicU8, Ordering, compiler_fence, fence};
+    #[cfg(loom)]
+    use loom::sync::atomic::{Ordering, fence};
+
+    #[cfg(not(loom))]
+    const UNKNOWN: u8 = 0;
+    #[cfg(not(loom))]
+    const MEMBARRIER: u8 = 1;
+    #[cfg(not(loom))]
+    const FENCES: u8 = 2;
+
+    /// Decided once, before the first front cache exists, and never changed:
+    /// every owner and drainer sees the same mode.
+    #[cfg(not(loom))]
+    static MODE: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+    /// Decides the mode (registering with `membarrier` if it works). Called
+    /// before any front cache is made.
+    pub(crate) fn prepare() {
+        #[cfg(not(loom))]
+        if MODE.load(Ordering::Acquire) == UNKNOWN {
+            let mode = if membarrier::register() { MEMBARRIER } else { FENCES };
+            // Racing preparers find the same answer; the first store wins.
+            let _ = MODE.compare_exchange(UNKNOWN, mode, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// The owner's side, between its store of `active` and its load of
+    /// `drain`.
+    #[inline]
+    pub(crate) fn light() {
+        #[cfg(not(loom))]
+        if MODE.load(Ordering::Relaxed) == MEMBARRIER {
+            compiler_fence(Ordering::SeqCst);
+        } else {
+            fence(Ordering::SeqCst);
+        }
+        #[cfg(loom)]
+        fence(Ordering::SeqCst);
+    }
+
+    /// The drainer's side, between its store of `drain` and its load of
+    /// `active`.
+    pub(crate) fn heavy() {
+        #[cfg(not(loom))]
+        if MODE.load(Ordering::Acquire) == MEMBARRIER {
+            membarrier::expedited();
+        }
+        fence(Ordering::SeqCst);
+    }
+
+    #[cfg(all(target_os = "linux", not(miri), not(loom)))]
+    mod membarrier {
+        const QUERY: libc::c_long = 0;
+        const PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+        const REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+
+        /// Whether private expedited `membarrier` is there and this process
+        /// is registered for it.
+        pub(super) fn register() -> bool {
+            // SAFETY: `membarrier` takes two integers and touches no memory
+            // of ours.
+            let supported = unsafe { libc::syscall(libc::SYS_membarrier, QUERY, 0) };
+            if supported < 0 || supported & PRIVATE_EXPEDITED == 0 {
+                return false;
+            }
+            // SAFETY: as above.
+            unsafe { libc::syscall(libc::SYS_membarrier, REGISTER_PRIVATE_EXPEDITED, 0) == 0 }
+        }
+
+        /// A full fence on every running thread of this process.
+        pub(super) fn expedited() {
+            // SAFETY: as above. It cannot fail once registered (the only
+            // documented errors are for unregistered or unknown commands).
+            unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0) };
+        }
+    }
+
+    #[cfg(all(not(all(target_os = "linux", not(miri))), not(loom)))]
+    mod membarrier {
+        pub(super) fn register() -> bool {
+            false
+        }
+
+        pub(super) fn expedited() {}
+    }
+}
 
 #[cfg(not(loom))]
 mod mutex {

@@ -32,12 +32,12 @@ pub(super) enum Count {
 }
 
 impl State {
-    fn arena(&mut self) -> &mut Arena {
+    pub(super) fn arena(&mut self) -> &mut Arena {
         self.arena.as_mut().expect("a best-fit cache has an arena")
     }
 
     /// Copies the arena's memory into the stats.
-    fn sync_held(&mut self) {
+    pub(super) fn sync_held(&mut self) {
         let arena = self.arena.as_mut().expect("a best-fit cache has an arena");
         let (reserved, cached, ranges, decommitted) = arena.held();
         if cached == 0 {
@@ -133,6 +133,9 @@ impl<A: Allocator> Cache<A> {
                         state.stats.failures += 1;
                         if self.config.stop_caching_after_failure {
                             state.caching_stopped = true;
+                            if let Some(fronts) = &self.fronts {
+                                fronts.stop();
+                            }
                         }
                         return Err(error);
                     }
@@ -222,14 +225,11 @@ impl<A: Allocator> Cache<A> {
                 let old_len = arena.block_len(start, old_request);
                 match (len <= old_len).then(|| arena.shrink(start, old_request, len)) {
                     Some(Some(new_len)) => {
-                        state.stats.bytes_in_use =
-                            state.stats.bytes_in_use - old.size() + new.size();
-                        state.stats.bytes_lost_to_rounding =
-                            state.stats.bytes_lost_to_rounding + old.size() + new_len
-                                - old_len
-                                - new.size();
-                        state.stats.peak_bytes_in_use =
-                            state.stats.peak_bytes_in_use.max(state.stats.bytes_in_use);
+                        state.stats.resize_in_use(
+                            old.size(),
+                            new.size(),
+                            new_len.wrapping_sub(old_len),
+                        );
                         state.sync_held();
                         Some(After {
                             cached: state.stats.bytes_cached,

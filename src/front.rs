@@ -1,0 +1,741 @@
+//! Per-thread front caches: a small magazine of freed blocks per (thread,
+//! cache), in front of the shared, locked cache.
+//!
+//! A hit and a free on the owning thread touch only the thread's own
+//! [`Slot`]: no lock, no atomic read-modify-write. Blocks move between a slot
+//! and the shared cache in batches (a bin's older half, a whole bin), on the
+//! owner's slow path, with the shared lock taken once a batch.
+//!
+//! **The drain protocol.** `release_cached`, `trim` and the drop of a cache
+//! must reach the blocks of every thread's slot, idle threads' included. The
+//! owner brackets each magazine access with a plain store of `active` and a
+//! load of `drain`, separated by a *light* fence (a compiler fence); a drainer
+//! stores `drain`, runs a *heavy* fence (Linux `membarrier`, which runs a full
+//! fence on every thread of the process), then waits for `active` to be
+//! clear. Either the owner sees `drain` and takes the slot's lock (its slow
+//! path), or the drainer sees `active` and waits the few nanoseconds until
+//! the owner is out; never both missing each other (the asymmetric Dekker
+//! pattern of tcmalloc's and liburcu's `membarrier` use). Where `membarrier`
+//! is missing (other systems, old kernels, Miri) and under loom, both fences
+//! are `SeqCst` fences: correct, and slower for the owner.
+//!
+//! **Lifetimes.** The thread's table holds its slots by strong count and the
+//! cache's registry does too. When a thread exits, its slots are *orphaned*
+//! (their blocks stay, counted) and the cache adopts them at its next slow
+//! operation, trim, release or drop. When the cache drops, it drains every
+//! slot and marks it dead; the thread's table prunes dead slots later. A
+//! slot's identity is a cache id that is never reused, so a new cache at a
+//! freed cache's address never finds a stale slot.
+
+use core::cell::{Cell, RefCell};
+use core::mem;
+use core::ptr::NonNull;
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+
+use allocator_api2::vec::Vec;
+
+use crate::policy::Key;
+use crate::reentry::{self, Bookkeeping};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, UnsafeCell, asymmetric};
+
+/// A good limit for [`Builder::front_cache_bytes`](crate::Builder::front_cache_bytes):
+/// 32 MiB of freed blocks a thread, enough for a few large tensors of a
+/// pass, bounded so a thread cannot sit on much more than that.
+pub const FRONT_CACHE_BYTES: usize = 32 << 20;
+
+/// Blocks a bin holds: one key's magazine.
+pub(crate) const DEPTH: usize = 8;
+/// Bins of a slot, direct-mapped by key.
+pub(crate) const BINS: usize = 64;
+
+/// One key's freed blocks, most recent last.
+#[derive(Clone, Copy)]
+pub(crate) struct Bin {
+    pub(crate) key: Option<Key>,
+    pub(crate) len: usize,
+    pub(crate) blocks: [*mut u8; DEPTH],
+}
+
+impl Bin {
+    const EMPTY: Bin = Bin {
+        key: None,
+        len: 0,
+        blocks: [core::ptr::null_mut(); DEPTH],
+    };
+
+    /// The blocks held, with their key.
+    pub(crate) fn held(&self) -> impl Iterator<Item = (Key, NonNull<u8>)> + '_ {
+        self.blocks[..self.len]
+            .iter()
+            .filter_map(move |&block| Some((self.key?, NonNull::new(block)?)))
+    }
+}
+
+/// Up to one bin of blocks on their way to the shared cache.
+pub(crate) struct Batch {
+    pub(crate) key: Option<Key>,
+    pub(crate) len: usize,
+    pub(crate) blocks: [*mut u8; DEPTH],
+}
+
+impl Batch {
+    pub(crate) const EMPTY: Batch = Batch {
+        key: None,
+        len: 0,
+        blocks: [core::ptr::null_mut(); DEPTH],
+    };
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (Key, NonNull<u8>)> + '_ {
+        self.blocks[..self.len]
+            .iter()
+            .filter_map(move |&block| Some((self.key?, NonNull::new(block)?)))
+    }
+}
+
+/// The owner's data: bins and the bytes they hold. Touched only by the owner
+/// (inside the protocol) or by a drainer holding the slot exclusively.
+pub(crate) struct Magazine {
+    bins: [Bin; BINS],
+    bytes: usize,
+    limit: usize,
+    /// The next bin to give back when the magazine is over its limit.
+    cursor: usize,
+}
+
+// SAFETY: the pointers are blocks the cache owns while they sit in a bin;
+// moving the magazine moves that ownership (a `Vec<Box<[u8]>>` would be Send).
+unsafe impl Send for Magazine {}
+
+#[inline]
+fn bin_of(key: Key) -> usize {
+    let mixed = (key.size() as u64 ^ ((key.block_layout().align() as u64) << 40))
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (mixed >> (64 - BINS.trailing_zeros())) as usize
+}
+
+impl Magazine {
+    fn new(limit: usize) -> Self {
+        Self {
+            bins: [Bin::EMPTY; BINS],
+            bytes: 0,
+            limit,
+            cursor: 0,
+        }
+    }
+
+    /// Takes the most recently freed block of `key`.
+    #[inline]
+    fn pop(&mut self, key: Key) -> Option<*mut u8> {
+        let bin = &mut self.bins[bin_of(key)];
+        if bin.key != Some(key) || bin.len == 0 {
+            return None;
+        }
+        bin.len -= 1;
+        self.bytes -= key.size();
+        Some(bin.blocks[bin.len])
+    }
+
+    /// Keeps `block` if its bin has room and the magazine stays within its
+    /// limit.
+    #[inline]
+    fn push(&mut self, key: Key, block: *mut u8) -> bool {
+        if self.bytes + key.size() > self.limit {
+            return false;
+        }
+        let bin = &mut self.bins[bin_of(key)];
+        if bin.key != Some(key) {
+            if bin.len != 0 {
+                return false;
+            }
+            bin.key = Some(key);
+        }
+        if bin.len == DEPTH {
+            return false;
+        }
+        bin.blocks[bin.len] = block;
+        bin.len += 1;
+        self.bytes += key.size();
+        true
+    }
+
+    /// Whether a block of `key` could ever be kept.
+    #[inline]
+    pub(crate) fn fits(&self, key: Key) -> bool {
+        key.size() <= self.limit
+    }
+
+    /// Moves out what stands in the way of pushing a block of `key`: the
+    /// older half of its full bin, another key's blocks in its bin, or (over
+    /// the limit) the next non-empty bin. Empty when nothing does.
+    fn make_room(&mut self, key: Key) -> Batch {
+        let mut out = Batch::EMPTY;
+        if self.bytes + key.size() > self.limit {
+            for _ in 0..BINS {
+                let at = self.cursor;
+                self.cursor = (self.cursor + 1) % BINS;
+                if self.bins[at].len != 0 {
+                    self.take_bin(at, self.bins[at].len, &mut out);
+                    return out;
+                }
+            }
+            return out;
+        }
+        let at = bin_of(key);
+        let bin = &self.bins[at];
+        if bin.key != Some(key) && bin.len != 0 {
+            self.take_bin(at, bin.len, &mut out);
+        } else if bin.len == DEPTH {
+            self.take_bin(at, DEPTH / 2, &mut out);
+        }
+        out
+    }
+
+    /// Moves the `count` oldest blocks of bin `at` into `out`.
+    fn take_bin(&mut self, at: usize, count: usize, out: &mut Batch) {
+        let bin = &mut self.bins[at];
+        out.key = bin.key;
+        out.len = count;
+        out.blocks[..count].copy_from_slice(&bin.blocks[..count]);
+        bin.blocks.copy_within(count..bin.len, 0);
+        bin.len -= count;
+        if let Some(key) = bin.key {
+            self.bytes -= key.size() * count;
+        }
+    }
+
+    /// Adds blocks the shared cache handed over (a refill); returns how many
+    /// were kept (the rest stay with the caller).
+    fn refill(&mut self, key: Key, blocks: &[*mut u8]) -> usize {
+        let mut kept = 0;
+        while kept < blocks.len() && self.push(key, blocks[kept]) {
+            kept += 1;
+        }
+        kept
+    }
+
+    /// Everything, leaving the magazine empty.
+    fn take_all(&mut self) -> [Bin; BINS] {
+        self.bytes = 0;
+        mem::replace(&mut self.bins, [Bin::EMPTY; BINS])
+    }
+}
+
+/// The owner's counters since they were last folded into the shared stats.
+/// Written by one thread at a time (the owner, or a drainer holding the slot
+/// exclusively) with plain loads and stores; read by `stats()` at any time.
+#[derive(Default)]
+pub(crate) struct Counters {
+    hits: AtomicU64,
+    frees: AtomicU64,
+    bytes_hit: AtomicU64,
+    hit_block_bytes: AtomicU64,
+    bytes_freed: AtomicU64,
+    freed_block_bytes: AtomicU64,
+    /// Bytes and blocks moved out to the shared cache, less those moved in
+    /// (wrapping: may go "negative").
+    moved_bytes: AtomicU64,
+    moved_blocks: AtomicU64,
+    /// The highest `bytes_hit - bytes_freed` since the last fold.
+    peak_in_use: AtomicU64,
+    /// The highest change of the bytes held since the last fold.
+    peak_front: AtomicU64,
+}
+
+/// A snapshot of [`Counters`], as differences to add to the shared stats.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Deltas {
+    pub(crate) hits: u64,
+    pub(crate) frees: u64,
+    pub(crate) bytes_hit: u64,
+    pub(crate) hit_block_bytes: u64,
+    pub(crate) bytes_freed: u64,
+    pub(crate) freed_block_bytes: u64,
+    pub(crate) moved_bytes: u64,
+    pub(crate) moved_blocks: u64,
+    pub(crate) peak_in_use: i64,
+    pub(crate) peak_front: i64,
+}
+
+impl Deltas {
+    /// Change of `bytes_in_use` (requested bytes).
+    pub(crate) fn in_use(&self) -> i64 {
+        self.bytes_hit.wrapping_sub(self.bytes_freed) as i64
+    }
+
+    /// Change of `blocks_in_use`.
+    pub(crate) fn blocks_in_use(&self) -> i64 {
+        self.hits.wrapping_sub(self.frees) as i64
+    }
+
+    /// Change of the bytes held in front caches.
+    pub(crate) fn front_bytes(&self) -> i64 {
+        self.freed_block_bytes
+            .wrapping_sub(self.hit_block_bytes)
+            .wrapping_sub(self.moved_bytes) as i64
+    }
+
+    /// Change of the blocks held in front caches.
+    pub(crate) fn front_blocks(&self) -> i64 {
+        self.frees
+            .wrapping_sub(self.hits)
+            .wrapping_sub(self.moved_blocks) as i64
+    }
+
+    /// Change of `bytes_lost_to_rounding`.
+    pub(crate) fn lost(&self) -> i64 {
+        let on_hits = self.hit_block_bytes.wrapping_sub(self.bytes_hit);
+        let on_frees = self.freed_block_bytes.wrapping_sub(self.bytes_freed);
+        on_hits.wrapping_sub(on_frees) as i64
+    }
+}
+
+#[inline]
+fn bump(counter: &AtomicU64, by: u64) {
+    // One writer at a time: a load and a store, not a read-modify-write.
+    counter.store(counter.load(Relaxed).wrapping_add(by), Relaxed);
+}
+
+impl Counters {
+    #[inline]
+    fn on_hit(&self, requested: usize, block: usize) {
+        bump(&self.hits, 1);
+        bump(&self.bytes_hit, requested as u64);
+        bump(&self.hit_block_bytes, block as u64);
+        let in_use = self
+            .bytes_hit
+            .load(Relaxed)
+            .wrapping_sub(self.bytes_freed.load(Relaxed)) as i64;
+        if in_use > self.peak_in_use.load(Relaxed) as i64 {
+            self.peak_in_use.store(in_use as u64, Relaxed);
+        }
+    }
+
+    #[inline]
+    fn on_free(&self, requested: usize, block: usize) {
+        bump(&self.frees, 1);
+        bump(&self.bytes_freed, requested as u64);
+        bump(&self.freed_block_bytes, block as u64);
+        let held = self
+            .freed_block_bytes
+            .load(Relaxed)
+            .wrapping_sub(self.hit_block_bytes.load(Relaxed))
+            .wrapping_sub(self.moved_bytes.load(Relaxed)) as i64;
+        if held > self.peak_front.load(Relaxed) as i64 {
+            self.peak_front.store(held as u64, Relaxed);
+        }
+    }
+
+    /// Blocks moved out (`sign` 1) or in (`sign` -1).
+    fn on_moved(&self, bytes: usize, blocks: usize, out: bool) {
+        let (bytes, blocks) = (bytes as u64, blocks as u64);
+        if out {
+            bump(&self.moved_bytes, bytes);
+            bump(&self.moved_blocks, blocks);
+        } else {
+            bump(&self.moved_bytes, bytes.wrapping_neg());
+            bump(&self.moved_blocks, blocks.wrapping_neg());
+        }
+    }
+
+    /// What has changed since the last `take`.
+    pub(crate) fn read(&self) -> Deltas {
+        Deltas {
+            hits: self.hits.load(Relaxed),
+            frees: self.frees.load(Relaxed),
+            bytes_hit: self.bytes_hit.load(Relaxed),
+            hit_block_bytes: self.hit_block_bytes.load(Relaxed),
+            bytes_freed: self.bytes_freed.load(Relaxed),
+            freed_block_bytes: self.freed_block_bytes.load(Relaxed),
+            moved_bytes: self.moved_bytes.load(Relaxed),
+            moved_blocks: self.moved_blocks.load(Relaxed),
+            peak_in_use: self.peak_in_use.load(Relaxed) as i64,
+            peak_front: self.peak_front.load(Relaxed) as i64,
+        }
+    }
+
+    /// Reads and resets (the caller folds the result into the shared stats).
+    fn take(&self) -> Deltas {
+        let deltas = self.read();
+        for counter in [
+            &self.hits,
+            &self.frees,
+            &self.bytes_hit,
+            &self.hit_block_bytes,
+            &self.bytes_freed,
+            &self.freed_block_bytes,
+            &self.moved_bytes,
+            &self.moved_blocks,
+            &self.peak_in_use,
+            &self.peak_front,
+        ] {
+            counter.store(0, Relaxed);
+        }
+        deltas
+    }
+}
+
+/// A slot's life.
+const LIVE: u8 = 0;
+/// Its thread exited: blocks wait for the cache to adopt them.
+const ORPHANED: u8 = 1;
+/// Its cache dropped (or adopted it): empty for good.
+const DEAD: u8 = 2;
+
+/// One thread's front cache of one cache.
+pub(crate) struct Slot {
+    /// Set by the owner around each magazine access (plain stores).
+    active: AtomicBool,
+    /// Set by a drainer that wants the magazine; the owner then goes through
+    /// `lock`.
+    drain: AtomicBool,
+    /// The slot's life (`LIVE`, `ORPHANED`, `DEAD`); held by drainers for
+    /// their whole access, and by the owner when it finds a drain under way.
+    lock: Mutex<u8>,
+    magazine: UnsafeCell<Magazine>,
+    pub(crate) counters: Counters,
+    /// The cache's count of orphaned slots.
+    orphans: Arc<AtomicUsize>,
+}
+
+// SAFETY: the magazine is accessed only by the owner inside the protocol or by
+// a drainer holding the slot exclusively (see the module docs); the blocks it
+// holds are owned by the cache and may move to any thread.
+unsafe impl Sync for Slot {}
+// SAFETY: as above; nothing in a slot is tied to a thread.
+unsafe impl Send for Slot {}
+
+/// What a drain took out of a slot.
+pub(crate) struct Drained {
+    pub(crate) bins: [Bin; BINS],
+    pub(crate) deltas: Deltas,
+}
+
+impl Slot {
+    pub(crate) fn new(limit: usize, orphans: Arc<AtomicUsize>) -> Self {
+        Self {
+            active: AtomicBool::new(false),
+            drain: AtomicBool::new(false),
+            lock: Mutex::new(LIVE),
+            magazine: UnsafeCell::new(Magazine::new(limit)),
+            counters: Counters::default(),
+            orphans,
+        }
+    }
+
+    /// Runs `f` on the magazine as its owner: without a lock unless a drain
+    /// is under way, then after it, under the slot's lock.
+    ///
+    /// Must be called only from the slot's owning thread, and `f` must not
+    /// call back into the allocator (it runs with `active` set, and a
+    /// drainer spins on that).
+    #[inline]
+    fn owner<R>(&self, f: impl FnOnce(&mut Magazine, &Counters) -> R) -> R {
+        self.active.store(true, Relaxed);
+        asymmetric::light();
+        if !self.drain.load(Acquire) {
+            // SAFETY: only the owner (this thread) sets `active`; a drainer
+            // touches the magazine only after it set `drain`, fenced
+            // (heavy), and then saw `active` clear; we saw `drain` clear
+            // after our own fenced store of `active`, so no drainer is in
+            // it, and none enters until we clear `active` (Release, which
+            // orders our accesses before its Acquire load).
+            let result = self
+                .magazine
+                .with_mut(|magazine| f(unsafe { &mut *magazine }, &self.counters));
+            self.active.store(false, Release);
+            return result;
+        }
+        self.active.store(false, Release);
+        let _locked = self.lock.lock();
+        // SAFETY: drainers hold `lock` for their whole access, so holding it
+        // makes us the only one in the magazine.
+        self.magazine
+            .with_mut(|magazine| f(unsafe { &mut *magazine }, &self.counters))
+    }
+
+    /// Takes a block of `key` for a request of `requested` bytes.
+    #[inline]
+    pub(crate) fn pop(&self, key: Key, requested: usize) -> Option<NonNull<u8>> {
+        self.owner(|magazine, counters| {
+            let block = magazine.pop(key)?;
+            counters.on_hit(requested, key.size());
+            NonNull::new(block)
+        })
+    }
+
+    /// Keeps a freed block of `key` (asked for as `requested` bytes); false
+    /// if there is no room (the caller then makes room or frees it shared).
+    #[inline]
+    pub(crate) fn push(&self, key: Key, block: NonNull<u8>, requested: usize) -> bool {
+        self.owner(|magazine, counters| {
+            let kept = magazine.push(key, block.as_ptr());
+            if kept {
+                counters.on_free(requested, key.size());
+            }
+            kept
+        })
+    }
+
+    /// Owner's slow path: what stands in the way of a block of `key`
+    /// (see `Magazine::make_room`), and the counters to fold. `None` if a
+    /// block of `key` can never be kept here.
+    pub(crate) fn make_room(&self, key: Key) -> Option<(Batch, Deltas)> {
+        self.owner(|magazine, counters| {
+            if !magazine.fits(key) {
+                return None;
+            }
+            let batch = magazine.make_room(key);
+            if let Some(batch_key) = batch.key {
+                counters.on_moved(batch_key.size() * batch.len, batch.len, true);
+            }
+            Some((batch, counters.take()))
+        })
+    }
+
+    /// Owner's slow path: the counters to fold, reset.
+    pub(crate) fn take_counters(&self) -> Deltas {
+        self.owner(|_, counters| counters.take())
+    }
+
+    /// Owner's slow path: keeps blocks of `key` handed over by the shared
+    /// cache; returns how many were kept.
+    pub(crate) fn refill(&self, key: Key, blocks: &[*mut u8]) -> usize {
+        self.owner(|magazine, counters| {
+            let kept = magazine.refill(key, blocks);
+            counters.on_moved(key.size() * kept, kept, false);
+            kept
+        })
+    }
+
+    /// Takes everything out, from any thread, with the owner possibly
+    /// running: the drainer's side of the protocol. With `dead`, the slot is
+    /// also marked dead (its cache is dropping; the owner's table will prune
+    /// it). Returns `None` if it was already dead.
+    pub(crate) fn drain(&self, dead: bool) -> Option<Drained> {
+        let mut life = self.lock.lock();
+        if *life == DEAD {
+            return None;
+        }
+        let orphaned = *life == ORPHANED;
+        if dead || orphaned {
+            *life = DEAD;
+            if orphaned {
+                self.orphans.fetch_sub(1, Relaxed);
+            }
+        }
+        self.drain.store(true, Relaxed);
+        asymmetric::heavy();
+        while self.active.load(Acquire) {
+            crate::sync::spin();
+        }
+        // SAFETY: we hold `lock` (no other drainer, and the owner's slow
+        // path waits for it), and the owner is out of its lock-free access
+        // and will see `drain` before entering again (see the module docs).
+        let drained = self.magazine.with_mut(|magazine| {
+            let magazine = unsafe { &mut *magazine };
+            Drained {
+                bins: magazine.take_all(),
+                deltas: self.counters.take(),
+            }
+        });
+        self.drain.store(false, Release);
+        drop(life);
+        Some(drained)
+    }
+
+    /// Whether the slot's owner thread exited and its blocks wait for the
+    /// cache.
+    pub(crate) fn is_orphaned(&self) -> bool {
+        *self.lock.lock() == ORPHANED
+    }
+
+    fn is_dead(&self) -> bool {
+        *self.lock.lock() == DEAD
+    }
+
+    /// The owner thread exits: the blocks stay, for the cache to adopt.
+    fn orphan(&self) {
+        let mut life = self.lock.lock();
+        if *life == LIVE {
+            *life = ORPHANED;
+            self.orphans.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// A cache's side: its id, and every slot any thread made for it.
+pub(crate) struct Fronts {
+    /// Set once caching stopped after a failure: frees skip the fronts.
+    stopped: AtomicBool,
+    id: u64,
+    limit: usize,
+    slots: Mutex<Vec<Arc<Slot>, Bookkeeping>>,
+    orphans: Arc<AtomicUsize>,
+}
+
+/// Cache ids: never reused, so a thread's table never mistakes a new cache
+/// for a dropped one at the same address.
+static NEXT_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
+
+impl Fronts {
+    /// Front caches of at most `limit` bytes each.
+    pub(crate) fn new(limit: usize) -> Self {
+        asymmetric::prepare();
+        Self {
+            stopped: AtomicBool::new(false),
+            id: NEXT_ID.fetch_add(1, Relaxed),
+            limit,
+            slots: Mutex::new(Vec::new_in(Bookkeeping)),
+            orphans: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The calling thread's slot, made on first use. `None` when the thread
+    /// cannot have one (its thread-locals are being torn down, the table is
+    /// busy further up this thread's stack, or bookkeeping memory ran out):
+    /// the caller then uses the shared cache.
+    #[inline]
+    pub(crate) fn slot(&self) -> Option<&Slot> {
+        let slot = TABLE
+            .try_with(|table| {
+                let (id, slot) = table.last.get();
+                if id == self.id {
+                    Some(slot)
+                } else {
+                    table.find_or_insert(self)
+                }
+            })
+            .ok()??;
+        // SAFETY: the table holds a strong count of the slot until the slot
+        // is dead, and a slot dies only when its cache drops (or adopted it
+        // after the thread exited): `&self` keeps the cache alive, and this
+        // thread is running, so the slot outlives the borrow.
+        Some(unsafe { &*slot })
+    }
+
+    /// Frees skip the fronts from now on (caching stopped).
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Relaxed);
+    }
+
+    /// Whether caching stopped (a plain load).
+    #[inline]
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Relaxed)
+    }
+
+    /// Whether some thread exited leaving blocks to adopt.
+    #[inline]
+    pub(crate) fn has_orphans(&self) -> bool {
+        self.orphans.load(Relaxed) != 0
+    }
+
+    /// Every slot, by strong count (to drain or read without the registry
+    /// lock). With `orphans_only`, the slots of exited threads, which are
+    /// also taken out of the registry.
+    pub(crate) fn slots(&self, orphans_only: bool) -> Vec<Arc<Slot>, Bookkeeping> {
+        let _inside = reentry::inside();
+        let mut slots = self.slots.lock();
+        if orphans_only {
+            let mut taken = Vec::new_in(Bookkeeping);
+            slots.retain(|slot| {
+                if slot.is_orphaned() && taken.try_reserve(1).is_ok() {
+                    taken.push(slot.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            taken
+        } else {
+            let mut all = Vec::new_in(Bookkeeping);
+            if all.try_reserve(slots.len()).is_ok() {
+                all.extend(slots.iter().cloned());
+            }
+            all
+        }
+    }
+
+    /// Forgets the slots that died (orphans a drain adopted).
+    pub(crate) fn prune(&self) {
+        let _inside = reentry::inside();
+        self.slots.lock().retain(|slot| !slot.is_dead());
+    }
+
+    /// Takes every slot out of the registry (the cache is dropping).
+    pub(crate) fn take_all_slots(&self) -> Vec<Arc<Slot>, Bookkeeping> {
+        let _inside = reentry::inside();
+        mem::replace(&mut *self.slots.lock(), Vec::new_in(Bookkeeping))
+    }
+
+    /// The current counters of every slot, and the bytes and blocks they
+    /// hold, as deltas.
+    pub(crate) fn read_all(&self) -> Vec<Deltas, Bookkeeping> {
+        let _inside = reentry::inside();
+        let slots = self.slots.lock();
+        let mut all = Vec::new_in(Bookkeeping);
+        if all.try_reserve(slots.len()).is_ok() {
+            all.extend(slots.iter().map(|slot| slot.counters.read()));
+        }
+        all
+    }
+}
+
+/// A thread's slots, one per cache it used.
+struct Table {
+    /// The last slot looked up: `(cache id, slot)`; id 0 is no cache.
+    last: Cell<(u64, *const Slot)>,
+    slots: RefCell<Vec<(u64, Arc<Slot>), Bookkeeping>>,
+}
+
+impl Table {
+    const fn new() -> Self {
+        Self {
+            last: Cell::new((0, core::ptr::null())),
+            slots: RefCell::new(Vec::new_in(Bookkeeping)),
+        }
+    }
+
+    #[cold]
+    fn find_or_insert(&self, fronts: &Fronts) -> Option<*const Slot> {
+        // Busy further up this thread's stack (a free from inside the
+        // table's own bookkeeping): no slot this time.
+        let mut slots = self.slots.try_borrow_mut().ok()?;
+        let _inside = reentry::inside();
+        let found = match slots.iter().find(|(id, _)| *id == fronts.id) {
+            Some((_, slot)) => Arc::as_ptr(slot),
+            None => {
+                slots.retain(|(_, slot)| !slot.is_dead());
+                let mut registry = fronts.slots.lock();
+                registry.try_reserve(1).ok()?;
+                slots.try_reserve(1).ok()?;
+                let slot = Arc::new(Slot::new(fronts.limit, fronts.orphans.clone()));
+                registry.push(slot.clone());
+                let pointer = Arc::as_ptr(&slot);
+                slots.push((fronts.id, slot));
+                pointer
+            }
+        };
+        self.last.set((fronts.id, found));
+        Some(found)
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        self.last.set((0, core::ptr::null()));
+        for (_, slot) in self.slots.get_mut().drain(..) {
+            slot.orphan();
+        }
+    }
+}
+
+#[cfg(not(loom))]
+std::thread_local! {
+    static TABLE: Table = const { Table::new() };
+}
+
+#[cfg(loom)]
+loom::thread_local! {
+    static TABLE: Table = Table::new();
+}

@@ -20,7 +20,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use allocator_api2::alloc::Allocator;
-use caching_allocator::{CachingAllocator, SizePolicy};
+use caching_allocator::{CachingAllocator, FRONT_CACHE_BYTES, SizePolicy};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use mimalloc::MiMalloc;
 
@@ -48,6 +48,14 @@ fn cache_pair(cache: &CachingAllocator, layout: Layout) {
     unsafe { cache.deallocate(block, layout) };
 }
 
+/// A cache with per-thread front caches (`FRONT_CACHE_BYTES` each).
+fn with_front(policy: SizePolicy) -> CachingAllocator {
+    CachingAllocator::builder()
+        .size_policy(policy)
+        .front_cache_bytes(FRONT_CACHE_BYTES)
+        .build()
+}
+
 /// One alloc+free pair through a `GlobalAlloc`.
 #[inline]
 fn global_pair<G: GlobalAlloc>(alloc: &G, layout: Layout) {
@@ -69,6 +77,18 @@ fn hit_path(c: &mut Criterion) {
         });
         let stats = cache.stats();
         assert_eq!(stats.misses, 1, "every iteration after the first is a hit");
+        for (name, policy) in [
+            ("front", SizePolicy::Exact),
+            ("bestfit_front", SizePolicy::BestFit),
+        ] {
+            let front = with_front(policy);
+            cache_pair(&front, layout);
+            group.bench_with_input(BenchmarkId::new(name, label), &layout, |b, &layout| {
+                b.iter(|| cache_pair(&front, layout));
+            });
+            let stats = front.stats();
+            assert_eq!(stats.misses, 1, "every iteration after the first is a hit");
+        }
         // Best fit, with live neighbours on both sides of the freed block's
         // range: every free merges with a free neighbour, every allocation
         // splits a range.
@@ -165,6 +185,29 @@ fn hit_path_threads(c: &mut Criterion) {
             },
         );
         group.bench_with_input(
+            BenchmarkId::new("front_1_thread", label),
+            &layout,
+            |b, &layout| {
+                let cache = with_front(SizePolicy::Exact);
+                cache_pair(&cache, layout);
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        cache_pair(&cache, layout);
+                    }
+                    start.elapsed()
+                });
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("front_2_threads_shared", label),
+            &layout,
+            |b, &layout| {
+                let shared = with_front(SizePolicy::Exact);
+                b.iter_custom(|iters| threaded_pairs(2, iters, layout, |_| shared.clone()) / 2);
+            },
+        );
+        group.bench_with_input(
             BenchmarkId::new("cache_2_threads_own", label),
             &layout,
             |b, &layout| {
@@ -177,6 +220,49 @@ fn hit_path_threads(c: &mut Criterion) {
     group.finish();
 }
 
+/// What the owner's side of a front cache's drain protocol costs per
+/// access, against the alternative the issue names: a per-thread lock that
+/// is never contended. `flag`: a store, a compiler fence, a load and a store
+/// (what `front.rs` does with `membarrier` on the drainer's side);
+/// `seqcst_fence`: the same with a full fence (the fallback without
+/// `membarrier`); `uncontended_mutex`: `std::sync::Mutex` lock and unlock.
+/// A hit and a free each pay one access.
+fn front_protocol(c: &mut Criterion) {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering, compiler_fence, fence};
+    let mut group = c.benchmark_group("front_protocol");
+    let (active, drain) = (AtomicBool::new(false), AtomicBool::new(false));
+    let mut counter = 0u64;
+    group.bench_function("flag", |b| {
+        b.iter(|| {
+            active.store(true, Ordering::Relaxed);
+            compiler_fence(Ordering::SeqCst);
+            if !drain.load(Ordering::Acquire) {
+                counter = black_box(counter + 1);
+            }
+            active.store(false, Ordering::Release);
+        })
+    });
+    group.bench_function("seqcst_fence", |b| {
+        b.iter(|| {
+            active.store(true, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            if !drain.load(Ordering::Acquire) {
+                counter = black_box(counter + 1);
+            }
+            active.store(false, Ordering::Release);
+        })
+    });
+    let lock = Mutex::new(0u64);
+    group.bench_function("uncontended_mutex", |b| {
+        b.iter(|| {
+            let mut guard = lock.lock().expect("not poisoned");
+            *guard = black_box(*guard + 1);
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     // Modest defaults (the whole file runs in about a minute and a half);
@@ -185,6 +271,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(700))
         .measurement_time(Duration::from_secs(2))
         .sample_size(40);
-    targets = hit_path, hit_path_threads
+    targets = hit_path, hit_path_threads, front_protocol
 }
 criterion_main!(benches);

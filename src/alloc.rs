@@ -69,6 +69,7 @@ pub(crate) unsafe trait RawAllocator {
 /// What a scope and the global allocator need of a block's owner (a cache, a
 /// recorder, a planned arena), type-erased so one thread-local and one
 /// registry serve them all.
+#[cfg_attr(loom, allow(dead_code))]
 pub(crate) trait Owner: RawAllocator + Send + Sync {}
 
 impl<T: RawAllocator + Send + Sync> Owner for T {}

@@ -528,10 +528,11 @@ impl Slot {
         while self.active.load(Acquire) {
             crate::sync::spin();
         }
-        // SAFETY: we hold `lock` (no other drainer, and the owner's slow
-        // path waits for it), and the owner is out of its lock-free access
-        // and will see `drain` before entering again (see the module docs).
         let drained = self.magazine.with_mut(|magazine| {
+            // SAFETY: we hold `lock` (no other drainer, and the owner's slow
+            // path waits for it), and the owner is out of its lock-free
+            // access and will see `drain` before entering again (see the
+            // module docs).
             let magazine = unsafe { &mut *magazine };
             Drained {
                 bins: magazine.take_all(),

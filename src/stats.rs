@@ -322,9 +322,7 @@ impl Stats {
     #[inline]
     fn add_in_use(&mut self, requested: usize, block: usize) {
         self.bytes_in_use = self.bytes_in_use.wrapping_add(requested);
-        self.bytes_lost_to_rounding = self
-            .bytes_lost_to_rounding
-            .wrapping_add(block - requested);
+        self.bytes_lost_to_rounding = self.bytes_lost_to_rounding.wrapping_add(block - requested);
         self.blocks_in_use = self.blocks_in_use.wrapping_add(1);
         raise(&mut self.peak_bytes_in_use, self.bytes_in_use);
     }
@@ -333,9 +331,7 @@ impl Stats {
     fn remove_in_use(&mut self, requested: usize, block: usize) {
         self.frees += 1;
         self.bytes_in_use = self.bytes_in_use.wrapping_sub(requested);
-        self.bytes_lost_to_rounding = self
-            .bytes_lost_to_rounding
-            .wrapping_sub(block - requested);
+        self.bytes_lost_to_rounding = self.bytes_lost_to_rounding.wrapping_sub(block - requested);
         self.blocks_in_use = self.blocks_in_use.wrapping_sub(1);
     }
 }
@@ -402,6 +398,18 @@ impl fmt::Display for Bytes {
         } else {
             write!(f, "{value:.2} {}", UNITS[unit])
         }
+    }
+}
+
+/// Raises `peak` to `value`, unless `value` is "below zero". The shared
+/// books' in-use fields wrap: with front caches they are the true figures
+/// less what the fronts have not folded yet, and a block hit from one
+/// thread's front and freed into another's can take them below zero for a
+/// while (`stats()` adds the fronts back; see `cache/fronts.rs`).
+#[inline]
+pub(crate) fn raise(peak: &mut usize, value: usize) {
+    if value <= isize::MAX as usize && value > *peak {
+        *peak = value;
     }
 }
 
@@ -520,17 +528,5 @@ mod tests {
     fn byte_counts_print_with_binary_units() {
         assert_eq!(Bytes(512).to_string(), "512 B");
         assert_eq!(Bytes(3 << 20).to_string(), "3.00 MiB");
-    }
-}
-
-/// Raises `peak` to `value`, unless `value` is "below zero". The shared
-/// books' in-use fields wrap: with front caches they are the true figures
-/// less what the fronts have not folded yet, and a block hit from one
-/// thread's front and freed into another's can take them below zero for a
-/// while (`stats()` adds the fronts back; see `cache/fronts.rs`).
-#[inline]
-pub(crate) fn raise(peak: &mut usize, value: usize) {
-    if value <= isize::MAX as usize && value > *peak {
-        *peak = value;
     }
 }

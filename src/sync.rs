@@ -18,11 +18,11 @@ pub(crate) use std::sync::Arc;
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 
 #[cfg(loom)]
+pub(crate) use loom::cell::UnsafeCell;
+#[cfg(loom)]
 pub(crate) use loom::sync::Arc;
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
-#[cfg(loom)]
-pub(crate) use loom::cell::UnsafeCell;
 
 /// `UnsafeCell` with loom's access surface (`with_mut`), so loom can check
 /// the front caches' magazine accesses.
@@ -82,7 +82,11 @@ pub(crate) mod asymmetric {
     pub(crate) fn prepare() {
         #[cfg(not(loom))]
         if MODE.load(Ordering::Acquire) == UNKNOWN {
-            let mode = if membarrier::register() { MEMBARRIER } else { FENCES };
+            let mode = if membarrier::register() {
+                MEMBARRIER
+            } else {
+                FENCES
+            };
             // Racing preparers find the same answer; the first store wins.
             let _ = MODE.compare_exchange(UNKNOWN, mode, Ordering::AcqRel, Ordering::Acquire);
         }

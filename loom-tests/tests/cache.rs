@@ -7,7 +7,6 @@
 #![cfg(loom)]
 
 use std::collections::BTreeMap;
-use std::ptr::NonNull;
 
 use caching_allocator::{Allocator, CachingAllocator, Stats};
 use core::alloc::Layout;

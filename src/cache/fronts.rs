@@ -17,8 +17,8 @@ use allocator_api2::alloc::{AllocError, Allocator};
 
 use super::{Cache, State};
 use crate::front::{Batch, Bin, DEPTH, Deltas, Fronts, Slot};
-use crate::policy::Key;
 use crate::poison;
+use crate::policy::Key;
 use crate::reentry;
 use crate::stats::{Stats, raise};
 use crate::unwind::Deferred;

@@ -45,8 +45,12 @@ pub const FRONT_CACHE_BYTES: usize = 32 << 20;
 
 /// Blocks a bin holds: one key's magazine.
 pub(crate) const DEPTH: usize = 8;
-/// Bins of a slot, direct-mapped by key.
-pub(crate) const BINS: usize = 64;
+/// Bins of a slot: `SETS` sets of `WAYS`, a key's bin in the set its hash
+/// picks (set-associative, so a pass with a few hundred distinct sizes
+/// rarely evicts one key's bin for another's).
+pub(crate) const BINS: usize = SETS * WAYS;
+const SETS: usize = 64;
+const WAYS: usize = 4;
 
 /// One key's freed blocks, most recent last.
 #[derive(Clone, Copy)]
@@ -100,17 +104,20 @@ pub(crate) struct Magazine {
     limit: usize,
     /// The next bin to give back when the magazine is over its limit.
     cursor: usize,
+    /// Which way of a full set gives way next.
+    turn: usize,
 }
 
 // SAFETY: the pointers are blocks the cache owns while they sit in a bin;
 // moving the magazine moves that ownership (a `Vec<Box<[u8]>>` would be Send).
 unsafe impl Send for Magazine {}
 
+/// The first bin of `key`'s set.
 #[inline]
-fn bin_of(key: Key) -> usize {
+fn set_of(key: Key) -> usize {
     let mixed = (key.size() as u64 ^ ((key.block_layout().align() as u64) << 40))
         .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (mixed >> (64 - BINS.trailing_zeros())) as usize
+    (mixed >> (64 - SETS.trailing_zeros())) as usize * WAYS
 }
 
 impl Magazine {
@@ -120,19 +127,34 @@ impl Magazine {
             bytes: 0,
             limit,
             cursor: 0,
+            turn: 0,
         }
     }
 
     /// Takes the most recently freed block of `key`.
     #[inline]
     fn pop(&mut self, key: Key) -> Option<*mut u8> {
-        let bin = &mut self.bins[bin_of(key)];
-        if bin.key != Some(key) || bin.len == 0 {
-            return None;
-        }
+        let set = set_of(key);
+        let bin = self.bins[set..set + WAYS]
+            .iter_mut()
+            .find(|bin| bin.key == Some(key) && bin.len != 0)?;
         bin.len -= 1;
         self.bytes -= key.size();
         Some(bin.blocks[bin.len])
+    }
+
+    /// The bin of `key` in its set, else an empty one (given the key).
+    #[inline]
+    fn bin_for(&mut self, key: Key) -> Option<&mut Bin> {
+        let set = set_of(key);
+        let ways = &mut self.bins[set..set + WAYS];
+        let at = match ways.iter().position(|bin| bin.key == Some(key)) {
+            Some(at) => at,
+            None => ways.iter().position(|bin| bin.len == 0)?,
+        };
+        let bin = &mut ways[at];
+        bin.key = Some(key);
+        Some(bin)
     }
 
     /// Keeps `block` if its bin has room and the magazine stays within its
@@ -142,13 +164,9 @@ impl Magazine {
         if self.bytes + key.size() > self.limit {
             return false;
         }
-        let bin = &mut self.bins[bin_of(key)];
-        if bin.key != Some(key) {
-            if bin.len != 0 {
-                return false;
-            }
-            bin.key = Some(key);
-        }
+        let Some(bin) = self.bin_for(key) else {
+            return false;
+        };
         if bin.len == DEPTH {
             return false;
         }
@@ -165,8 +183,9 @@ impl Magazine {
     }
 
     /// Moves out what stands in the way of pushing a block of `key`: the
-    /// older half of its full bin, another key's blocks in its bin, or (over
-    /// the limit) the next non-empty bin. Empty when nothing does.
+    /// older half of its full bin, another key's blocks in its set (the way
+    /// the set's turn points at), or (over the limit) the next non-empty
+    /// bin. Empty when nothing does.
     fn make_room(&mut self, key: Key) -> Batch {
         let mut out = Batch::EMPTY;
         if self.bytes + key.size() > self.limit {
@@ -180,12 +199,17 @@ impl Magazine {
             }
             return out;
         }
-        let at = bin_of(key);
-        let bin = &self.bins[at];
-        if bin.key != Some(key) && bin.len != 0 {
-            self.take_bin(at, bin.len, &mut out);
-        } else if bin.len == DEPTH {
-            self.take_bin(at, DEPTH / 2, &mut out);
+        let set = set_of(key);
+        let ways = &self.bins[set..set + WAYS];
+        if let Some(way) = ways.iter().position(|bin| bin.key == Some(key)) {
+            if ways[way].len == DEPTH {
+                self.take_bin(set + way, DEPTH / 2, &mut out);
+            }
+        } else if ways.iter().all(|bin| bin.len != 0) {
+            // Every way holds another key: the turn's way goes.
+            self.turn = self.turn.wrapping_add(1);
+            let at = set + self.turn % WAYS;
+            self.take_bin(at, self.bins[at].len, &mut out);
         }
         out
     }

@@ -60,6 +60,11 @@ pub enum AllocatorKind {
     CacheBestfit,
     /// Best fit with the cap.
     CacheBestfitCap,
+    /// Exact sizes with per-thread front caches
+    /// (`front_cache_bytes(FRONT_CACHE_BYTES)`).
+    CacheFront,
+    /// Best fit with per-thread front caches.
+    CacheBestfitFront,
     /// `plan::Recorder` for pass 0, then `plan::Planned` from its plan, one
     /// `pass()` per pass.
     Planned,
@@ -81,6 +86,8 @@ impl AllocatorKind {
         AllocatorKind::CacheP2d8Cap,
         AllocatorKind::CacheBestfit,
         AllocatorKind::CacheBestfitCap,
+        AllocatorKind::CacheFront,
+        AllocatorKind::CacheBestfitFront,
         AllocatorKind::Planned,
     ];
 
@@ -100,6 +107,8 @@ impl AllocatorKind {
             AllocatorKind::CacheP2d8Cap => "cache-p2d8-cap",
             AllocatorKind::CacheBestfit => "cache-bestfit",
             AllocatorKind::CacheBestfitCap => "cache-bestfit-cap",
+            AllocatorKind::CacheFront => "cache-front",
+            AllocatorKind::CacheBestfitFront => "cache-bestfit-front",
             AllocatorKind::Planned => "planned",
         }
     }
@@ -145,7 +154,17 @@ impl AllocatorKind {
             AllocatorKind::CacheP2d8Cap => (p2d(8), true),
             AllocatorKind::CacheBestfit => (SizePolicy::BestFit, false),
             AllocatorKind::CacheBestfitCap => (SizePolicy::BestFit, true),
+            AllocatorKind::CacheFront => (SizePolicy::Exact, false),
+            AllocatorKind::CacheBestfitFront => (SizePolicy::BestFit, false),
         })
+    }
+
+    /// Whether the row's cache has per-thread front caches.
+    pub fn has_fronts(self) -> bool {
+        matches!(
+            self,
+            AllocatorKind::CacheFront | AllocatorKind::CacheBestfitFront
+        )
     }
 
     /// Parses a row name.
@@ -169,6 +188,9 @@ impl AllocatorKind {
                 if capped {
                     // The cap: the trace's peak live bytes (each thread replays it).
                     builder = builder.max_cached_bytes(trace.peak_live_bytes * options.threads);
+                }
+                if cache.has_fronts() {
+                    builder = builder.front_cache_bytes(options.front_bytes);
                 }
                 engine::replay(trace, &builder.build(), options)
             }

@@ -61,6 +61,8 @@ pub struct Options {
     /// Take a memory sample every this many events of thread 0 (for plots);
     /// `None`: only at pass ends (samples inside passes cost time).
     pub sample_every: Option<usize>,
+    /// The front cache limit of the `*-front` rows.
+    pub front_bytes: usize,
 }
 
 impl Default for Options {
@@ -71,6 +73,7 @@ impl Default for Options {
             gap: Duration::ZERO,
             threads: 1,
             sample_every: None,
+            front_bytes: caching_allocator::FRONT_CACHE_BYTES,
         }
     }
 }

@@ -53,6 +53,11 @@ struct Args {
     #[arg(long, value_name = "T", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
     threads: u64,
 
+    /// The front cache limit of the `*-front` rows, in bytes a thread
+    /// (`Builder::front_cache_bytes`)
+    #[arg(long, value_name = "BYTES", default_value_t = caching_allocator::FRONT_CACHE_BYTES)]
+    front_bytes: usize,
+
     /// Also write the rows as JSON to FILE
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -103,6 +108,7 @@ fn child(args: &Args, kind: AllocatorKind) -> Result<ExitCode, String> {
         gap: Duration::from_millis(args.gap_ms),
         threads,
         sample_every: args.sample_every,
+        front_bytes: args.front_bytes,
     };
     let outcome = kind.replay(&trace, &options)?;
     let report = ChildReport::new(kind, &trace, threads, outcome);
@@ -184,7 +190,9 @@ fn run_child(
         .arg("--gap-ms")
         .arg(args.gap_ms.to_string())
         .arg("--threads")
-        .arg(args.threads.to_string());
+        .arg(args.threads.to_string())
+        .arg("--front-bytes")
+        .arg(args.front_bytes.to_string());
     if let Some(every) = sample_every {
         command.arg("--sample-every").arg(every.to_string());
     }

@@ -90,9 +90,15 @@ impl Builder {
     /// front, the thread's exit, or a release or trim, which reach every
     /// thread's front, idle or not); a trim takes the fronts' blocks after
     /// the shared cache's older ones; with [`SizePolicy::BestFit`] a block in
-    /// a front is not merged with its free neighbours. A cache with a cap or
-    /// a budget ignores this setting (both count every cached byte at every
-    /// moment; see the README's "Threads").
+    /// a front is not merged with its free neighbours.
+    ///
+    /// With a cap or a budget, a front holds only the *credit* the shared
+    /// cache granted it (a sixteenth of the cap or the budget at a time,
+    /// counted against the cap and reserved on the budget), so both hold at
+    /// every moment; cap pressure and a budget's evictions take idle fronts'
+    /// credit back (a budget takes the front whose thread was active least
+    /// recently first). A best-fit cache with a cap or a budget ignores this
+    /// setting (its shed counts the arena's free bytes alone).
     ///
     /// # Examples
     ///

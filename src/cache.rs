@@ -60,12 +60,14 @@ impl Config {
         self.max_cached_bytes.is_some() || self.budget.is_some()
     }
 
-    /// The limit of each thread's front cache, if the cache has them: not
-    /// with a cap or a budget, which count every cached byte at every moment
-    /// (see the README's "Threads").
+    /// The limit of each thread's front cache, if the cache has them. Not
+    /// for best fit with a cap or a budget: its shed and the budget's
+    /// reconciling count the arena's free bytes, which a front's credit
+    /// would have to join (see the README's "Threads").
     pub(crate) fn front_limit(&self) -> Option<usize> {
         let limit = self.front_cache_bytes;
-        (limit > 0 && !self.evicts()).then_some(limit)
+        let best_fit_evicts = self.policy == SizePolicy::BestFit && self.evicts();
+        (limit > 0 && !best_fit_evicts).then_some(limit)
     }
 }
 
@@ -112,6 +114,10 @@ struct State {
     /// (not part of `stats.bytes_cached`, which is the shared side's).
     front_bytes: usize,
     front_blocks: usize,
+    /// Credit granted to front caches (with a cap or a budget): bytes they
+    /// may hold, counted against the cap beside `stats.bytes_cached`, and
+    /// reserved on the budget.
+    credit_out: usize,
 }
 
 // SAFETY: the `NonNull`s on the free lists are blocks this cache owns
@@ -132,6 +138,7 @@ impl State {
             arena: (config.policy == SizePolicy::BestFit).then(|| Arena::new(config.reserves)),
             front_bytes: 0,
             front_blocks: 0,
+            credit_out: 0,
         }
     }
 
@@ -218,7 +225,9 @@ impl<A: Allocator> Cache<A> {
     pub(crate) fn new(backing: A, config: Config) -> Self {
         Self {
             state: Mutex::new(State::new(&config)),
-            fronts: config.front_limit().map(Fronts::new),
+            fronts: config
+                .front_limit()
+                .map(|limit| Fronts::new(limit, config.evicts())),
             config,
             backing,
         }
@@ -323,7 +332,7 @@ impl<A: Allocator> Cache<A> {
     /// bytes given back. A panicking backing `deallocate` does not stop it:
     /// every block is handed back, then the first panic is resumed.
     pub(crate) fn release_cached(&self) -> usize {
-        self.drain_fronts(false);
+        let _ = self.drain_fronts(false);
         if self.carves() {
             return self.release_carved();
         }
@@ -370,7 +379,7 @@ impl<A: Allocator> Cache<A> {
     /// A panicking backing `deallocate` does not stop it: the trim goes on,
     /// then the first panic is resumed.
     pub(crate) fn trim(&self, target_bytes: usize) -> usize {
-        self.drain_fronts(false);
+        let _ = self.drain_fronts(false);
         if self.carves() {
             return self.trim_carved(target_bytes);
         }
@@ -551,6 +560,7 @@ impl<A: Allocator> Cache<A> {
         // Poisoned before it is listed: once listed, another thread may take
         // (and unpoison) it at any moment.
         poison::poison(block, key.size());
+        let mut drains = 0;
         loop {
             let mut state = self.state.lock();
             if state.caching_stopped {
@@ -561,12 +571,26 @@ impl<A: Allocator> Cache<A> {
                 return panics.resume();
             }
             if let Some(cap) = self.config.max_cached_bytes
-                && state.stats.bytes_cached + key.size() > cap
+                && state.stats.bytes_cached + state.credit_out + key.size() > cap
             {
                 // Make room: the cheapest cached block goes back. One at a
                 // time, with the lock released around the backing call.
                 let evicted = state.evict(Victim::Cheapest);
+                let credit_out = state.credit_out;
                 drop(state);
+                if evicted.is_none() {
+                    // The fronts' credit is in the way: take it back (a
+                    // drain returns it), at most twice.
+                    if credit_out > 0 && drains < 2 {
+                        drains += 1;
+                        let _ = self.drain_fronts(false);
+                        continue;
+                    }
+                    self.unreserve(key.size());
+                    // SAFETY: this function's contract.
+                    unsafe { self.give_back(block, key, requested) };
+                    return panics.resume();
+                }
                 if let Some((evicted_key, evicted_block)) = evicted {
                     self.unreserve(evicted_key.size());
                     // Caught: `block` is still to be listed.
@@ -655,14 +679,33 @@ impl<A: Allocator + Send + Sync> Member for Cache<A> {
         if self.carves() {
             return self.oldest_carved();
         }
-        self.state.lock().oldest_age()
+        let (oldest, credit_out) = {
+            let state = self.state.lock();
+            (state.oldest_age(), state.credit_out)
+        };
+        // A front's credit counts as old as its owner's last slow path.
+        match credit_out {
+            0 => oldest,
+            _ => self.oldest_front(oldest).or(oldest),
+        }
     }
 
     fn evict_oldest(&self) -> bool {
         if self.carves() {
             return self.evict_carved();
         }
+        let (oldest, credit_out) = {
+            let state = self.state.lock();
+            (state.oldest_age(), state.credit_out)
+        };
+        if credit_out > 0 && self.oldest_front(oldest).is_some() && self.evict_oldest_front() {
+            return true;
+        }
         let evicted = self.state.lock().evict(Victim::Oldest);
+        if evicted.is_none() && credit_out > 0 {
+            // Drained fronts give their credit back to the budget.
+            return self.drain_fronts(false) > 0;
+        }
         match evicted {
             Some((key, block)) => {
                 self.unreserve(key.size());
@@ -688,7 +731,7 @@ impl<A: Allocator> Drop for Cache<A> {
         // `Users`, and a budget let go of the cache when its users did), so no
         // block is in use: everything cached goes back.
         let mut panics = Deferred::new();
-        self.drain_fronts(true);
+        let _ = self.drain_fronts(true);
         self.release_into(&mut panics);
         if self.carves() {
             self.drop_segments(&mut panics);

@@ -106,6 +106,10 @@ pub(crate) struct Magazine {
     cursor: usize,
     /// Which way of a full set gives way next.
     turn: usize,
+    /// With a cap or a budget: the bytes this front may hold, granted by
+    /// the shared cache in batches (counted there against both). `None`:
+    /// no cap, no budget, only `limit`.
+    credit: Option<usize>,
 }
 
 // SAFETY: the pointers are blocks the cache owns while they sit in a bin;
@@ -121,13 +125,23 @@ fn set_of(key: Key) -> usize {
 }
 
 impl Magazine {
-    fn new(limit: usize) -> Self {
+    fn new(limit: usize, credited: bool) -> Self {
         Self {
             bins: [Bin::EMPTY; BINS],
             bytes: 0,
             limit,
             cursor: 0,
             turn: 0,
+            credit: credited.then_some(0),
+        }
+    }
+
+    /// The most this front may hold now: its limit, or less, its credit.
+    #[inline]
+    fn room(&self) -> usize {
+        match self.credit {
+            Some(credit) => credit.min(self.limit),
+            None => self.limit,
         }
     }
 
@@ -161,7 +175,7 @@ impl Magazine {
     /// limit.
     #[inline]
     fn push(&mut self, key: Key, block: *mut u8) -> bool {
-        if self.bytes + key.size() > self.limit {
+        if self.bytes + key.size() > self.room() {
             return false;
         }
         let Some(bin) = self.bin_for(key) else {
@@ -185,7 +199,8 @@ impl Magazine {
     /// Moves out what stands in the way of pushing a block of `key`: the
     /// older half of its full bin, another key's blocks in its set (the way
     /// the set's turn points at), or (over the limit) the next non-empty
-    /// bin. Empty when nothing does.
+    /// bin. Empty when nothing does. Short credit is not its business
+    /// (blocks take their credit with them): the shared cache grants more.
     fn make_room(&mut self, key: Key) -> Batch {
         let mut out = Batch::EMPTY;
         if self.bytes + key.size() > self.limit {
@@ -224,6 +239,10 @@ impl Magazine {
         bin.len -= count;
         if let Some(key) = bin.key {
             self.bytes -= key.size() * count;
+            // The blocks' credit moves with them to the shared cache.
+            if let Some(credit) = &mut self.credit {
+                *credit -= key.size() * count;
+            }
         }
     }
 
@@ -237,10 +256,11 @@ impl Magazine {
         kept
     }
 
-    /// Everything, leaving the magazine empty.
-    fn take_all(&mut self) -> [Bin; BINS] {
+    /// Everything, leaving the magazine empty; and its credit, if any.
+    fn take_all(&mut self) -> ([Bin; BINS], usize) {
         self.bytes = 0;
-        mem::replace(&mut self.bins, [Bin::EMPTY; BINS])
+        let credit = self.credit.as_mut().map_or(0, mem::take);
+        (mem::replace(&mut self.bins, [Bin::EMPTY; BINS]), credit)
     }
 }
 
@@ -398,6 +418,20 @@ impl Counters {
     }
 }
 
+/// What `Slot::make_room` did and found.
+pub(crate) struct Room {
+    /// Blocks moved out, on their way to the shared cache (their credit
+    /// with them).
+    pub(crate) batch: Batch,
+    /// The owner's counters to fold.
+    pub(crate) deltas: Deltas,
+    /// Credit the front still lacks to keep the block (0 without a cap or a
+    /// budget).
+    pub(crate) short: usize,
+    /// Credit the front could still take before its limit.
+    pub(crate) headroom: usize,
+}
+
 /// A slot's life.
 const LIVE: u8 = 0;
 /// Its thread exited: blocks wait for the cache to adopt them.
@@ -419,6 +453,9 @@ pub(crate) struct Slot {
     pub(crate) counters: Counters,
     /// The cache's count of orphaned slots.
     orphans: Arc<AtomicUsize>,
+    /// When the owner last took its slow path (a budget's clock): a budget
+    /// takes idle fronts' credit back first. Written by the owner only.
+    age: AtomicU64,
 }
 
 // SAFETY: the magazine is accessed only by the owner inside the protocol or by
@@ -432,17 +469,21 @@ unsafe impl Send for Slot {}
 pub(crate) struct Drained {
     pub(crate) bins: [Bin; BINS],
     pub(crate) deltas: Deltas,
+    /// The credit the front held (0 without a cap or a budget); the bins'
+    /// bytes are part of it.
+    pub(crate) credit: usize,
 }
 
 impl Slot {
-    pub(crate) fn new(limit: usize, orphans: Arc<AtomicUsize>) -> Self {
+    pub(crate) fn new(limit: usize, credited: bool, orphans: Arc<AtomicUsize>) -> Self {
         Self {
             active: AtomicBool::new(false),
             drain: AtomicBool::new(false),
             lock: Mutex::new(LIVE),
-            magazine: UnsafeCell::new(Magazine::new(limit)),
+            magazine: UnsafeCell::new(Magazine::new(limit, credited)),
             counters: Counters::default(),
             orphans,
+            age: AtomicU64::new(0),
         }
     }
 
@@ -503,7 +544,7 @@ impl Slot {
     /// Owner's slow path: what stands in the way of a block of `key`
     /// (see `Magazine::make_room`), and the counters to fold. `None` if a
     /// block of `key` can never be kept here.
-    pub(crate) fn make_room(&self, key: Key) -> Option<(Batch, Deltas)> {
+    pub(crate) fn make_room(&self, key: Key) -> Option<Room> {
         self.owner(|magazine, counters| {
             if !magazine.fits(key) {
                 return None;
@@ -512,8 +553,26 @@ impl Slot {
             if let Some(batch_key) = batch.key {
                 counters.on_moved(batch_key.size() * batch.len, batch.len, true);
             }
-            Some((batch, counters.take()))
+            let short = magazine.credit.map_or(0, |credit| {
+                (magazine.bytes + key.size()).saturating_sub(credit)
+            });
+            let headroom = magazine.limit.saturating_sub(magazine.credit.unwrap_or(0));
+            Some(Room {
+                batch,
+                deltas: counters.take(),
+                short,
+                headroom,
+            })
         })
+    }
+
+    /// Owner's slow path: adds credit the shared cache granted.
+    pub(crate) fn grant(&self, bytes: usize) {
+        self.owner(|magazine, _| {
+            if let Some(credit) = &mut magazine.credit {
+                *credit += bytes;
+            }
+        });
     }
 
     /// Owner's slow path: the counters to fold, reset.
@@ -558,14 +617,26 @@ impl Slot {
             // access and will see `drain` before entering again (see the
             // module docs).
             let magazine = unsafe { &mut *magazine };
+            let (bins, credit) = magazine.take_all();
             Drained {
-                bins: magazine.take_all(),
+                bins,
                 deltas: self.counters.take(),
+                credit,
             }
         });
         self.drain.store(false, Release);
         drop(life);
         Some(drained)
+    }
+
+    /// When the owner was last on its slow path.
+    pub(crate) fn age(&self) -> u64 {
+        self.age.load(Relaxed)
+    }
+
+    /// Owner only: records its slow path's time.
+    pub(crate) fn set_age(&self, age: u64) {
+        self.age.store(age, Relaxed);
     }
 
     /// Whether the slot's owner thread exited and its blocks wait for the
@@ -594,6 +665,8 @@ pub(crate) struct Fronts {
     stopped: AtomicBool,
     id: u64,
     limit: usize,
+    /// Whether fronts hold credit (the cache has a cap or a budget).
+    credited: bool,
     slots: Mutex<Vec<Arc<Slot>, Bookkeeping>>,
     orphans: Arc<AtomicUsize>,
 }
@@ -603,13 +676,15 @@ pub(crate) struct Fronts {
 static NEXT_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
 
 impl Fronts {
-    /// Front caches of at most `limit` bytes each.
-    pub(crate) fn new(limit: usize) -> Self {
+    /// Front caches of at most `limit` bytes each; `credited` if the cache
+    /// has a cap or a budget.
+    pub(crate) fn new(limit: usize, credited: bool) -> Self {
         asymmetric::prepare();
         Self {
             stopped: AtomicBool::new(false),
             id: NEXT_ID.fetch_add(1, Relaxed),
             limit,
+            credited,
             slots: Mutex::new(Vec::new_in(Bookkeeping)),
             orphans: Arc::new(AtomicUsize::new(0)),
         }
@@ -681,6 +756,13 @@ impl Fronts {
         }
     }
 
+    /// The slot whose owner was on its slow path least recently.
+    pub(crate) fn oldest_slot(&self) -> Option<Arc<Slot>> {
+        let _inside = reentry::inside();
+        let slots = self.slots.lock();
+        slots.iter().min_by_key(|slot| slot.age()).cloned()
+    }
+
     /// Forgets the slots that died (orphans a drain adopted).
     pub(crate) fn prune(&self) {
         let _inside = reentry::inside();
@@ -734,7 +816,11 @@ impl Table {
                 let mut registry = fronts.slots.lock();
                 registry.try_reserve(1).ok()?;
                 slots.try_reserve(1).ok()?;
-                let slot = Arc::new(Slot::new(fronts.limit, fronts.orphans.clone()));
+                let slot = Arc::new(Slot::new(
+                    fronts.limit,
+                    fronts.credited,
+                    fronts.orphans.clone(),
+                ));
                 registry.push(slot.clone());
                 let pointer = Arc::as_ptr(&slot);
                 slots.push((fronts.id, slot));

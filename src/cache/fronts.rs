@@ -16,6 +16,7 @@ use core::ptr::{self, NonNull};
 use allocator_api2::alloc::{AllocError, Allocator};
 
 use super::{Cache, State};
+use crate::eviction::Victim;
 use crate::front::{Batch, Bin, DEPTH, Deltas, Fronts, Slot};
 use crate::poison;
 use crate::policy::Key;
@@ -108,6 +109,7 @@ impl<A: Allocator> Cache<A> {
         zeroed: bool,
     ) -> Result<NonNull<[u8]>, AllocError> {
         self.adopt_orphans();
+        self.touch_front(slot);
         let deltas = slot.take_counters();
         if self.carves() {
             self.state.lock().fold(&deltas);
@@ -137,13 +139,19 @@ impl<A: Allocator> Cache<A> {
             return Ok(NonNull::slice_from_raw_parts(block, layout.size()));
         };
         let kept = slot.refill(key, &refill[..taken]);
+        // The user's block and the kept ones left the shared lists: the
+        // budget counted them as cached; now one is in use and the others
+        // sit in the front's credit.
+        if let Some(budget) = &self.config.budget {
+            budget.unreserve(key.size() * (1 + kept));
+        }
         if kept < taken {
             let mut batch = Batch::EMPTY;
             batch.key = Some(key);
             batch.len = taken - kept;
             batch.blocks[..batch.len].copy_from_slice(&refill[kept..taken]);
             // Listed again: they left the lists above, uncounted as moves.
-            self.relist_batch(&Deltas::default(), &batch);
+            self.relist_batch(&Deltas::default(), &batch, false);
         }
         poison::unpoison(block, key.size());
         if zeroed {
@@ -171,20 +179,31 @@ impl<A: Allocator> Cache<A> {
         layout: Layout,
     ) {
         self.adopt_orphans();
-        // Each round empties one bin or half of one; a front has few.
+        self.touch_front(slot);
+        // Each round empties one bin or half of one, or takes credit; a
+        // front has few bins.
         for _ in 0..=crate::front::BINS + 1 {
-            let Some((batch, deltas)) = slot.make_room(key) else {
+            let Some(room) = slot.make_room(key) else {
                 // Larger than a whole front: the shared side takes it.
                 self.fold_mine();
                 break;
             };
-            let moved = batch.len;
-            self.relist_batch(&deltas, &batch);
+            let moved = room.batch.len;
+            self.relist_batch(&room.deltas, &room.batch, true);
+            if room.short > 0 {
+                let granted = self.grant_credit(room.short, room.headroom);
+                if granted == 0 {
+                    break;
+                }
+                slot.grant(granted);
+            } else if moved == 0 {
+                if slot.push(key, block, layout.size()) {
+                    return;
+                }
+                break;
+            }
             if slot.push(key, block, layout.size()) {
                 return;
-            }
-            if moved == 0 {
-                break;
             }
         }
         // SAFETY: this function's contract.
@@ -201,17 +220,89 @@ impl<A: Allocator> Cache<A> {
         }
     }
 
+    /// Grants a front at least `needed` bytes of credit (up to a batch,
+    /// within `headroom`), counted against the cap and reserved on the
+    /// budget; 0 if there is no room even after evicting shared blocks.
+    fn grant_credit(&self, needed: usize, headroom: usize) -> usize {
+        if needed > headroom {
+            return 0;
+        }
+        // A batch: a sixteenth of the cap or the budget, so that a few
+        // threads' fronts leave the shared cache most of it.
+        let limit = match (self.config.max_cached_bytes, &self.config.budget) {
+            (Some(cap), Some(budget)) => cap.min(budget.limit()),
+            (Some(cap), None) => cap,
+            (None, Some(budget)) => budget.limit(),
+            (None, None) => return needed,
+        };
+        let want = (limit / 16).clamp(needed, headroom);
+        // The budget first, with the lock free (it may evict, this very
+        // cache's fronts included), and before the grant counts anywhere,
+        // so an eviction it triggers never finds it.
+        let mut granted = want;
+        if let Some(budget) = &self.config.budget {
+            let mut panics = Deferred::new();
+            granted = if panics.catch(|| budget.reserve(want)) == Some(true) {
+                want
+            } else if want > needed && panics.catch(|| budget.reserve(needed)) == Some(true) {
+                needed
+            } else {
+                0
+            };
+            panics.resume();
+            if granted == 0 {
+                return 0;
+            }
+        }
+        let Some(cap) = self.config.max_cached_bytes else {
+            self.state.lock().credit_out += granted;
+            return granted;
+        };
+        let mut panics = Deferred::new();
+        let mut counted = 0;
+        loop {
+            let mut state = self.state.lock();
+            let room = cap.saturating_sub(state.stats.bytes_cached + state.credit_out);
+            if room >= needed {
+                counted = granted.min(room);
+                state.credit_out += counted;
+                break;
+            }
+            // The cheapest shared block goes back, with the lock released
+            // around the backing call, as for a free.
+            let Some((key, block)) = state.evict(Victim::Cheapest) else {
+                break;
+            };
+            drop(state);
+            self.unreserve(key.size());
+            panics.catch(|| {
+                // SAFETY: the block left the free lists under the lock: ours
+                // alone, taken with its key's layout.
+                unsafe { self.backing_deallocate(block, key) }
+            });
+        }
+        // The budget's share beyond what the cap let through goes back.
+        self.unreserve(granted - counted);
+        panics.resume();
+        counted
+    }
+
     /// Folds `deltas` and lists a batch from a front; blocks that cannot be
-    /// listed go back to the backing allocator.
-    fn relist_batch(&self, deltas: &Deltas, batch: &Batch) {
+    /// listed go back to the backing allocator. With `credited`, the blocks
+    /// bring their front credit with them (a batch the owner moved out).
+    fn relist_batch(&self, deltas: &Deltas, batch: &Batch, credited: bool) {
         let mut panics = Deferred::new();
         let mut unlisted = Batch::EMPTY;
         unlisted.key = batch.key;
         {
             let mut state = self.state.lock();
             state.fold(deltas);
+            if credited && self.fronts_hold_credit() {
+                let bytes: usize = batch.iter().map(|(key, _)| key.size()).sum();
+                state.credit_out -= bytes;
+            }
             for (key, block) in batch.iter() {
-                if !self.relist(&mut state, key, block) {
+                if !self.relist(&mut state, key, block, false) {
                     unlisted.blocks[unlisted.len] = block.as_ptr();
                     unlisted.len += 1;
                 }
@@ -219,14 +310,21 @@ impl<A: Allocator> Cache<A> {
             self.after_relist(&mut state);
         }
         for (key, block) in unlisted.iter() {
+            // Reserved on the budget as cached (or as credit) until now.
+            self.unreserve(key.size());
             self.give_back_unlisted(key, block, &mut panics);
         }
         panics.resume();
     }
 
+    /// Whether this cache's fronts hold credit (a cap or a budget).
+    fn fronts_hold_credit(&self) -> bool {
+        self.config.evicts()
+    }
+
     /// Lists one block that came back from a front, under the lock; false
     /// if it must go back to the backing allocator instead.
-    fn relist(&self, state: &mut State, key: Key, block: NonNull<u8>) -> bool {
+    fn relist(&self, state: &mut State, key: Key, block: NonNull<u8>, evict: bool) -> bool {
         // A carved block has no backing allocation of its own: it always
         // goes back into the arena.
         if self.carves() {
@@ -237,9 +335,16 @@ impl<A: Allocator> Cache<A> {
             state.stats.bytes_lost_to_rounding -= len - key.size();
             return true;
         }
-        state.clock += 1;
-        let cached = state.stamp(key, block, state.clock);
-        if state.caching_stopped || state.push(key, cached).is_err() {
+        // Ages are unique on the budget's one clock, or on the cache's own.
+        let age = match &self.config.budget {
+            Some(budget) if !evict => budget.tick(),
+            _ => {
+                state.clock += 1;
+                state.clock
+            }
+        };
+        let cached = state.stamp(key, block, age);
+        if evict || state.caching_stopped || state.push(key, cached).is_err() {
             state.stats.evictions += 1;
             state.stats.bytes_evicted += key.size() as u64;
             state.stats.backing_frees += 1;
@@ -274,11 +379,22 @@ impl<A: Allocator> Cache<A> {
 
     /// Takes in the magazine of a drained slot: its counters and all its
     /// blocks, under one lock.
-    fn take_in(&self, deltas: &Deltas, mut bins: [Bin; crate::front::BINS]) {
+    fn take_in(
+        &self,
+        deltas: &Deltas,
+        mut bins: [Bin; crate::front::BINS],
+        credit: usize,
+        evict: bool,
+    ) {
         let mut panics = Deferred::new();
+        let held: usize = bins
+            .iter()
+            .map(|bin| bin.held().map(|(key, _)| key.size()).sum::<usize>())
+            .sum();
         {
             let mut state = self.state.lock();
             state.fold(deltas);
+            state.credit_out -= credit;
             let mut moved = Deltas::default();
             for bin in &mut bins {
                 let Some(key) = bin.key else { continue };
@@ -288,7 +404,7 @@ impl<A: Allocator> Cache<A> {
                     let Some(block) = NonNull::new(bin.blocks[at]) else {
                         continue;
                     };
-                    if self.relist(&mut state, key, block) {
+                    if self.relist(&mut state, key, block, evict) {
                         bin.blocks[at] = ptr::null_mut();
                     }
                 }
@@ -296,8 +412,14 @@ impl<A: Allocator> Cache<A> {
             state.fold(&moved);
             self.after_relist(&mut state);
         }
+        // The credit the blocks did not use goes back to the budget (the
+        // listed blocks stay reserved, now as cached).
+        self.unreserve(credit.saturating_sub(held));
         for bin in &bins {
             for (key, block) in bin.held() {
+                if credit > 0 {
+                    self.unreserve(key.size());
+                }
                 self.give_back_unlisted(key, block, &mut panics);
             }
         }
@@ -306,11 +428,13 @@ impl<A: Allocator> Cache<A> {
 
     /// Brings every front cache's blocks to the shared side: the drainer's
     /// side of the protocol, slot by slot. With `dead` (the cache drops),
-    /// the slots are also marked dead and leave the registry.
-    pub(super) fn drain_fronts(&self, dead: bool) {
+    /// the slots are also marked dead and leave the registry. Returns the
+    /// credit the fronts gave back.
+    pub(super) fn drain_fronts(&self, dead: bool) -> usize {
         let Some(fronts) = &self.fronts else {
-            return;
+            return 0;
         };
+        let mut credit = 0;
         let slots = if dead {
             fronts.take_all_slots()
         } else {
@@ -318,11 +442,44 @@ impl<A: Allocator> Cache<A> {
         };
         for slot in slots.iter() {
             if let Some(drained) = slot.drain(dead) {
-                self.take_in(&drained.deltas, drained.bins);
+                credit += drained.credit;
+                self.take_in(&drained.deltas, drained.bins, drained.credit, false);
             }
         }
         if !dead {
             fronts.prune();
+        }
+        credit
+    }
+
+    /// A budget's eviction reaching the fronts: the slot active least
+    /// recently, if it is older than `than` (the shared cache's oldest
+    /// block), and its age.
+    pub(super) fn oldest_front(&self, than: Option<u64>) -> Option<u64> {
+        let fronts = self.fronts.as_ref()?;
+        let age = fronts.oldest_slot()?.age();
+        than.is_none_or(|than| age < than).then_some(age)
+    }
+
+    /// Gives back the blocks and the credit of the front active least
+    /// recently (a budget's eviction); whether it held any credit.
+    pub(super) fn evict_oldest_front(&self) -> bool {
+        let Some(slot) = self.fronts.as_ref().and_then(Fronts::oldest_slot) else {
+            return false;
+        };
+        let Some(drained) = slot.drain(false) else {
+            return false;
+        };
+        self.take_in(&drained.deltas, drained.bins, drained.credit, true);
+        self.fronts.as_ref().map(Fronts::prune);
+        drained.credit > 0
+    }
+
+    /// Marks the calling thread's front as active now (its slow paths), on
+    /// the budget's clock: a budget takes idle fronts' credit back first.
+    pub(super) fn touch_front(&self, slot: &Slot) {
+        if let Some(budget) = &self.config.budget {
+            slot.set_age(budget.tick());
         }
     }
 
@@ -336,7 +493,7 @@ impl<A: Allocator> Cache<A> {
         }
         for slot in fronts.slots(true).iter() {
             if let Some(drained) = slot.drain(true) {
-                self.take_in(&drained.deltas, drained.bins);
+                self.take_in(&drained.deltas, drained.bins, drained.credit, false);
             }
         }
     }

@@ -27,6 +27,7 @@
 //! slot's identity is a cache id that is never reused, so a new cache at a
 //! freed cache's address never finds a stale slot.
 
+use core::alloc::Layout;
 use core::cell::{Cell, RefCell};
 use core::mem;
 use core::ptr::NonNull;
@@ -96,10 +97,44 @@ impl Batch {
     }
 }
 
+/// A set's keys and lengths, in one cache line: a lookup reads this line
+/// and then the one line of the bin's blocks.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Tags {
+    /// Each way's key, packed (`pack`); 0: no key.
+    keys: [u64; WAYS],
+    lens: [u8; WAYS],
+}
+
+impl Tags {
+    const EMPTY: Tags = Tags {
+        keys: [0; WAYS],
+        lens: [0; WAYS],
+    };
+}
+
+/// A key in one word: the block size below bit 58, the alignment's log
+/// above. `None` for a block too large to pack (no front keeps it).
+#[inline]
+fn pack(key: Key) -> Option<u64> {
+    let size = key.size() as u64;
+    (size < 1 << 58).then(|| size | (u64::from(key.block_layout().align().trailing_zeros()) << 58))
+}
+
+#[inline]
+fn unpack(packed: u64) -> Option<Key> {
+    let size = (packed & ((1 << 58) - 1)) as usize;
+    let align = 1usize.checked_shl((packed >> 58) as u32)?;
+    Key::for_block(Layout::from_size_align(size, align).ok()?)
+}
+
 /// The owner's data: bins and the bytes they hold. Touched only by the owner
 /// (inside the protocol) or by a drainer holding the slot exclusively.
 pub(crate) struct Magazine {
-    bins: [Bin; BINS],
+    tags: [Tags; SETS],
+    /// Each bin's blocks, most recent last; bin `set * WAYS + way`.
+    blocks: [[*mut u8; DEPTH]; BINS],
     bytes: usize,
     limit: usize,
     /// The next bin to give back when the magazine is over its limit.
@@ -116,18 +151,17 @@ pub(crate) struct Magazine {
 // moving the magazine moves that ownership (a `Vec<Box<[u8]>>` would be Send).
 unsafe impl Send for Magazine {}
 
-/// The first bin of `key`'s set.
+/// The set of a packed key.
 #[inline]
-fn set_of(key: Key) -> usize {
-    let mixed = (key.size() as u64 ^ ((key.block_layout().align() as u64) << 40))
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (mixed >> (64 - SETS.trailing_zeros())) as usize * WAYS
+fn set_of(packed: u64) -> usize {
+    (packed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SETS.trailing_zeros())) as usize
 }
 
 impl Magazine {
     fn new(limit: usize, credited: bool) -> Self {
         Self {
-            bins: [Bin::EMPTY; BINS],
+            tags: [Tags::EMPTY; SETS],
+            blocks: [[core::ptr::null_mut(); DEPTH]; BINS],
             bytes: 0,
             limit,
             cursor: 0,
@@ -148,27 +182,13 @@ impl Magazine {
     /// Takes the most recently freed block of `key`.
     #[inline]
     fn pop(&mut self, key: Key) -> Option<*mut u8> {
-        let set = set_of(key);
-        let bin = self.bins[set..set + WAYS]
-            .iter_mut()
-            .find(|bin| bin.key == Some(key) && bin.len != 0)?;
-        bin.len -= 1;
+        let packed = pack(key)?;
+        let set = set_of(packed);
+        let tags = &mut self.tags[set];
+        let way = (0..WAYS).find(|&way| tags.keys[way] == packed && tags.lens[way] != 0)?;
+        tags.lens[way] -= 1;
         self.bytes -= key.size();
-        Some(bin.blocks[bin.len])
-    }
-
-    /// The bin of `key` in its set, else an empty one (given the key).
-    #[inline]
-    fn bin_for(&mut self, key: Key) -> Option<&mut Bin> {
-        let set = set_of(key);
-        let ways = &mut self.bins[set..set + WAYS];
-        let at = match ways.iter().position(|bin| bin.key == Some(key)) {
-            Some(at) => at,
-            None => ways.iter().position(|bin| bin.len == 0)?,
-        };
-        let bin = &mut ways[at];
-        bin.key = Some(key);
-        Some(bin)
+        Some(self.blocks[set * WAYS + way][usize::from(tags.lens[way])])
     }
 
     /// Keeps `block` if its bin has room and the magazine stays within its
@@ -178,14 +198,27 @@ impl Magazine {
         if self.bytes + key.size() > self.room() {
             return false;
         }
-        let Some(bin) = self.bin_for(key) else {
+        let Some(packed) = pack(key) else {
             return false;
         };
-        if bin.len == DEPTH {
+        let set = set_of(packed);
+        let tags = &mut self.tags[set];
+        let way = match (0..WAYS).find(|&way| tags.keys[way] == packed) {
+            Some(way) => way,
+            None => {
+                let Some(way) = (0..WAYS).find(|&way| tags.lens[way] == 0) else {
+                    return false;
+                };
+                tags.keys[way] = packed;
+                way
+            }
+        };
+        let len = usize::from(tags.lens[way]);
+        if len == DEPTH {
             return false;
         }
-        bin.blocks[bin.len] = block;
-        bin.len += 1;
+        self.blocks[set * WAYS + way][len] = block;
+        tags.lens[way] += 1;
         self.bytes += key.size();
         true
     }
@@ -193,7 +226,7 @@ impl Magazine {
     /// Whether a block of `key` could ever be kept.
     #[inline]
     pub(crate) fn fits(&self, key: Key) -> bool {
-        key.size() <= self.limit
+        key.size() <= self.limit && pack(key).is_some()
     }
 
     /// Moves out what stands in the way of pushing a block of `key`: the
@@ -207,37 +240,44 @@ impl Magazine {
             for _ in 0..BINS {
                 let at = self.cursor;
                 self.cursor = (self.cursor + 1) % BINS;
-                if self.bins[at].len != 0 {
-                    self.take_bin(at, self.bins[at].len, &mut out);
+                let len = usize::from(self.tags[at / WAYS].lens[at % WAYS]);
+                if len != 0 {
+                    self.take_bin(at, len, &mut out);
                     return out;
                 }
             }
             return out;
         }
-        let set = set_of(key);
-        let ways = &self.bins[set..set + WAYS];
-        if let Some(way) = ways.iter().position(|bin| bin.key == Some(key)) {
-            if ways[way].len == DEPTH {
-                self.take_bin(set + way, DEPTH / 2, &mut out);
+        let Some(packed) = pack(key) else {
+            return out;
+        };
+        let set = set_of(packed);
+        let tags = self.tags[set];
+        if let Some(way) = (0..WAYS).find(|&way| tags.keys[way] == packed) {
+            if usize::from(tags.lens[way]) == DEPTH {
+                self.take_bin(set * WAYS + way, DEPTH / 2, &mut out);
             }
-        } else if ways.iter().all(|bin| bin.len != 0) {
+        } else if tags.lens.iter().all(|&len| len != 0) {
             // Every way holds another key: the turn's way goes.
             self.turn = self.turn.wrapping_add(1);
-            let at = set + self.turn % WAYS;
-            self.take_bin(at, self.bins[at].len, &mut out);
+            let way = self.turn % WAYS;
+            self.take_bin(set * WAYS + way, usize::from(tags.lens[way]), &mut out);
         }
         out
     }
 
     /// Moves the `count` oldest blocks of bin `at` into `out`.
     fn take_bin(&mut self, at: usize, count: usize, out: &mut Batch) {
-        let bin = &mut self.bins[at];
-        out.key = bin.key;
+        let tags = &mut self.tags[at / WAYS];
+        let way = at % WAYS;
+        let len = usize::from(tags.lens[way]);
+        let blocks = &mut self.blocks[at];
+        out.key = unpack(tags.keys[way]);
         out.len = count;
-        out.blocks[..count].copy_from_slice(&bin.blocks[..count]);
-        bin.blocks.copy_within(count..bin.len, 0);
-        bin.len -= count;
-        if let Some(key) = bin.key {
+        out.blocks[..count].copy_from_slice(&blocks[..count]);
+        blocks.copy_within(count..len, 0);
+        tags.lens[way] -= count as u8;
+        if let Some(key) = out.key {
             self.bytes -= key.size() * count;
             // The blocks' credit moves with them to the shared cache.
             if let Some(credit) = &mut self.credit {
@@ -258,9 +298,17 @@ impl Magazine {
 
     /// Everything, leaving the magazine empty; and its credit, if any.
     fn take_all(&mut self) -> ([Bin; BINS], usize) {
+        let mut bins = [Bin::EMPTY; BINS];
+        for (at, bin) in bins.iter_mut().enumerate() {
+            let tags = &mut self.tags[at / WAYS];
+            let way = at % WAYS;
+            bin.key = unpack(tags.keys[way]);
+            bin.len = usize::from(mem::take(&mut tags.lens[way]));
+            bin.blocks = self.blocks[at];
+        }
         self.bytes = 0;
         let credit = self.credit.as_mut().map_or(0, mem::take);
-        (mem::replace(&mut self.bins, [Bin::EMPTY; BINS]), credit)
+        (bins, credit)
     }
 }
 

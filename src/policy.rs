@@ -109,6 +109,13 @@ impl Key {
     }
 
     /// The size of the key's blocks.
+    /// The key of a block of exactly `block`'s layout (a front cache's
+    /// packed key, unpacked): `None` below the minimum alignment.
+    #[inline]
+    pub(crate) fn for_block(block: Layout) -> Option<Key> {
+        (block.align() >= MIN_ALIGN).then_some(Key { block })
+    }
+
     #[inline]
     pub(crate) fn size(self) -> usize {
         self.block.size()

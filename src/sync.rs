@@ -119,6 +119,7 @@ pub(crate) mod asymmetric {
     #[cfg(all(target_os = "linux", not(miri), not(loom)))]
     mod membarrier {
         const QUERY: libc::c_long = 0;
+        const GLOBAL: libc::c_long = 1;
         const PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
         const REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
 
@@ -137,9 +138,27 @@ pub(crate) mod asymmetric {
 
         /// A full fence on every running thread of this process.
         pub(super) fn expedited() {
-            // SAFETY: as above. It cannot fail once registered (the only
-            // documented errors are for unregistered or unknown commands).
-            unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0) };
+            // SAFETY: as above.
+            if unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0) } == 0 {
+                return;
+            }
+            // Not registered (a child after `fork` may not inherit it):
+            // register again, else the slow command that needs none
+            // (`MEMBARRIER_CMD_GLOBAL`, an RCU grace period). Either is a
+            // full fence on every thread; owners never notice the difference.
+            // SAFETY: as above.
+            if register()
+                && unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0) } == 0
+            {
+                return;
+            }
+            // SAFETY: as above.
+            let global = unsafe { libc::syscall(libc::SYS_membarrier, GLOBAL, 0) };
+            // With neither, the owners' compiler fences would not be enough:
+            // stop rather than risk handing a block out twice.
+            if global != 0 {
+                std::process::abort();
+            }
         }
     }
 

@@ -146,10 +146,11 @@ pub(crate) mod asymmetric {
             // register again, else the slow command that needs none
             // (`MEMBARRIER_CMD_GLOBAL`, an RCU grace period). Either is a
             // full fence on every thread; owners never notice the difference.
-            // SAFETY: as above.
-            if register()
-                && unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0) } == 0
-            {
+            let again = register() && {
+                // SAFETY: as above.
+                unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0) == 0 }
+            };
+            if again {
                 return;
             }
             // SAFETY: as above.

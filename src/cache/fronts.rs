@@ -42,7 +42,10 @@ impl State {
         );
         raise(
             &mut stats.peak_bytes_cached,
-            add(stats.bytes_cached + self.front_bytes, deltas.peak_front),
+            add(
+                stats.bytes_cached.wrapping_add(self.front_bytes),
+                deltas.peak_front,
+            ),
         );
         stats.hits += deltas.hits;
         stats.frees += deltas.frees;
@@ -68,7 +71,7 @@ pub(super) fn with_fronts(
     // thread works at a time (its slow paths fold it, and nothing else
     // moves the shared books meanwhile), an upper bound otherwise.
     let mut peak = stats.bytes_in_use;
-    let mut peak_cached = stats.bytes_cached + front_bytes;
+    let mut peak_cached = stats.bytes_cached.wrapping_add(front_bytes);
     for deltas in slots {
         peak = add(peak, deltas.peak_in_use);
         peak_cached = add(peak_cached, deltas.peak_front);
@@ -81,8 +84,8 @@ pub(super) fn with_fronts(
         bytes = add(bytes, deltas.front_bytes());
         blocks = add(blocks, deltas.front_blocks());
     }
-    stats.bytes_cached += bytes;
-    stats.blocks_cached += blocks;
+    stats.bytes_cached = stats.bytes_cached.wrapping_add(bytes);
+    stats.blocks_cached = stats.blocks_cached.wrapping_add(blocks);
     raise(&mut stats.peak_bytes_in_use, peak);
     raise(&mut stats.peak_bytes_in_use, stats.bytes_in_use);
     raise(&mut stats.peak_bytes_cached, peak_cached);
@@ -395,11 +398,17 @@ impl<A: Allocator> Cache<A> {
             let mut state = self.state.lock();
             state.fold(deltas);
             state.credit_out -= credit;
+            // The blocks leave the front before they join the lists, so no
+            // moment counts them twice (peaks included).
             let mut moved = Deltas::default();
-            for bin in &mut bins {
+            for bin in &bins {
                 let Some(key) = bin.key else { continue };
                 moved.moved_bytes += (key.size() * bin.len) as u64;
                 moved.moved_blocks += bin.len as u64;
+            }
+            state.fold(&moved);
+            for bin in &mut bins {
+                let Some(key) = bin.key else { continue };
                 for at in 0..bin.len {
                     let Some(block) = NonNull::new(bin.blocks[at]) else {
                         continue;
@@ -409,7 +418,6 @@ impl<A: Allocator> Cache<A> {
                     }
                 }
             }
-            state.fold(&moved);
             self.after_relist(&mut state);
         }
         // The credit the blocks did not use goes back to the budget (the

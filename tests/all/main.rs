@@ -15,6 +15,7 @@ mod best_fit;
 mod budget;
 mod collections;
 mod failure;
+mod fronts;
 mod installed;
 #[cfg(feature = "nightly")]
 mod nightly;

@@ -27,6 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::panic;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier};
 use std::thread::{self, JoinHandle};
@@ -1495,7 +1496,73 @@ fn best_fit_fronts_count_nothing_lost_to_rounding_with_nothing_in_use() {
 }
 
 // ---------------------------------------------------------------------------
-// Stats under traffic.
+// Concurrency: drains and stats while another thread works.
+
+/// Sets its flag when dropped: a thread that panics still tells the thread
+/// looping until it is done (no hang).
+struct Done<'a>(&'a AtomicBool);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Sizes with many keys, so a thread's front slow paths (misses that fold
+/// its counters, full bins and over-limit fronts moving a batch) are
+/// frequent.
+fn many_keys() -> Vec<usize> {
+    (1..=48).map(|i| i * 64).collect()
+}
+
+/// One thread allocates and frees blocks of many sizes through a small
+/// front (its slow paths take its counters and fold them under the shared
+/// lock), while another loops `release_cached()` and `trim(0)`, draining that
+/// front between the two: neither may panic, every block keeps its bytes,
+/// and once both are done the books are exact and a release leaves nothing
+/// reserved.
+#[test]
+fn releases_and_trims_racing_with_front_slow_paths() {
+    const ROUNDS: usize = 3000;
+    let sizes = many_keys();
+    for policy in POLICIES {
+        let (cache, backing) = built(fronted(policy, 8 << 10));
+        let done = AtomicBool::new(false);
+        thread::scope(|threads| {
+            threads.spawn(|| {
+                let _done = Done(&done);
+                for round in 0..ROUNDS {
+                    let blocks: Vec<(u8, AVec<u8, Cache>)> = (0..4)
+                        .map(|i| {
+                            let seed = (round + i) as u8;
+                            let size = sizes[(round * 7 + i * 13) % sizes.len()];
+                            (seed, filled_vec(&cache, size, seed))
+                        })
+                        .collect();
+                    blocks.iter().for_each(check_parcel);
+                }
+            });
+            threads.spawn(|| {
+                let mut round = 0u64;
+                while !done.load(Ordering::Acquire) {
+                    if round.is_multiple_of(2) {
+                        cache.release_cached();
+                    } else {
+                        cache.trim(0);
+                    }
+                    round += 1;
+                }
+            });
+        });
+        let stats = cache.stats();
+        let blocks = (ROUNDS * 4) as u64;
+        assert_eq!((stats.hits + stats.misses, stats.frees), (blocks, blocks));
+        assert_books(&stats, &backing, policy);
+        release_everything(&cache, &backing);
+        drop(cache);
+        backing.assert_all_returned();
+    }
+}
 
 /// `stats()` read while another thread works the fronts (misses, hits and
 /// frees whose slow paths fold the thread's counters): a snapshot is exact
@@ -1504,14 +1571,14 @@ fn best_fit_fronts_count_nothing_lost_to_rounding_with_nothing_in_use() {
 #[test]
 fn stats_read_during_front_traffic_stay_plausible() {
     const ROUNDS: usize = 3000;
-    // Many keys, so the working thread's slow paths (folds) are frequent.
-    let sizes: Vec<usize> = (1..=48).map(|i| i * 64).collect();
+    let sizes = many_keys();
     let most = sizes.iter().sum::<usize>() * 2;
     for policy in POLICIES {
         let (cache, _backing) = built(fronted(policy, 8 << 10));
-        let done = std::sync::atomic::AtomicBool::new(false);
+        let done = AtomicBool::new(false);
         thread::scope(|threads| {
             threads.spawn(|| {
+                let _done = Done(&done);
                 for round in 0..ROUNDS {
                     let size = sizes[round * 7 % sizes.len()];
                     let a = take(&cache, l(size));
@@ -1519,10 +1586,9 @@ fn stats_read_during_front_traffic_stay_plausible() {
                     give(&cache, a);
                     give(&cache, b);
                 }
-                done.store(true, std::sync::atomic::Ordering::Release);
             });
             let mut reads = 0u64;
-            while !done.load(std::sync::atomic::Ordering::Acquire) {
+            while !done.load(Ordering::Acquire) {
                 let stats = cache.stats();
                 reads += 1;
                 for (name, value) in [

@@ -19,8 +19,13 @@
 //!   front over; the last handle dropped while threads hold fronts; many
 //!   threads freeing one thread's blocks and blocks handed round a ring;
 //!   `stop_caching_after_failure`; zero-sized, over-aligned and absurd
-//!   requests; `Vec` growth and `shrink_to_fit` through the fronts; and stats
+//!   requests; `Vec` growth and `shrink_to_fit` through the fronts; peaks
+//!   (exact for one thread, never below a value reported with several);
+//!   releases and trims racing with another thread's slow paths; and stats
 //!   read while another thread works.
+//!
+//! Some of these fail on library bugs found while writing them; each
+//! failing test's doc says what it expects.
 //!
 //! Best fit runs over fixed segments from the ledger backing (`build_in`),
 //! so the ledger checks every segment comes back once.
@@ -313,6 +318,47 @@ impl Live {
     }
 }
 
+/// The peaks a model saw.
+#[derive(Clone, Copy, Debug, Default)]
+struct Peaks {
+    in_use: usize,
+    cached: usize,
+    reserved: usize,
+}
+
+impl Peaks {
+    fn see(&mut self, stats: &Stats) {
+        self.in_use = self.in_use.max(stats.bytes_in_use);
+        self.cached = self.cached.max(stats.bytes_cached);
+        self.reserved = self.reserved.max(stats.bytes_reserved);
+    }
+
+    /// `stats`' peaks are at least the ones seen.
+    #[track_caller]
+    fn assert_bounded_by(&self, stats: &Stats) {
+        assert!(
+            stats.peak_bytes_in_use >= self.in_use
+                && stats.peak_bytes_cached >= self.cached
+                && stats.peak_bytes_reserved >= self.reserved,
+            "peaks below the ones seen ({self:?}): {stats:?}"
+        );
+    }
+
+    /// `stats`' peaks are exactly the ones seen.
+    #[track_caller]
+    fn assert_exact(&self, stats: &Stats) {
+        assert_eq!(
+            (
+                stats.peak_bytes_in_use,
+                stats.peak_bytes_cached,
+                stats.peak_bytes_reserved
+            ),
+            (self.in_use, self.cached, self.reserved),
+            "peaks (in use, cached, reserved) differ from the ones seen: {stats:?}"
+        );
+    }
+}
+
 struct Harness {
     policy: SizePolicy,
     limit: usize,
@@ -325,6 +371,13 @@ struct Harness {
     cached: BTreeMap<usize, Layout>,
     allocations: u64,
     frees: u64,
+    /// The highest bytes in use, cached and reserved seen after an
+    /// operation (each changes one way within an operation, so these are
+    /// the true peaks).
+    peaks: Peaks,
+    /// Whether the peaks of bytes in use and cached must be at least the
+    /// highest values seen.
+    check_peaks: bool,
     /// Per worker: the block its last operation freed, if it was a free
     /// (and no trim, release or exit came since).
     last_free: [Option<(Layout, usize)>; THREADS],
@@ -347,6 +400,8 @@ impl Harness {
             cached: BTreeMap::new(),
             allocations: 0,
             frees: 0,
+            peaks: Peaks::default(),
+            check_peaks: false,
             last_free: [None; THREADS],
             freed_layouts: Vec::new(),
             next_seed: 0,
@@ -595,8 +650,21 @@ impl Harness {
     }
 
     /// The stats against the model, the ledger, and the live blocks.
-    fn check(&self) {
+    fn check(&mut self) {
         let stats = self.cache.stats();
+        // With several threads the peaks of bytes in use and cached are
+        // documented as upper bounds (exact only while one thread works):
+        // checked with `check_peaks` (a library bug makes them fall below
+        // what `stats()` reported). The bytes reserved move only under the
+        // shared lock: their peak is exact.
+        self.peaks.see(&stats);
+        if self.check_peaks {
+            self.peaks.assert_bounded_by(&stats);
+        }
+        assert_eq!(
+            stats.peak_bytes_reserved, self.peaks.reserved,
+            "peak reserved: {stats:?}"
+        );
         let in_use: usize = self.live.iter().map(|live| live.held.layout.size()).sum();
         assert_eq!(
             (stats.bytes_in_use, stats.blocks_in_use),
@@ -732,6 +800,22 @@ proptest! {
         limit in limit(), ops in ops(), release in any::<bool>()
     ) {
         Harness::new(SizePolicy::BestFit, limit).run(&ops, release);
+    }
+
+    /// Exact sizes, also checking that the peaks of bytes in use and cached
+    /// are upper bounds of every value `stats()` reported (documented:
+    /// exact while one thread works, an upper bound with several).
+    #[test]
+    #[ignore = "library bug: with several threads (even taking turns) a slot's peak delta is \
+                added to the shared books as they stand when read, which other threads \
+                lowered meanwhile: peak_bytes_cached (and _in_use) fall below a value \
+                stats() already reported; see fronts::peaks_never_fall_below_what_stats_reported"]
+    fn exact_fronts_peaks_bound_what_stats_reported(
+        limit in limit(), ops in ops(), release in any::<bool>()
+    ) {
+        let mut harness = Harness::new(SizePolicy::Exact, limit);
+        harness.check_peaks = true;
+        harness.run(&ops, release);
     }
 }
 
@@ -1493,6 +1577,143 @@ fn best_fit_fronts_count_nothing_lost_to_rounding_with_nothing_in_use() {
     if let Some(payload) = failures.into_iter().next() {
         panic::resume_unwind(payload);
     }
+}
+
+/// One thread alone (exact sizes and size classes): a seeded random mix of
+/// allocations, frees, trims and releases through its front; after every
+/// operation the peaks of bytes in use, cached and reserved are exactly the
+/// highest values seen (the stats fold the thread's front counters, its
+/// own peaks included, over shared books nothing else moved).
+#[test]
+fn a_single_thread_sees_exact_peaks() {
+    const STEPS: usize = 3000;
+    let sizes = [64, 100, 1000, 4096, 5000, 20_000, 70_000];
+    for policy in [SizePolicy::Exact, SizePolicy::PowerOfTwoDivisions(4)] {
+        for limit in [FRONT_CACHE_BYTES, 16 << 10] {
+            let (cache, backing) = built(fronted(policy, limit));
+            let mut rng = crate::fixture::Rng::new(0xF207 + limit as u64);
+            let mut live: Vec<Held> = Vec::new();
+            let mut peaks = Peaks::default();
+            for step in 0..STEPS {
+                match rng.below(20) {
+                    0..=9 if live.len() < 40 => {
+                        live.push(take(&cache, l(sizes[rng.below(sizes.len())])));
+                    }
+                    0..=17 if !live.is_empty() => {
+                        let held = live.swap_remove(rng.below(live.len()));
+                        give_stamped(&cache, held);
+                    }
+                    18 => drop(cache.trim(rng.below(200_000))),
+                    19 => drop(cache.release_cached()),
+                    _ => {}
+                }
+                let stats = cache.stats();
+                peaks.see(&stats);
+                assert_books(&stats, &backing, policy);
+                if let Err(payload) = panic::catch_unwind(|| peaks.assert_exact(&stats)) {
+                    eprintln!("{policy:?}, front limit {limit}, step {step}");
+                    panic::resume_unwind(payload);
+                }
+            }
+            live.into_iter().for_each(|held| give_stamped(&cache, held));
+            release_everything(&cache, &backing);
+            drop(cache);
+            backing.assert_all_returned();
+        }
+    }
+}
+
+/// A block freed into a front, then its front drained into the shared
+/// lists (a trim with nothing to give back, a release, or another thread's
+/// slow path adopting the front of a thread that exited): the block is
+/// cached once all along, so the peak of cached bytes stays its size.
+#[test]
+fn draining_a_front_counts_its_blocks_once_in_the_peak() {
+    const SIZE: usize = 64 << 10;
+    fn free_here(cache: &Cache) {
+        let held = take(cache, l(SIZE));
+        give(cache, held);
+    }
+    let drains: [(&str, fn(&Cache)); 3] = [
+        ("trim(usize::MAX)", |cache| {
+            free_here(cache);
+            drop(cache.trim(usize::MAX));
+        }),
+        ("release_cached()", |cache| {
+            free_here(cache);
+            drop(cache.release_cached());
+        }),
+        ("a thread's exit, then a miss here", |cache| {
+            let worker_cache = cache.clone();
+            thread::spawn(move || free_here(&worker_cache))
+                .join()
+                .unwrap();
+            // This thread's next slow path adopts the exited thread's front.
+            let held = take(cache, l(1000));
+            give(cache, held);
+        }),
+    ];
+    let mut failures = Vec::new();
+    for policy in [SizePolicy::Exact, SizePolicy::PowerOfTwoDivisions(4)] {
+        for (name, drain) in drains {
+            let (cache, _backing) = built(fronted(policy, FRONT_CACHE_BYTES));
+            drain(&cache);
+            let stats = cache.stats();
+            let highest = SIZE + block_of(policy, l(1000)).size();
+            if stats.peak_bytes_cached > highest {
+                failures.push(format!(
+                    "{policy:?}, {name}: peak_bytes_cached {} (at most {highest}): {stats:?}",
+                    stats.peak_bytes_cached
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Two threads taking turns (never inside the cache at once): a peak of
+/// cached bytes, documented as an upper bound with several threads, must
+/// never fall below a value `stats()` already reported. Thread B keeps a
+/// block in its front (folded into the shared books), A frees one into
+/// its front (not folded): 3000 bytes cached, reported. Then B takes its
+/// block back and folds: the shared books lose B's 1000 bytes while A's
+/// peak delta (2000) is still added to them as they stand.
+#[test]
+fn peaks_never_fall_below_what_stats_reported() {
+    let (cache, _backing) = built(fronted(SizePolicy::Exact, FRONT_CACHE_BYTES));
+    let mut b = Worker::spawn();
+    let on_b = |b: &mut Worker, sizes: &'static [usize], keep: bool| {
+        let cache = cache.clone();
+        b.run(move || {
+            for &size in sizes {
+                let held = take(&cache, l(size));
+                if keep {
+                    std::mem::forget(held);
+                } else {
+                    give(&cache, held);
+                }
+            }
+        })
+    };
+    // B: 1000 bytes into its front; a miss folds them.
+    on_b(&mut b, &[1000], false);
+    on_b(&mut b, &[64], true);
+    // A (this thread): 2000 bytes into its front.
+    let held = take(&cache, l(2000));
+    give(&cache, held);
+    let reported = cache.stats();
+    assert_eq!(reported.bytes_cached, 3000, "{reported:?}");
+    assert!(reported.peak_bytes_cached >= 3000, "{reported:?}");
+    // B takes its block back (a hit) and misses (a fold).
+    on_b(&mut b, &[1000, 128], true);
+    let later = cache.stats();
+    b.exit();
+    assert!(
+        later.peak_bytes_cached >= reported.bytes_cached,
+        "peak_bytes_cached {} fell below the {} bytes cached reported before: {later:?}",
+        later.peak_bytes_cached,
+        reported.bytes_cached
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -1634,14 +1634,15 @@ fn draining_a_front_counts_its_blocks_once_in_the_peak() {
         let held = take(cache, l(SIZE));
         give(cache, held);
     }
-    let drains: [(&str, fn(&Cache)); 3] = [
+    type Drain = (&'static str, fn(&Cache));
+    let drains: [Drain; 3] = [
         ("trim(usize::MAX)", |cache| {
             free_here(cache);
-            drop(cache.trim(usize::MAX));
+            cache.trim(usize::MAX);
         }),
         ("release_cached()", |cache| {
             free_here(cache);
-            drop(cache.release_cached());
+            cache.release_cached();
         }),
         ("a thread's exit, then a miss here", |cache| {
             let worker_cache = cache.clone();
@@ -1680,24 +1681,23 @@ fn draining_a_front_counts_its_blocks_once_in_the_peak() {
 /// peak delta (2000) is still added to them as they stand.
 #[test]
 fn peaks_never_fall_below_what_stats_reported() {
-    let (cache, _backing) = built(fronted(SizePolicy::Exact, FRONT_CACHE_BYTES));
+    let (cache, backing) = built(fronted(SizePolicy::Exact, FRONT_CACHE_BYTES));
     let mut b = Worker::spawn();
-    let on_b = |b: &mut Worker, sizes: &'static [usize], keep: bool| {
+    // Runs on B: takes a block of each size; frees them unless `keep`.
+    let on_b = |b: &mut Worker, sizes: &'static [usize], keep: bool| -> Vec<Held> {
         let cache = cache.clone();
         b.run(move || {
-            for &size in sizes {
-                let held = take(&cache, l(size));
-                if keep {
-                    std::mem::forget(held);
-                } else {
-                    give(&cache, held);
-                }
+            let blocks = sizes.iter().map(|&size| take(&cache, l(size)));
+            if keep {
+                return blocks.collect();
             }
+            blocks.for_each(|held| give(&cache, held));
+            Vec::new()
         })
     };
     // B: 1000 bytes into its front; a miss folds them.
     on_b(&mut b, &[1000], false);
-    on_b(&mut b, &[64], true);
+    let mut kept = on_b(&mut b, &[64], true);
     // A (this thread): 2000 bytes into its front.
     let held = take(&cache, l(2000));
     give(&cache, held);
@@ -1705,9 +1705,11 @@ fn peaks_never_fall_below_what_stats_reported() {
     assert_eq!(reported.bytes_cached, 3000, "{reported:?}");
     assert!(reported.peak_bytes_cached >= 3000, "{reported:?}");
     // B takes its block back (a hit) and misses (a fold).
-    on_b(&mut b, &[1000, 128], true);
+    kept.extend(on_b(&mut b, &[1000, 128], true));
     let later = cache.stats();
     b.exit();
+    kept.into_iter().for_each(|held| give(&cache, held));
+    release_everything(&cache, &backing);
     assert!(
         later.peak_bytes_cached >= reported.bytes_cached,
         "peak_bytes_cached {} fell below the {} bytes cached reported before: {later:?}",

@@ -1062,6 +1062,118 @@ fn the_last_handle_drops_while_threads_hold_fronts() {
     }
 }
 
+/// Caches with fronts built and dropped one after another on one thread (a
+/// new one often where the last one was): each starts empty (its first
+/// request a miss, then its own block back), and every block of each goes
+/// back to its backing when it drops.
+#[test]
+fn a_new_cache_never_finds_a_dropped_caches_front() {
+    for round in 0..30 {
+        let policy = POLICIES[round % POLICIES.len()];
+        let (cache, backing) = built(fronted(policy, FRONT_CACHE_BYTES));
+        let mut addrs = Vec::new();
+        for _ in 0..3 {
+            let held = take(&cache, l(1000));
+            addrs.push(held.addr());
+            give_stamped(&cache, held);
+        }
+        let stats = cache.stats();
+        assert_eq!(
+            (stats.misses, stats.hits),
+            (1, 2),
+            "{policy:?}, round {round}: {stats:?}"
+        );
+        assert!(addrs.iter().all(|&addr| addr == addrs[0]), "{addrs:x?}");
+        drop(cache);
+        backing.assert_all_returned();
+    }
+}
+
+/// A trim drains the fronts first, then gives back the oldest cached
+/// blocks: a block on the shared lists freed before a block that sits in a
+/// front goes first (documented: "a trim takes the fronts' blocks after the
+/// shared cache's older ones").
+#[test]
+fn a_trim_takes_the_shared_caches_older_blocks_before_a_fronts() {
+    for policy in [SizePolicy::Exact, SizePolicy::PowerOfTwoDivisions(4)] {
+        // Fronts of 16 KiB: a block of 20 000 bytes skips them.
+        let (cache, backing) = built(fronted(policy, 16 << 10));
+        let older = take(&cache, l(20_000));
+        let newer = take(&cache, l(4096));
+        let (older_addr, newer_addr) = (older.addr(), newer.addr());
+        give(&cache, older);
+        give(&cache, newer);
+        let newer_block = block_of(policy, l(4096)).size();
+        assert_eq!(cache.trim(newer_block), block_of(policy, l(20_000)).size());
+        assert!(!backing.is_live(older_addr), "{policy:?}");
+        assert!(backing.is_live(newer_addr), "{policy:?}");
+        let stats = cache.stats();
+        assert_eq!(stats.bytes_cached, newer_block, "{stats:?}");
+        assert_books(&stats, &backing, policy);
+    }
+}
+
+/// A cache with a cap (`max_cached_bytes`) or a budget ignores
+/// `front_cache_bytes` (both count every cached byte at every moment): a
+/// block freed on one thread is at once a hit for another, the very block
+/// (no front holds it), and the cap or the budget holds after every free,
+/// whichever thread frees.
+#[test]
+fn a_cap_or_a_budget_turns_the_fronts_off() {
+    const CAP: usize = 64 << 10;
+    let budget = caching_allocator::Budget::new(CAP);
+    let builders = [
+        (
+            "cap",
+            fronted(SizePolicy::Exact, FRONT_CACHE_BYTES).max_cached_bytes(CAP),
+        ),
+        (
+            "budget",
+            fronted(SizePolicy::Exact, FRONT_CACHE_BYTES).budget(&budget),
+        ),
+    ];
+    for (name, builder) in builders {
+        let (cache, backing) = built(builder);
+        let mut worker = Worker::spawn();
+        for size in [1000, 4096, 20_000] {
+            let worker_cache = cache.clone();
+            let freed = worker.run(move || {
+                let held = take(&worker_cache, l(size));
+                let addr = held.addr();
+                give(&worker_cache, held);
+                addr
+            });
+            let hits = cache.stats().hits;
+            let held = take(&cache, l(size));
+            assert_eq!(
+                (held.addr(), cache.stats().hits),
+                (freed, hits + 1),
+                "{name}: the block freed on the worker"
+            );
+            give(&cache, held);
+        }
+        let blocks: Vec<Held> = (0..20).map(|_| take(&cache, l(8192))).collect();
+        for (i, held) in blocks.into_iter().enumerate() {
+            if i % 2 == 0 {
+                give_stamped(&cache, held);
+            } else {
+                let worker_cache = cache.clone();
+                worker.run(move || give_stamped(&worker_cache, held));
+            }
+            let stats = cache.stats();
+            assert!(stats.bytes_cached <= CAP, "{name}: {stats:?}");
+            assert_books(&stats, &backing, SizePolicy::Exact);
+            if name == "budget" {
+                assert_eq!(budget.bytes_cached(), stats.bytes_cached, "{budget:?}");
+            }
+        }
+        worker.exit();
+        release_everything(&cache, &backing);
+        drop(cache);
+        backing.assert_all_returned();
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Blocks crossing threads.
 

@@ -1543,6 +1543,79 @@ fn absurd_requests_fail_on_a_reserved_best_fit_cache_with_fronts() {
     assert_eq!(cache.stats().bytes_reserved, 0);
 }
 
+/// Zeroed requests served from a front (or from blocks the shared side
+/// refilled it with, adopted from a thread that exited) are zero, though
+/// the blocks were dirty when freed; `grow_zeroed` into a dirty block from
+/// a front keeps the old bytes and zeroes the rest.
+#[test]
+fn zeroed_requests_served_from_fronts_are_zero() {
+    const DIRTY: u8 = 0xAB;
+    fn dirty(cache: &Cache, size: usize) -> Held {
+        let held = take(cache, l(size));
+        // SAFETY: a live block of `size` bytes, ours alone.
+        unsafe { held.ptr.as_ptr().write_bytes(DIRTY, size) };
+        held
+    }
+    let zero = |cache: &Cache, request: Layout| -> Held {
+        let got = cache.allocate_zeroed(request).unwrap();
+        let held = Held {
+            ptr: got.cast(),
+            layout: request,
+        };
+        assert!(
+            held.bytes().iter().all(|&b| b == 0),
+            "a zeroed block is not zero"
+        );
+        held
+    };
+    for policy in POLICIES {
+        let (cache, backing) = built(fronted(policy, FRONT_CACHE_BYTES));
+        // From this thread's front: the very block, zeroed.
+        let held = dirty(&cache, 1000);
+        let addr = held.addr();
+        give(&cache, held);
+        let again = zero(&cache, l(1000));
+        assert_eq!(again.addr(), addr, "{policy:?}");
+        give(&cache, again);
+        // From an exited thread's front, adopted (and refilled into this
+        // thread's front).
+        let worker_cache = cache.clone();
+        thread::spawn(move || {
+            let blocks: Vec<Held> = (0..6).map(|_| dirty(&worker_cache, 4096)).collect();
+            blocks
+                .into_iter()
+                .for_each(|held| give(&worker_cache, held));
+        })
+        .join()
+        .unwrap();
+        let hits = cache.stats().hits;
+        let blocks: Vec<Held> = (0..6).map(|_| zero(&cache, l(4096))).collect();
+        assert_eq!(cache.stats().hits, hits + 6, "{policy:?}");
+        blocks.into_iter().for_each(|held| give(&cache, held));
+        // `grow_zeroed` into a dirty 8 KiB block waiting in this front.
+        let spare = dirty(&cache, 8192);
+        let spare_addr = spare.addr();
+        give(&cache, spare);
+        let small = take(&cache, l(1000));
+        small.fill(9);
+        // SAFETY: `small` is live, allocated for `l(1000)`; `l(8192)` is
+        // larger.
+        let grown = unsafe { cache.grow_zeroed(small.ptr, small.layout, l(8192)) }.unwrap();
+        let grown = Held {
+            ptr: grown.cast(),
+            layout: l(8192),
+        };
+        assert_eq!(grown.addr(), spare_addr, "{policy:?}: the front's block");
+        assert!(grown.bytes()[..1000] == *pattern(9, 1000), "{policy:?}");
+        assert!(grown.bytes()[1000..].iter().all(|&b| b == 0), "{policy:?}");
+        give(&cache, grown);
+        assert_books(&cache.stats(), &backing, policy);
+        release_everything(&cache, &backing);
+        drop(cache);
+        backing.assert_all_returned();
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Resizes.
 

@@ -32,7 +32,7 @@
 
 use std::collections::BTreeMap;
 use std::panic;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier};
 use std::thread::{self, JoinHandle};
@@ -1916,6 +1916,15 @@ impl Drop for Done<'_> {
     }
 }
 
+/// Counts its thread out when dropped, panicking or not.
+struct Finished<'a>(&'a AtomicUsize);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
 /// Sizes with many keys, so a thread's front slow paths (misses that fold
 /// its counters, full bins and over-limit fronts moving a batch) are
 /// frequent.
@@ -1923,50 +1932,63 @@ fn many_keys() -> Vec<usize> {
     (1..=48).map(|i| i * 64).collect()
 }
 
-/// One thread allocates and frees blocks of many sizes through a small
-/// front (its slow paths take its counters and fold them under the shared
-/// lock), while another loops `release_cached()` and `trim(0)`, draining that
-/// front between the two: neither may panic, every block keeps its bytes,
-/// and once both are done the books are exact and a release leaves nothing
-/// reserved.
+/// Three threads allocate and free blocks of many sizes through small
+/// fronts (their slow paths take their counters and fold them under the
+/// shared lock), while another loops `release_cached()` and `trim(0)`,
+/// draining their fronts in between: nothing may panic, every block keeps
+/// its bytes, and once all are done the books are exact and a release
+/// leaves nothing reserved.
 #[test]
 fn releases_and_trims_racing_with_front_slow_paths() {
-    const ROUNDS: usize = 1500;
+    const WORKERS: usize = 3;
+    const ROUNDS: usize = 1000;
     let sizes = many_keys();
     for policy in POLICIES {
         let (cache, backing) = built(fronted(policy, 8 << 10));
-        let done = AtomicBool::new(false);
-        thread::scope(|threads| {
-            threads.spawn(|| {
-                let _done = Done(&done);
-                for round in 0..ROUNDS {
-                    let blocks: Vec<(u8, AVec<u8, Cache>)> = (0..4)
-                        .map(|i| {
-                            let seed = (round + i) as u8;
-                            let size = sizes[(round * 7 + i * 13) % sizes.len()];
-                            (seed, filled_vec(&cache, size, seed))
-                        })
-                        .collect();
-                    blocks.iter().for_each(check_parcel);
+        let working = AtomicUsize::new(WORKERS);
+        let raced = panic::catch_unwind(panic::AssertUnwindSafe(|| {
+            thread::scope(|threads| {
+                for worker in 0..WORKERS {
+                    let (cache, sizes, working) = (&cache, &sizes, &working);
+                    threads.spawn(move || {
+                        let _done = Finished(working);
+                        for round in 0..ROUNDS {
+                            // Blocks with no destructor: a panic in one free
+                            // must not run the others' while unwinding.
+                            let blocks: Vec<Held> = (0..4)
+                                .map(|i| {
+                                    let at = round * 7 + i * 13 + worker * 5;
+                                    take(cache, l(sizes[at % sizes.len()]))
+                                })
+                                .collect();
+                            for held in blocks {
+                                give_stamped(cache, held);
+                            }
+                        }
+                    });
                 }
-            });
-            threads.spawn(|| {
-                let mut round = 0u64;
-                while !done.load(Ordering::Acquire) {
-                    if round.is_multiple_of(2) {
-                        cache.release_cached();
-                    } else {
-                        cache.trim(0);
+                threads.spawn(|| {
+                    let mut round = 0u64;
+                    while working.load(Ordering::Acquire) > 0 {
+                        if round.is_multiple_of(2) {
+                            cache.release_cached();
+                        } else {
+                            cache.trim(0);
+                        }
+                        round += 1;
                     }
-                    round += 1;
-                    // Each drain fences every thread (`membarrier`): leave
-                    // the working thread some room.
-                    thread::yield_now();
-                }
-            });
-        });
+                });
+            })
+        }));
+        if let Err(payload) = raced {
+            // The cache's books may be broken: its drop could panic again
+            // while this one unwinds (an abort that would take the other
+            // tests of this binary with it). Leaked instead.
+            std::mem::forget(cache);
+            panic::resume_unwind(payload);
+        }
         let stats = cache.stats();
-        let blocks = (ROUNDS * 4) as u64;
+        let blocks = (WORKERS * ROUNDS * 4) as u64;
         assert_eq!((stats.hits + stats.misses, stats.frees), (blocks, blocks));
         assert_books(&stats, &backing, policy);
         // No peak wrapped past zero on the way (an upper bound may be

@@ -14,7 +14,18 @@
 //!   through the allocator API or a planned scope, sometimes deviating from
 //!   the recording (bigger, extra or kept blocks; and passes of several
 //!   workers overlap), plus short private record-plan-run rounds;
-//! - `trim`, `release_cached` and stats snapshots, checked for consistency.
+//! - `trim`, `release_cached` and stats snapshots, checked for consistency;
+//! - producer/consumer pipelines through caches with per-thread front caches
+//!   (`Builder::front_cache_bytes`; exact sizes, size classes on the faulty
+//!   backing, best fit): a batch of blocks allocated on one worker, through
+//!   the handle or as plain `Vec`s in the cache's scope, and sent to the next
+//!   worker, which frees them on its own thread. The front caches also serve
+//!   the other operations (collections, maps, scopes, trims and releases
+//!   racing with traffic). Their stats are exact only with no thread inside
+//!   them, so they are checked once the workers are joined, not while they
+//!   run. `soak` leaves them on reliable backings and does not trim or
+//!   release them while the workers run; `soak_with_front_drains` (ignored:
+//!   it finds a library bug) does both.
 //!
 //! Half the caches (and the private plans) take their blocks from a `Counting`
 //! backing whose refusal knob refuses 2% of attempts on a seeded schedule, so the
@@ -46,7 +57,9 @@ use allocator_api2::alloc::{AllocError, Allocator};
 use allocator_api2::boxed::Box as ABox;
 use allocator_api2::vec::Vec as AVec;
 use caching_allocator::plan::{Plan, Planned, Recorder};
-use caching_allocator::{Budget, CachingAllocator, ScopedGlobal, SizePolicy, Stats};
+use caching_allocator::{
+    Budget, CachingAllocator, FRONT_CACHE_BYTES, ScopedGlobal, SizePolicy, Stats,
+};
 use fixture::{Counting, Rng, pattern, splitmix64};
 
 #[global_allocator]
@@ -75,6 +88,11 @@ struct Shared {
     faulty: Counting,
     /// Caches every worker uses at once.
     caches: Vec<Cache>,
+    /// Caches with per-thread front caches, every worker's too; their stats
+    /// are exact only with no thread inside them (checked at the end).
+    fronted: Vec<Cache>,
+    /// Whether workers trim and release the front caches too.
+    front_drains: bool,
     plan: Plan,
     planned: Planned<Counting>,
     deadline: Instant,
@@ -231,18 +249,22 @@ fn forward_plain(seed: u8, deviation: Deviation) -> Option<Option<Vec<u8>>> {
 }
 
 /// What every snapshot of a cache's counters must satisfy, whatever other
-/// threads are doing (a snapshot is taken under the cache's lock).
-fn check_stats(stats: &Stats, cap: Option<usize>) {
+/// threads are doing (a snapshot is taken under the cache's lock; with front
+/// caches, only while no thread is inside the cache).
+fn check_stats(stats: &Stats, cap: Option<usize>, policy: SizePolicy) {
     assert_eq!(
         stats.bytes_reserved,
         stats.bytes_in_use + stats.bytes_lost_to_rounding + stats.bytes_cached,
         "{stats:?}"
     );
-    assert_eq!(
-        stats.backing_allocs - stats.backing_frees,
-        (stats.blocks_in_use + stats.blocks_cached) as u64,
-        "{stats:?}"
-    );
+    // Best fit counts segments and free ranges, not blocks.
+    if policy != SizePolicy::BestFit {
+        assert_eq!(
+            stats.backing_allocs - stats.backing_frees,
+            (stats.blocks_in_use + stats.blocks_cached) as u64,
+            "{stats:?}"
+        );
+    }
     assert_eq!(
         stats.hits + stats.misses - stats.frees,
         stats.blocks_in_use as u64,
@@ -274,6 +296,7 @@ struct Counts {
     received: u64,
     refused: u64,
     caches_built: u64,
+    pipelines: u64,
 }
 
 struct Worker {
@@ -322,13 +345,25 @@ impl Worker {
         builder.build_in(backing)
     }
 
-    /// One of this worker's caches or a shared one.
+    /// One of this worker's caches or a shared one (front caches included).
     fn any_cache(&mut self) -> Cache {
-        let i = self.rng.below(self.own.len() + self.shared.caches.len());
-        match self.own.get(i) {
-            Some(cache) => cache.clone(),
-            None => self.shared.caches[i - self.own.len()].clone(),
-        }
+        let shared = &self.shared;
+        let i = self
+            .rng
+            .below(self.own.len() + shared.caches.len() + shared.fronted.len());
+        self.own
+            .iter()
+            .chain(&shared.caches)
+            .chain(&shared.fronted)
+            .nth(i)
+            .expect("a cache")
+            .clone()
+    }
+
+    /// Whether `cache` has front caches (its stats are exact only while no
+    /// thread is inside it).
+    fn is_fronted(&self, cache: &Cache) -> bool {
+        self.shared.fronted.iter().any(|f| f.same_cache(cache))
     }
 
     fn size(&mut self) -> usize {
@@ -380,12 +415,13 @@ impl Worker {
         while Instant::now() < self.shared.deadline {
             self.counts.ops += 1;
             self.receive();
-            match self.rng.below(16) {
+            match self.rng.below(17) {
                 0..=4 => self.collections(),
                 5..=6 => self.map_op(),
                 7..=10 => self.scope_op(),
                 11..=12 => self.pass_op(),
                 13 => self.private_plan(),
+                16 => self.front_pipeline(),
                 _ => self.maintenance(),
             }
         }
@@ -636,15 +672,49 @@ impl Worker {
         }
     }
 
+    /// Producer/consumer through a front cache: a batch of blocks allocated
+    /// here, through the handle or as plain `Vec`s in the cache's scope, all
+    /// sent to the next worker, which frees (or keeps) them on its thread:
+    /// this worker's front misses, the next one's fills and overflows.
+    fn front_pipeline(&mut self) {
+        self.counts.pipelines += 1;
+        let cache = self.shared.fronted[self.rng.below(self.shared.fronted.len())].clone();
+        let reliable = cache.backing().probability() == 0.0;
+        let specs: Vec<(usize, u8, u32)> = (0..1 + self.rng.below(16))
+            .map(|_| (self.size(), self.seed(), self.rng.next_u64() as u32))
+            .collect();
+        let mut out: Vec<Buf> = Vec::with_capacity(specs.len());
+        if self.rng.one_in(2) {
+            for &(len, seed, _) in &specs {
+                match filled(cache.clone(), len, seed) {
+                    Ok(v) => out.push(Buf::new(Payload::Cached(v), seed)),
+                    Err(AllocError) => self.counts.refused += 1,
+                }
+            }
+        } else {
+            let _scope = cache.enter();
+            for &(len, seed, choice) in &specs {
+                match scoped_buffer(len, seed, choice, reliable) {
+                    Some(buf) => out.push(buf),
+                    None => self.counts.refused += 1,
+                }
+            }
+        }
+        for buf in out {
+            self.send(buf);
+        }
+    }
+
     fn maintenance(&mut self) {
         self.counts.maintenance += 1;
         let cache = self.any_cache();
+        let drains = self.shared.front_drains || !self.is_fronted(&cache);
         match self.rng.below(6) {
-            0 => {
+            0 if drains => {
                 let target = [0, 4096, 64 << 10, usize::MAX][self.rng.below(4)];
                 cache.trim(target);
             }
-            1 => {
+            1 if drains => {
                 cache.release_cached();
             }
             2 => {
@@ -664,7 +734,16 @@ impl Worker {
             }
             _ => {}
         }
-        check_stats(&cache.stats(), cache.max_cached_bytes());
+        // A front cache's snapshot taken while other workers are inside it
+        // is not exact (see `fronts::stats_read_during_front_traffic_stay_plausible`
+        // in tests/all): checked at the end.
+        if !self.is_fronted(&cache) {
+            check_stats(
+                &cache.stats(),
+                cache.max_cached_bytes(),
+                cache.size_policy(),
+            );
+        }
         let budget = &self.shared.budget;
         assert!(budget.bytes_cached() <= budget.limit(), "{budget:?}");
     }
@@ -692,7 +771,11 @@ impl Worker {
         }
         drop(maps);
         for cache in &own {
-            check_stats(&cache.stats(), cache.max_cached_bytes());
+            check_stats(
+                &cache.stats(),
+                cache.max_cached_bytes(),
+                cache.size_policy(),
+            );
         }
         drop(own);
         counts
@@ -749,8 +832,29 @@ fn report(line: &str) {
     let _ = writeln!(std::io::stderr(), "soak: {line}");
 }
 
+/// The soak, with front caches on reliable backings and no trim or release
+/// of a front cache while the workers run (see [`soak_with_front_drains`]).
 #[test]
 fn soak() {
+    run_soak(false);
+}
+
+/// The soak with front caches drained while the workers run: trims and
+/// releases of the front caches in the workers' maintenance, and a front
+/// cache on the faulty backing (a refused attempt releases the cache, which
+/// drains every front).
+#[test]
+#[ignore = "library bug: a drain between a front's take of its counters and their fold \
+            makes the cache's front bytes wrap below zero; the fold then overflows \
+            (src/cache/fronts.rs:44, `attempt to add with overflow`, inside the global \
+            allocator: abort); see fronts::releases_and_trims_racing_with_front_slow_paths"]
+fn soak_with_front_drains() {
+    run_soak(true);
+}
+
+/// Runs the soak; `front_drains`: the front caches are also trimmed and
+/// released while the workers run, and one is on the faulty backing.
+fn run_soak(front_drains: bool) {
     let seconds: f64 = env_or("SOAK_SECONDS", DEFAULT_SECONDS);
     let base_seed: u64 = env_or("SOAK_SEED", DEFAULT_SEED);
     // The pattern table is allocated on first use: outside any scope, or a
@@ -789,12 +893,31 @@ fn soak() {
             .build_in(faulty.clone()),
         CachingAllocator::new_in(reliable.clone()),
     ];
+    let fronted = vec![
+        CachingAllocator::builder()
+            .front_cache_bytes(256 << 10)
+            .build_in(reliable.clone()),
+        CachingAllocator::builder()
+            .size_policy(SizePolicy::PowerOfTwoDivisions(4))
+            .front_cache_bytes(FRONT_CACHE_BYTES)
+            .build_in(if front_drains {
+                faulty.clone()
+            } else {
+                reliable.clone()
+            }),
+        CachingAllocator::builder()
+            .size_policy(SizePolicy::BestFit)
+            .front_cache_bytes(FRONT_CACHE_BYTES)
+            .build_in(reliable.clone()),
+    ];
     let start = Instant::now();
     let shared = Arc::new(Shared {
         budget: budget.clone(),
         reliable: reliable.clone(),
         faulty: faulty.clone(),
         caches,
+        fronted,
+        front_drains,
         plan,
         planned,
         deadline: start + Duration::from_secs_f64(seconds),
@@ -848,17 +971,35 @@ fn soak() {
         total.received += counts.received;
         total.refused += counts.refused;
         total.caches_built += counts.caches_built;
+        total.pipelines += counts.pipelines;
     }
     let elapsed = start.elapsed();
     assert_eq!(total.sent, total.received, "every buffer sent was received");
 
     let shared = Arc::into_inner(shared).expect("the workers are gone");
     let (mut retries, mut failures) = (0, 0);
-    for cache in &shared.caches {
+    for cache in shared.caches.iter().chain(&shared.fronted) {
         let stats = cache.stats();
-        check_stats(&stats, cache.max_cached_bytes());
+        check_stats(&stats, cache.max_cached_bytes(), cache.size_policy());
         retries += stats.retries;
         failures += stats.failures;
+    }
+    // Nothing is in use any more: a release reaches every front, the exited
+    // workers' included, and leaves nothing reserved.
+    for cache in &shared.fronted {
+        let stats = cache.stats();
+        assert_eq!(
+            (stats.bytes_in_use, stats.blocks_in_use),
+            (0, 0),
+            "{stats:?}"
+        );
+        assert_eq!(cache.release_cached(), stats.bytes_reserved, "{stats:?}");
+        let released = cache.stats();
+        assert_eq!(
+            (released.bytes_reserved, released.bytes_cached),
+            (0, 0),
+            "{released:?}"
+        );
     }
     let planned_stats = shared.planned.stats();
     assert_eq!(planned_stats.bytes_in_use, 0, "{planned_stats:?}");

@@ -90,6 +90,20 @@ pub(super) fn with_fronts(
     raise(&mut stats.peak_bytes_in_use, stats.bytes_in_use);
     raise(&mut stats.peak_bytes_cached, peak_cached);
     raise(&mut stats.peak_bytes_cached, stats.bytes_cached);
+    // Read while other threads work their fronts, a sum can catch a
+    // counter half-moved (taken from a slot, not yet folded) and dip
+    // below zero: report 0 rather than a wrapped figure.
+    for gauge in [
+        &mut stats.bytes_in_use,
+        &mut stats.blocks_in_use,
+        &mut stats.bytes_lost_to_rounding,
+        &mut stats.bytes_cached,
+        &mut stats.blocks_cached,
+    ] {
+        if *gauge > isize::MAX as usize {
+            *gauge = 0;
+        }
+    }
     stats
 }
 
@@ -509,11 +523,15 @@ impl<A: Allocator> Cache<A> {
     /// The stats, fronts included (see `with_fronts`).
     pub(super) fn stats_with_fronts(&self, fronts: &Fronts) -> Stats {
         let slots = fronts.read_all();
-        let state = self.state.lock();
+        let mut state = self.state.lock();
         let mut stats = state.stats;
         if let Some(arena) = &state.arena {
             stats.bytes_pinned = arena.pinned();
         }
-        with_fronts(stats, state.front_bytes, state.front_blocks, &slots)
+        let stats = with_fronts(stats, state.front_bytes, state.front_blocks, &slots);
+        // A peak once reported stays reported.
+        raise(&mut state.stats.peak_bytes_in_use, stats.peak_bytes_in_use);
+        raise(&mut state.stats.peak_bytes_cached, stats.peak_bytes_cached);
+        stats
     }
 }

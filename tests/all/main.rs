@@ -16,6 +16,7 @@ mod budget;
 mod collections;
 mod failure;
 mod front_credit;
+mod fronts;
 mod installed;
 #[cfg(feature = "nightly")]
 mod nightly;

@@ -103,6 +103,10 @@ pub(crate) struct Arena {
     reservations: Vec<Reservation>,
     /// Whether to reserve address ranges (else: fixed segments only).
     reserves: bool,
+    /// Every block exactly its request's length: tails always go back to
+    /// the free ranges, `extra` stays empty. Set for a cache with front
+    /// caches, which know a block's length only from its layout.
+    exact_blocks: bool,
     /// Bytes of `bytes_cached` reserved on the cache's budget.
     pub(crate) budget_held: usize,
     /// The budget tick at which the free bytes last rose from zero: the age
@@ -113,8 +117,9 @@ pub(crate) struct Arena {
 impl Arena {
     /// An empty arena; `reserves`: take segments from reserved address
     /// ranges where the system has them.
-    pub(crate) fn new(reserves: bool) -> Self {
+    pub(crate) fn new(reserves: bool, exact_blocks: bool) -> Self {
         Self {
+            exact_blocks,
             ranges: FreeRanges::new(),
             extra: HashMap::with_hasher_in(FixedState::default(), Bookkeeping),
             quick: HashMap::with_hasher_in(FixedState::default(), Bookkeeping),
@@ -219,7 +224,7 @@ impl Arena {
         };
         let mut taken = taken;
         if taken.len > len {
-            if self.extra.try_reserve(1).is_ok() {
+            if !self.exact_blocks && self.extra.try_reserve(1).is_ok() {
                 self.extra.insert(taken.start, taken.len - len);
             } else {
                 // Nowhere to record the tail: it stays free instead.
@@ -370,7 +375,7 @@ impl Arena {
     pub(crate) fn shrink(&mut self, start: usize, old: usize, new: usize) -> Option<usize> {
         let whole = self.block_len(start, old);
         let tail = whole.checked_sub(new)?;
-        if tail >= crate::free_ranges::SPLIT_MIN {
+        if tail >= crate::free_ranges::SPLIT_MIN || (self.exact_blocks && tail > 0) {
             self.extra.remove(&start);
             poison::poison(pointer(start + new), tail);
             self.ranges.give(start + new, tail);

@@ -135,7 +135,8 @@ impl State {
             clock: 0,
             caching_stopped: false,
             stats: Stats::default(),
-            arena: (config.policy == SizePolicy::BestFit).then(|| Arena::new(config.reserves)),
+            arena: (config.policy == SizePolicy::BestFit)
+                .then(|| Arena::new(config.reserves, config.front_limit().is_some())),
             front_bytes: 0,
             front_blocks: 0,
             credit_out: 0,

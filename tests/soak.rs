@@ -844,10 +844,6 @@ fn soak() {
 /// cache on the faulty backing (a refused attempt releases the cache, which
 /// drains every front).
 #[test]
-#[ignore = "library bug: a drain between a front's take of its counters and their fold \
-            makes the cache's front bytes wrap below zero; the fold then overflows \
-            (src/cache/fronts.rs:44, `attempt to add with overflow`, inside the global \
-            allocator: abort); see fronts::releases_and_trims_racing_with_front_slow_paths"]
 fn soak_with_front_drains() {
     run_soak(true);
 }

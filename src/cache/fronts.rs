@@ -347,9 +347,9 @@ impl<A: Allocator> Cache<A> {
         if self.carves() {
             let _inside = reentry::inside();
             let len = state.arena().uncarve(block.as_ptr().addr(), key.size());
-            // A block longer than its key (see `best_fit.rs`'s extras) had
-            // its surplus counted as lost to rounding.
-            state.stats.bytes_lost_to_rounding -= len - key.size();
+            // With front caches the arena keeps every block exactly its
+            // key's length (`exact_blocks`): nothing to correct.
+            debug_assert_eq!(len, key.size());
             return true;
         }
         // Ages are unique on the budget's one clock, or on the cache's own.

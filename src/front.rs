@@ -141,6 +141,8 @@ pub(crate) struct Magazine {
     cursor: usize,
     /// Which way of a full set gives way next.
     turn: usize,
+    /// Giving bins back until the front is down to half its limit.
+    shrinking: bool,
     /// With a cap or a budget: the bytes this front may hold, granted by
     /// the shared cache in batches (counted there against both). `None`:
     /// no cap, no budget, only `limit`.
@@ -166,6 +168,7 @@ impl Magazine {
             limit,
             cursor: 0,
             turn: 0,
+            shrinking: false,
             credit: credited.then_some(0),
         }
     }
@@ -236,7 +239,17 @@ impl Magazine {
     /// (blocks take their credit with them): the shared cache grants more.
     fn make_room(&mut self, key: Key) -> Batch {
         let mut out = Batch::EMPTY;
+        // Over the limit, give back down to half of it, a bin per call (the
+        // caller keeps calling while `shrinking`): a front full of sizes
+        // that do not come back then pays one slow path for many frees,
+        // not one each.
         if self.bytes + key.size() > self.limit {
+            self.shrinking = true;
+        }
+        if self.shrinking && (self.bytes + key.size() <= self.limit / 2 || self.bytes == 0) {
+            self.shrinking = false;
+        }
+        if self.shrinking {
             for _ in 0..BINS {
                 let at = self.cursor;
                 self.cursor = (self.cursor + 1) % BINS;
@@ -478,6 +491,8 @@ pub(crate) struct Room {
     pub(crate) short: usize,
     /// Credit the front could still take before its limit.
     pub(crate) headroom: usize,
+    /// The front is shrinking to half its limit: call again.
+    pub(crate) more: bool,
 }
 
 /// A slot's life.
@@ -610,6 +625,7 @@ impl Slot {
                 deltas: counters.take(),
                 short,
                 headroom,
+                more: magazine.shrinking,
             })
         })
     }

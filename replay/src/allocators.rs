@@ -63,12 +63,17 @@ pub enum AllocatorKind {
     /// Exact sizes with per-thread front caches
     /// (`front_cache_bytes(FRONT_CACHE_BYTES)`).
     CacheFront,
-    /// Best fit with per-thread front caches.
+    /// Best fit with per-thread front caches of 1 MiB (small: a block in a
+    /// front is not merged with its neighbours, so a large front costs best
+    /// fit its footprint).
     CacheBestfitFront,
     /// `plan::Recorder` for pass 0, then `plan::Planned` from its plan, one
     /// `pass()` per pass.
     Planned,
 }
+
+/// The front cache limit of the `cache-bestfit-front` row.
+pub const BEST_FIT_FRONT_BYTES: usize = 1 << 20;
 
 impl AllocatorKind {
     /// Every row, in report order.
@@ -159,14 +164,6 @@ impl AllocatorKind {
         })
     }
 
-    /// Whether the row's cache has per-thread front caches.
-    pub fn has_fronts(self) -> bool {
-        matches!(
-            self,
-            AllocatorKind::CacheFront | AllocatorKind::CacheBestfitFront
-        )
-    }
-
     /// Parses a row name.
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.iter().copied().find(|kind| kind.name() == name)
@@ -189,8 +186,14 @@ impl AllocatorKind {
                     // The cap: the trace's peak live bytes (each thread replays it).
                     builder = builder.max_cached_bytes(trace.peak_live_bytes * options.threads);
                 }
-                if cache.has_fronts() {
-                    builder = builder.front_cache_bytes(options.front_bytes);
+                match cache {
+                    AllocatorKind::CacheFront => {
+                        builder = builder.front_cache_bytes(options.front_bytes);
+                    }
+                    AllocatorKind::CacheBestfitFront => {
+                        builder = builder.front_cache_bytes(BEST_FIT_FRONT_BYTES);
+                    }
+                    _ => {}
                 }
                 engine::replay(trace, &builder.build(), options)
             }

@@ -53,8 +53,8 @@ struct Args {
     #[arg(long, value_name = "T", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
     threads: u64,
 
-    /// The front cache limit of the `*-front` rows, in bytes a thread
-    /// (`Builder::front_cache_bytes`)
+    /// The front cache limit of the `cache-front` row, in bytes a thread
+    /// (`Builder::front_cache_bytes`; `cache-bestfit-front` uses 1 MiB)
     #[arg(long, value_name = "BYTES", default_value_t = caching_allocator::FRONT_CACHE_BYTES)]
     front_bytes: usize,
 

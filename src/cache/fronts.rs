@@ -197,9 +197,9 @@ impl<A: Allocator> Cache<A> {
     ) {
         self.adopt_orphans();
         self.touch_front(slot);
-        // Each round empties one bin or half of one, or takes credit; a
-        // front has few bins.
-        for _ in 0..=crate::front::BINS + 1 {
+        // Each round empties one bin or half of one, or takes credit: at
+        // most every bin once, then the credit.
+        for _ in 0..=2 * crate::front::BINS + 1 {
             let Some(room) = slot.make_room(key) else {
                 // Larger than a whole front: the shared side takes it.
                 self.fold_mine();
@@ -207,6 +207,9 @@ impl<A: Allocator> Cache<A> {
             };
             let moved = room.batch.len;
             self.relist_batch(&room.deltas, &room.batch, true);
+            if room.more && moved > 0 {
+                continue;
+            }
             if room.short > 0 {
                 let granted = self.grant_credit(room.short, room.headroom);
                 if granted == 0 {

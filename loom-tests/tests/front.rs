@@ -2,8 +2,9 @@
 //! `src/cache/fronts.rs`): an owner's lock-free hit or free racing a drainer
 //! (`trim`, `release_cached`, the cache's drop), two owners and a drainer, a
 //! thread's exit (its thread-local table orphans its slot) racing a trim, the
-//! last handle dropping while a thread's front still holds a block, and a
-//! block freed on another thread than the one it was taken on.
+//! last handle dropping while a thread's front still holds a block, a block
+//! freed on another thread than the one it was taken on, and `stats()`
+//! snapshots taken while fronts change.
 //!
 //! Under `--cfg loom` the slot's flags and counters are loom atomics, its lock
 //! a loom mutex, its magazine a loom `UnsafeCell` (so an owner and a drainer
@@ -25,6 +26,10 @@
 //! Exact policy) and agree with the backing's ledger; after a final release
 //! (or the drop) the backing has nothing live, and no block went back twice
 //! (`Counting`'s ledger panics on a second return).
+//!
+//! Models 7 and 8 fail: they show that a `stats()` snapshot taken while an
+//! owner frees into its front, or while its front is drained, is not
+//! consistent (a library bug; their docs say what loom finds).
 //!
 //! A model failing (an assertion, or loom's causality check) while a model
 //! thread that used the cache is still alive ends in an abort ("panic in a
@@ -582,4 +587,89 @@ fn a_block_freed_on_another_thread() {
     // The owner's second take missed (the handed-over block not yet on the
     // shared side) or hit it there.
     assert_eq!(outcomes, BTreeSet::from([0, 1]), "{outcomes:?}");
+}
+
+/// Model 7: A `stats()` snapshot taken while an owner frees into its front
+/// satisfies what `CachingAllocator::stats` promises ("consistent with each
+/// other"), as a snapshot without fronts does (`cache.rs`,
+/// `stats_snapshots_are_consistent_under_traffic`).
+///
+/// FAILS (library bug): `stats()` reads each slot's counters one by one
+/// (`Counters::read`, relaxed loads, under the registry's lock, which the
+/// owner's lock-free free does not take) while the owner bumps `frees`,
+/// `bytes_freed` and `freed_block_bytes` one by one (`Counters::on_free`).
+/// Loom's failing run: the owner misses (its slot made, the block from the
+/// backing) and frees into its front; main's snapshot reads `frees` and
+/// `bytes_freed` from before that free and `freed_block_bytes` from after
+/// it (in a sequential order too: the free runs between those loads), and
+/// reports `frees: 0, bytes_in_use: 16, blocks_in_use: 1, bytes_cached: 16,
+/// blocks_cached: 0, bytes_lost_to_rounding: 2^64 - 16` for an Exact cache
+/// (`bytes_reserved` 16 is not `bytes_in_use + bytes_cached`).
+#[test]
+fn a_stats_snapshot_during_a_front_free_is_consistent() {
+    let shape = EXACT;
+    model(move || {
+        let (cache, backing) = fronted(shape);
+        let owner = {
+            let cache = cache.clone();
+            thread::spawn(move || {
+                let block = take(&cache, shape, 0x12);
+                give(&cache, shape, block, 0x12);
+            })
+        };
+        let s = cache.stats();
+        // Checked after the join: a model failing while a thread that used
+        // the cache is alive ends in an abort (see the module docs).
+        owner.join().unwrap();
+        assert_eq!(s.bytes_lost_to_rounding, 0, "{s:?}");
+        assert_eq!(s.bytes_in_use, s.blocks_in_use * shape.size, "{s:?}");
+        assert_eq!(s.bytes_cached, s.blocks_cached * shape.size, "{s:?}");
+        assert_eq!(s.bytes_reserved, s.bytes_in_use + s.bytes_cached, "{s:?}");
+        assert_eq!(s.hits + s.misses - s.frees, s.blocks_in_use as u64, "{s:?}");
+        assert_all_back_after_release(&cache, &backing, shape);
+    });
+}
+
+/// Model 8: A `stats()` snapshot taken while an owner frees into its front and
+/// then trims (draining its own front and folding its counters into the
+/// shared books) counts the one free once: no field above what happened.
+///
+/// FAILS (library bug): the snapshot adds a slot's counters as read by
+/// `Fronts::read_all` to the shared books read after it under the state
+/// lock; a drain whose `Slot::drain` (zeroing the counters) and `take_in`
+/// (folding them into the books) come between is counted twice. Loom's
+/// failing run: the owner misses, frees into its front and trims: its drain
+/// zeroes the slot's counters and its `take_in` folds them in; main's
+/// `read_all` then takes the registry lock and its relaxed loads still see
+/// the counters from before the zeroing (nothing orders the owner's zeroing
+/// stores before them), and the state lock gives the folded books. The same
+/// snapshot comes sequentially when `read_all` runs before the drain and the
+/// state lock after `take_in`. It reports `frees: 2` after one free,
+/// `blocks_in_use: 2^64 - 1`, `bytes_in_use: 2^64 - 16`, `bytes_cached: 32`
+/// and `blocks_cached: 2` with one 16-byte block in existence.
+#[test]
+fn a_stats_snapshot_during_a_drain_counts_each_free_once() {
+    let shape = EXACT;
+    model(move || {
+        let (cache, backing) = fronted(shape);
+        let owner = {
+            let cache = cache.clone();
+            thread::spawn(move || {
+                let block = take(&cache, shape, 0x13);
+                give(&cache, shape, block, 0x13);
+                cache.trim(0);
+            })
+        };
+        let s = cache.stats();
+        // Checked after the join: a model failing while a thread that used
+        // the cache is alive ends in an abort (see the module docs).
+        owner.join().unwrap();
+        assert!(s.hits + s.misses <= 1 && s.frees <= 1, "{s:?}");
+        assert!(s.blocks_in_use <= 1 && s.blocks_cached <= 1, "{s:?}");
+        assert!(
+            s.bytes_in_use <= shape.size && s.bytes_cached <= shape.size,
+            "{s:?}"
+        );
+        assert_all_back_after_release(&cache, &backing, shape);
+    });
 }

@@ -133,8 +133,9 @@ fn unpack(packed: u64) -> Option<Key> {
 /// (inside the protocol) or by a drainer holding the slot exclusively.
 pub(crate) struct Magazine {
     tags: [Tags; SETS],
-    /// Each bin's blocks, most recent last; bin `set * WAYS + way`.
-    blocks: [[*mut u8; DEPTH]; BINS],
+    /// Each bin's blocks, most recent last; bin `set * WAYS + way`. On the
+    /// heap, made in place: 16 KiB would not fit a small stack on the way.
+    blocks: Vec<[*mut u8; DEPTH], Bookkeeping>,
     bytes: usize,
     limit: usize,
     /// The next bin to give back when the magazine is over its limit.
@@ -160,17 +161,21 @@ fn set_of(packed: u64) -> usize {
 }
 
 impl Magazine {
-    fn new(limit: usize, credited: bool) -> Self {
-        Self {
+    /// `None` if bookkeeping memory ran out.
+    fn new(limit: usize, credited: bool) -> Option<Self> {
+        let mut blocks = Vec::new_in(Bookkeeping);
+        blocks.try_reserve_exact(BINS).ok()?;
+        blocks.resize(BINS, [core::ptr::null_mut(); DEPTH]);
+        Some(Self {
             tags: [Tags::EMPTY; SETS],
-            blocks: [[core::ptr::null_mut(); DEPTH]; BINS],
+            blocks,
             bytes: 0,
             limit,
             cursor: 0,
             turn: 0,
             shrinking: false,
             credit: credited.then_some(0),
-        }
+        })
     }
 
     /// The most this front may hold now: its limit, or less, its credit.
@@ -309,19 +314,42 @@ impl Magazine {
         kept
     }
 
-    /// Everything, leaving the magazine empty; and its credit, if any.
-    fn take_all(&mut self) -> ([Bin; BINS], usize) {
-        let mut bins = [Bin::EMPTY; BINS];
-        for (at, bin) in bins.iter_mut().enumerate() {
+    /// Up to `CHUNK` non-empty bins, with the credit their blocks held;
+    /// once the magazine is empty, its remaining credit too. Returns the
+    /// bins taken, the credit, and whether the magazine is now empty.
+    fn take_chunk(&mut self, out: &mut [Bin; CHUNK]) -> (usize, usize, bool) {
+        let mut taken = 0;
+        let mut credit = 0;
+        for at in 0..BINS {
+            if taken == CHUNK {
+                break;
+            }
             let tags = &mut self.tags[at / WAYS];
             let way = at % WAYS;
-            bin.key = unpack(tags.keys[way]);
-            bin.len = usize::from(mem::take(&mut tags.lens[way]));
-            bin.blocks = self.blocks[at];
+            let len = usize::from(mem::take(&mut tags.lens[way]));
+            if len == 0 {
+                continue;
+            }
+            let Some(key) = unpack(tags.keys[way]) else {
+                continue;
+            };
+            out[taken] = Bin {
+                key: Some(key),
+                len,
+                blocks: self.blocks[at],
+            };
+            taken += 1;
+            self.bytes -= key.size() * len;
+            if let Some(held) = &mut self.credit {
+                *held -= key.size() * len;
+                credit += key.size() * len;
+            }
         }
-        self.bytes = 0;
-        let credit = self.credit.as_mut().map_or(0, mem::take);
-        (bins, credit)
+        let empty = self.bytes == 0;
+        if empty {
+            credit += self.credit.as_mut().map_or(0, mem::take);
+        }
+        (taken, credit, empty)
     }
 }
 
@@ -528,26 +556,34 @@ unsafe impl Sync for Slot {}
 // SAFETY: as above; nothing in a slot is tied to a thread.
 unsafe impl Send for Slot {}
 
-/// What a drain took out of a slot.
+/// Bins a drain takes at a time: a few KiB of stack, not a whole magazine
+/// (loom's coroutines, and threads with small stacks, have little).
+pub(crate) const CHUNK: usize = 32;
+
+/// What one round of a drain took out of a slot.
 pub(crate) struct Drained {
-    pub(crate) bins: [Bin; BINS],
+    pub(crate) bins: [Bin; CHUNK],
+    pub(crate) len: usize,
     pub(crate) deltas: Deltas,
-    /// The credit the front held (0 without a cap or a budget); the bins'
-    /// bytes are part of it.
+    /// The credit the taken blocks held (0 without a cap or a budget), and
+    /// the front's unused credit once it is empty.
     pub(crate) credit: usize,
+    /// Whether the front still holds blocks: drain again.
+    pub(crate) more: bool,
 }
 
 impl Slot {
-    pub(crate) fn new(limit: usize, credited: bool, orphans: Arc<AtomicUsize>) -> Self {
-        Self {
+    /// `None` if bookkeeping memory ran out.
+    pub(crate) fn new(limit: usize, credited: bool, orphans: Arc<AtomicUsize>) -> Option<Self> {
+        Some(Self {
             active: AtomicBool::new(false),
             drain: AtomicBool::new(false),
             lock: Mutex::new(LIVE),
-            magazine: UnsafeCell::new(Magazine::new(limit, credited)),
+            magazine: UnsafeCell::new(Magazine::new(limit, credited)?),
             counters: Counters::default(),
             orphans,
             age: AtomicU64::new(0),
-        }
+        })
     }
 
     /// Runs `f` on the magazine as its owner: without a lock unless a drain
@@ -654,22 +690,17 @@ impl Slot {
         })
     }
 
-    /// Takes everything out, from any thread, with the owner possibly
-    /// running: the drainer's side of the protocol. With `dead`, the slot is
-    /// also marked dead (its cache is dropping; the owner's table will prune
-    /// it). Returns `None` if it was already dead.
+    /// Takes up to `CHUNK` bins out (call again while `more`), from any
+    /// thread, with the owner possibly running: the drainer's side of the
+    /// protocol. With `dead`, or for an orphan, the slot is marked dead once
+    /// empty (its cache is dropping, or adopted it; the owner's table
+    /// prunes it). Returns `None` if it was already dead.
     pub(crate) fn drain(&self, dead: bool) -> Option<Drained> {
         let mut life = self.lock.lock();
         if *life == DEAD {
             return None;
         }
         let orphaned = *life == ORPHANED;
-        if dead || orphaned {
-            *life = DEAD;
-            if orphaned {
-                self.orphans.fetch_sub(1, Relaxed);
-            }
-        }
         self.drain.store(true, Relaxed);
         asymmetric::heavy();
         while self.active.load(Acquire) {
@@ -681,14 +712,23 @@ impl Slot {
             // access and will see `drain` before entering again (see the
             // module docs).
             let magazine = unsafe { &mut *magazine };
-            let (bins, credit) = magazine.take_all();
+            let mut bins = [Bin::EMPTY; CHUNK];
+            let (len, credit, empty) = magazine.take_chunk(&mut bins);
             Drained {
                 bins,
+                len,
                 deltas: self.counters.take(),
                 credit,
+                more: !empty,
             }
         });
         self.drain.store(false, Release);
+        if !drained.more && (dead || orphaned) {
+            *life = DEAD;
+            if orphaned {
+                self.orphans.fetch_sub(1, Relaxed);
+            }
+        }
         drop(life);
         Some(drained)
     }
@@ -884,7 +924,7 @@ impl Table {
                     fronts.limit,
                     fronts.credited,
                     fronts.orphans.clone(),
-                ));
+                )?);
                 registry.push(slot.clone());
                 let pointer = Arc::as_ptr(&slot);
                 slots.push((fronts.id, slot));

@@ -17,7 +17,7 @@ use allocator_api2::alloc::{AllocError, Allocator};
 
 use super::{Cache, State};
 use crate::eviction::Victim;
-use crate::front::{Batch, Bin, DEPTH, Deltas, Fronts, Slot};
+use crate::front::{Batch, DEPTH, Deltas, Drained, Fronts, Slot};
 use crate::poison;
 use crate::policy::Key;
 use crate::reentry;
@@ -399,13 +399,16 @@ impl<A: Allocator> Cache<A> {
 
     /// Takes in the magazine of a drained slot: its counters and all its
     /// blocks, under one lock.
-    fn take_in(
-        &self,
-        deltas: &Deltas,
-        mut bins: [Bin; crate::front::BINS],
-        credit: usize,
-        evict: bool,
-    ) {
+    fn take_in(&self, drained: Drained, evict: bool) {
+        let Drained {
+            mut bins,
+            len,
+            deltas,
+            credit,
+            ..
+        } = drained;
+        let deltas = &deltas;
+        let bins = &mut bins[..len];
         let mut panics = Deferred::new();
         let held: usize = bins
             .iter()
@@ -418,13 +421,13 @@ impl<A: Allocator> Cache<A> {
             // The blocks leave the front before they join the lists, so no
             // moment counts them twice (peaks included).
             let mut moved = Deltas::default();
-            for bin in &bins {
+            for bin in bins.iter() {
                 let Some(key) = bin.key else { continue };
                 moved.moved_bytes += (key.size() * bin.len) as u64;
                 moved.moved_blocks += bin.len as u64;
             }
             state.fold(&moved);
-            for bin in &mut bins {
+            for bin in bins.iter_mut() {
                 let Some(key) = bin.key else { continue };
                 for at in 0..bin.len {
                     let Some(block) = NonNull::new(bin.blocks[at]) else {
@@ -440,7 +443,7 @@ impl<A: Allocator> Cache<A> {
         // The credit the blocks did not use goes back to the budget (the
         // listed blocks stay reserved, now as cached).
         self.unreserve(credit.saturating_sub(held));
-        for bin in &bins {
+        for bin in bins.iter() {
             for (key, block) in bin.held() {
                 if credit > 0 {
                     self.unreserve(key.size());
@@ -466,10 +469,7 @@ impl<A: Allocator> Cache<A> {
             fronts.slots(false)
         };
         for slot in slots.iter() {
-            if let Some(drained) = slot.drain(dead) {
-                credit += drained.credit;
-                self.take_in(&drained.deltas, drained.bins, drained.credit, false);
-            }
+            credit += self.drain_slot(slot, dead, false);
         }
         if !dead {
             fronts.prune();
@@ -492,12 +492,9 @@ impl<A: Allocator> Cache<A> {
         let Some(slot) = self.fronts.as_ref().and_then(Fronts::oldest_slot) else {
             return false;
         };
-        let Some(drained) = slot.drain(false) else {
-            return false;
-        };
-        self.take_in(&drained.deltas, drained.bins, drained.credit, true);
+        let credit = self.drain_slot(&slot, false, true);
         self.fronts.as_ref().map(Fronts::prune);
-        drained.credit > 0
+        credit > 0
     }
 
     /// Marks the calling thread's front as active now (its slow paths), on
@@ -506,6 +503,26 @@ impl<A: Allocator> Cache<A> {
         if let Some(budget) = &self.config.budget {
             slot.set_age(budget.tick());
         }
+    }
+
+    /// Drains one front round by round (a chunk of bins each), taking each
+    /// round in (`evict`: giving its blocks back); returns the credit it
+    /// gave back. An owner still freeing into it can keep it from ending
+    /// empty: the rounds stop after one pass over its bins.
+    fn drain_slot(&self, slot: &Slot, dead: bool, evict: bool) -> usize {
+        let mut credit = 0;
+        for _ in 0..=crate::front::BINS / crate::front::CHUNK {
+            let Some(drained) = slot.drain(dead) else {
+                break;
+            };
+            credit += drained.credit;
+            let more = drained.more;
+            self.take_in(drained, evict);
+            if !more {
+                break;
+            }
+        }
+        credit
     }
 
     /// Takes in the front caches of threads that exited.
@@ -517,9 +534,7 @@ impl<A: Allocator> Cache<A> {
             return;
         }
         for slot in fronts.slots(true).iter() {
-            if let Some(drained) = slot.drain(true) {
-                self.take_in(&drained.deltas, drained.bins, drained.credit, false);
-            }
+            self.drain_slot(slot, true, false);
         }
     }
 

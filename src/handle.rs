@@ -223,6 +223,15 @@ impl<A: Allocator> CachingAllocator<A> {
 
     /// A snapshot of the counters, consistent with each other (taken under
     /// the cache's lock).
+    ///
+    /// With front caches ([`Builder::front_cache_bytes`](crate::Builder::front_cache_bytes))
+    /// the snapshot adds every thread's front counters, read without
+    /// stopping the threads: counters and gauges are exact whenever no
+    /// thread is inside the allocator, and a snapshot taken while threads
+    /// work their fronts can be off by what is in flight (a gauge never
+    /// reads below zero). Peaks are then exact while one thread works at a
+    /// time, an estimate with several, and never fall below a value once
+    /// reported.
     pub fn stats(&self) -> Stats {
         self.cache.stats()
     }

@@ -143,6 +143,18 @@ impl State {
         }
     }
 
+    /// The next reading of the clock blocks are aged by: the budget's (one
+    /// clock for all its members, so their ages compare) or the cache's own.
+    fn next_age(&mut self, budget: Option<&Budget>) -> u64 {
+        match budget {
+            Some(budget) => budget.tick(),
+            None => {
+                self.clock += 1;
+                self.clock
+            }
+        }
+    }
+
     /// Takes the most recently cached block of `key`, if any.
     #[inline]
     fn pop(&mut self, key: Key) -> Option<NonNull<u8>> {
@@ -333,12 +345,13 @@ impl<A: Allocator> Cache<A> {
     /// bytes given back. A panicking backing `deallocate` does not stop it:
     /// every block is handed back, then the first panic is resumed.
     pub(crate) fn release_cached(&self) -> usize {
-        let _ = self.drain_fronts(false);
-        if self.carves() {
-            return self.release_carved();
-        }
         let mut panics = Deferred::new();
-        let bytes = self.release_into(&mut panics);
+        let _ = self.drain_fronts(false, &mut panics);
+        let bytes = if self.carves() {
+            self.release_carved(&mut panics)
+        } else {
+            self.release_into(&mut panics)
+        };
         panics.resume();
         bytes
     }
@@ -380,11 +393,13 @@ impl<A: Allocator> Cache<A> {
     /// A panicking backing `deallocate` does not stop it: the trim goes on,
     /// then the first panic is resumed.
     pub(crate) fn trim(&self, target_bytes: usize) -> usize {
-        let _ = self.drain_fronts(false);
-        if self.carves() {
-            return self.trim_carved(target_bytes);
-        }
         let mut panics = Deferred::new();
+        let _ = self.drain_fronts(false, &mut panics);
+        if self.carves() {
+            let trimmed = self.trim_carved(target_bytes, &mut panics);
+            panics.resume();
+            return trimmed;
+        }
         let mut trimmed = 0;
         loop {
             let evicted = {
@@ -584,7 +599,7 @@ impl<A: Allocator> Cache<A> {
                     // drain returns it), at most twice.
                     if credit_out > 0 && drains < 2 {
                         drains += 1;
-                        let _ = self.drain_fronts(false);
+                        let _ = self.drain_fronts(false, &mut panics);
                         continue;
                     }
                     self.unreserve(key.size());
@@ -604,13 +619,7 @@ impl<A: Allocator> Cache<A> {
                 }
                 continue;
             }
-            let age = match &self.config.budget {
-                Some(budget) => budget.tick(),
-                None => {
-                    state.clock += 1;
-                    state.clock
-                }
-            };
+            let age = state.next_age(self.config.budget.as_ref());
             let cached = state.stamp(key, block, age);
             if state.push(key, cached).is_err() {
                 drop(state);
@@ -699,14 +708,24 @@ impl<A: Allocator + Send + Sync> Member for Cache<A> {
             let state = self.state.lock();
             (state.oldest_age(), state.credit_out)
         };
-        if credit_out > 0 && self.oldest_front(oldest).is_some() && self.evict_oldest_front() {
+        // A panic of the backing while fronts give their blocks back is
+        // resumed once the drain is done (the budget's caller catches it).
+        let mut panics = Deferred::new();
+        if credit_out > 0
+            && self.oldest_front(oldest).is_some()
+            && self.evict_oldest_front(&mut panics)
+        {
+            panics.resume();
             return true;
         }
         let evicted = self.state.lock().evict(Victim::Oldest);
         if evicted.is_none() && credit_out > 0 {
             // Drained fronts give their credit back to the budget.
-            return self.drain_fronts(false) > 0;
+            let drained = self.drain_fronts(false, &mut panics) > 0;
+            panics.resume();
+            return drained;
         }
+        panics.resume();
         match evicted {
             Some((key, block)) => {
                 self.unreserve(key.size());
@@ -730,9 +749,11 @@ impl<A: Allocator> Drop for Cache<A> {
     fn drop(&mut self) {
         // Every user is gone (handles, scopes and live scope blocks hold
         // `Users`, and a budget let go of the cache when its users did), so no
-        // block is in use: everything cached goes back.
+        // block is in use: everything cached goes back. A panicking backing
+        // stops none of it (every front is drained, every segment given
+        // back), and is resumed only if the thread is not unwinding already.
         let mut panics = Deferred::new();
-        let _ = self.drain_fronts(true);
+        let _ = self.drain_fronts(true, &mut panics);
         self.release_into(&mut panics);
         if self.carves() {
             self.drop_segments(&mut panics);

@@ -52,6 +52,11 @@ impl Deferred {
         }
     }
 
+    /// Whether a panic was caught.
+    pub(crate) fn caught(&self) -> bool {
+        self.first.is_some()
+    }
+
     /// Resumes the first caught panic, if any.
     pub(crate) fn resume(self) {
         if let Some(payload) = self.first {

@@ -11,6 +11,7 @@ use std::alloc::Layout;
 use std::cell::RefCell;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr::NonNull;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
@@ -18,7 +19,9 @@ use std::time::Duration;
 use allocator_api2::alloc::{AllocError, Allocator};
 use allocator_api2::vec::Vec as ApiVec;
 use caching_allocator::plan::{Planned, Recorder};
-use caching_allocator::{Budget, CachingAllocator, Scope, ScopedGlobal, SizePolicy};
+use caching_allocator::{
+    Budget, CachingAllocator, FRONT_CACHE_BYTES, Scope, ScopedGlobal, SizePolicy,
+};
 use fixture::{Counting, cache_one};
 
 #[path = "all/fixture/mod.rs"]
@@ -427,4 +430,195 @@ fn a_panicking_backing_allocate_changes_nothing() {
     assert_eq!((after.hits, after.misses), (before.hits, before.misses));
     assert_eq!(after.bytes_in_use, 0);
     assert_eq!(backing.live_bytes(), after.bytes_reserved);
+}
+
+// Round 3 (issue 19).
+
+// 1. A dropped best-fit cache gives its budget share back.
+
+#[test]
+fn a_dropped_best_fit_cache_gives_its_share_of_the_budget_back() {
+    let budget = Budget::new(1 << 20);
+    let busy = CachingAllocator::builder()
+        .size_policy(SizePolicy::BestFit)
+        .budget(&budget)
+        .build();
+    // Per-model caches come and go on the budget, each leaving free bytes.
+    for round in 0..4 {
+        let backing = Counting::new();
+        let reserved = CachingAllocator::builder()
+            .size_policy(SizePolicy::BestFit)
+            .budget(&budget)
+            .build();
+        let fixed = CachingAllocator::builder()
+            .size_policy(SizePolicy::BestFit)
+            .budget(&budget)
+            .build_in(backing.clone());
+        drop(ApiVec::<u8, _>::with_capacity_in(
+            64 << 10,
+            reserved.clone(),
+        ));
+        drop(ApiVec::<u8, _>::with_capacity_in(64 << 10, fixed.clone()));
+        assert!(budget.bytes_cached() >= 128 << 10, "round {round}");
+        drop((reserved, fixed));
+        assert_eq!(budget.bytes_cached(), 0, "round {round}: nobody holds them");
+        backing.assert_all_returned();
+    }
+    // The live member keeps what it frees.
+    for _ in 0..3 {
+        drop(ApiVec::<u8, _>::with_capacity_in(256 << 10, busy.clone()));
+    }
+    let stats = busy.stats();
+    assert_eq!(stats.misses, 1, "{stats:?}");
+    assert_eq!(budget.bytes_cached(), stats.bytes_cached);
+}
+
+// 3. Free bytes a best-fit cache gets without a free age like freed ones.
+
+#[test]
+fn free_bytes_from_a_shrink_in_place_are_evicted_for_a_busy_member() {
+    let budget = Budget::new(2 << 20);
+    let idle = CachingAllocator::builder()
+        .size_policy(SizePolicy::BestFit)
+        .budget(&budget)
+        .build();
+    let busy = CachingAllocator::builder()
+        .size_policy(SizePolicy::BestFit)
+        .budget(&budget)
+        .build();
+    // The idle model keeps a buffer it shrank in place: its tail is free.
+    let mut kept = ApiVec::<u8, _>::with_capacity_in(2 << 20, idle.clone());
+    kept.push(1);
+    kept.shrink_to_fit();
+    let idle_free = idle.stats().bytes_cached;
+    assert!(idle_free >= (2 << 20) - 4096, "{:?}", idle.stats());
+    assert_eq!(budget.bytes_cached(), idle_free);
+    // The busy model frees 1 MiB blocks: the idle model's free bytes are
+    // older, so they go.
+    for _ in 0..4 {
+        drop(ApiVec::<u8, _>::with_capacity_in(1 << 20, busy.clone()));
+    }
+    let stats = busy.stats();
+    assert_eq!(stats.misses, 1, "the busy member kept its block: {stats:?}");
+    assert!(idle.stats().bytes_cached < idle_free, "{:?}", idle.stats());
+    assert!(budget.bytes_cached() <= budget.limit());
+    assert_eq!(kept[0], 1);
+}
+
+// 2. A panicking backing `deallocate` while the cache drops drains every
+// front and gives every segment back, and never aborts.
+
+type Blocks = std::vec::Vec<ApiVec<u8, CachingAllocator<Counting>>>;
+
+/// A cache with front caches whose caching stopped while two threads' fronts
+/// hold blocks: the backing's retry (after the release that drained them)
+/// frees blocks into this thread's front and has another thread free its
+/// own, then fails. Returns the cache and the other thread (alive until
+/// `release` is sent, so its front is not an orphan).
+fn stopped_with_blocks_in_two_fronts(
+    backing: &Counting,
+) -> (
+    CachingAllocator<Counting>,
+    mpsc::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let cache = CachingAllocator::builder()
+        .front_cache_bytes(FRONT_CACHE_BYTES)
+        .stop_caching_after_failure(true)
+        .build_in(backing.clone());
+    let mine: Arc<Mutex<Option<Blocks>>> = Arc::new(Mutex::new(Some(
+        (1..=4)
+            .map(|i| ApiVec::with_capacity_in(1024 * i, cache.clone()))
+            .collect(),
+    )));
+    let (free_yours, freeing) = mpsc::channel::<()>();
+    let (freed, yours_are_freed) = mpsc::channel::<()>();
+    let (release, released) = mpsc::channel::<()>();
+    let theirs: Blocks = (5..=8)
+        .map(|i| ApiVec::with_capacity_in(1024 * i, cache.clone()))
+        .collect();
+    let other = std::thread::spawn(move || {
+        freeing.recv().unwrap();
+        drop(theirs);
+        freed.send(()).unwrap();
+        let _ = released.recv();
+    });
+    let retry = backing.attempts() + 1;
+    let (hooked, free_yours) = (backing.clone(), Mutex::new(free_yours));
+    let (kept, yours) = (Arc::clone(&mine), Mutex::new(Some(yours_are_freed)));
+    backing.set_hook(move || {
+        if hooked.attempts() == retry
+            && let Some(yours) = yours.lock().unwrap().take()
+        {
+            drop(kept.lock().unwrap().take());
+            free_yours.lock().unwrap().send(()).unwrap();
+            yours.recv().unwrap();
+        }
+    });
+    backing.fail_all(true);
+    let mut failing = ApiVec::<u8, _>::new_in(cache.clone());
+    assert!(failing.try_reserve_exact(64 << 10).is_err());
+    drop(failing);
+    backing.fail_all(false);
+    backing.clear_hook();
+    assert!(cache.is_caching_stopped());
+    assert!(mine.lock().unwrap().is_none(), "the retry freed them");
+    let stats = cache.stats();
+    assert_eq!(stats.blocks_cached, 8, "both fronts hold theirs: {stats:?}");
+    (cache, release, other)
+}
+
+#[test]
+fn a_panic_while_fronts_drain_on_drop_gives_every_other_block_back() {
+    let backing = Counting::new();
+    let (cache, release, other) = stopped_with_blocks_in_two_fronts(&backing);
+    panic_on_call(&backing, 0); // the drain's first give-back panics
+    let dropped = panic::catch_unwind(AssertUnwindSafe(|| drop(cache)));
+    assert!(dropped.is_err(), "the backing's panic reaches the caller");
+    // Only the block the panicking call was handed is still the backing's.
+    assert_eq!(backing.live_blocks(), 1);
+    release.send(()).unwrap();
+    other.join().unwrap();
+    free_what_the_backing_kept(&backing);
+}
+
+const CHILD: &str = "CACHING_ALLOCATOR_SOUNDNESS_CHILD";
+
+#[test]
+fn a_cache_dropped_while_unwinding_with_a_panicking_drain_does_not_abort() {
+    const CASE: &str = "a_cache_dropped_while_unwinding_with_a_panicking_drain_does_not_abort";
+    if std::env::var(CHILD).is_ok_and(|case| case == CASE) {
+        let backing = Counting::new();
+        let (cache, release, other) = stopped_with_blocks_in_two_fronts(&backing);
+        panic_on_call(&backing, 0);
+        let unwound = panic::catch_unwind(AssertUnwindSafe(move || {
+            let _dropped_while_unwinding = cache;
+            panic!("a panic of the user's");
+        }));
+        let payload = unwound.expect_err("the user's panic");
+        assert_eq!(
+            payload.downcast_ref::<&str>(),
+            Some(&"a panic of the user's")
+        );
+        assert_eq!(backing.live_blocks(), 1);
+        release.send(()).unwrap();
+        other.join().unwrap();
+        free_what_the_backing_kept(&backing);
+        return;
+    }
+    if cfg!(miri) {
+        return; // Miri runs no child processes.
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", CASE, "--test-threads=1", "--nocapture"])
+        .env(CHILD, CASE)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the child died: {:?}\n{stderr}",
+        output.status
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("1 passed"));
 }

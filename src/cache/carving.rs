@@ -36,14 +36,21 @@ impl State {
         self.arena.as_mut().expect("a best-fit cache has an arena")
     }
 
-    /// Copies the arena's memory into the stats.
-    pub(super) fn sync_held(&mut self) {
+    /// Copies the arena's memory into the stats, and ages its free bytes:
+    /// they are as old as the moment they last rose from zero, however they
+    /// came (a free, a shrink in place, a gap left by an aligned carve), so
+    /// a budget can always find them.
+    pub(super) fn sync_held(&mut self, budget: Option<&Budget>) {
         let arena = self.arena.as_mut().expect("a best-fit cache has an arena");
         let (reserved, cached, ranges, decommitted) = arena.held();
-        if cached == 0 {
-            arena.cached_since = None;
-        }
+        let aged = arena.cached_since.is_some();
         self.stats.set_held(reserved, cached, ranges, decommitted);
+        if cached == 0 {
+            self.arena().cached_since = None;
+        } else if !aged {
+            let age = self.next_age(budget);
+            self.arena().cached_since = Some(age);
+        }
     }
 }
 
@@ -95,7 +102,7 @@ impl<A: Allocator> Cache<A> {
         state
             .stats
             .on_carved(layout.size(), carved.len, !carved.fresh);
-        state.sync_held();
+        state.sync_held(self.config.budget.as_ref());
         let after = After {
             cached: state.stats.bytes_cached,
             stopped: state.caching_stopped,
@@ -155,11 +162,11 @@ impl<A: Allocator> Cache<A> {
         let Some(carved) = carved else {
             // Only if the live-block table could not grow.
             state.stats.failures += 1;
-            state.sync_held();
+            state.sync_held(self.config.budget.as_ref());
             return Err(AllocError);
         };
         state.stats.on_carved(layout.size(), carved.len, false);
-        state.sync_held();
+        state.sync_held(self.config.budget.as_ref());
         let after = After {
             cached: state.stats.bytes_cached,
             stopped: state.caching_stopped,
@@ -174,22 +181,14 @@ impl<A: Allocator> Cache<A> {
         let after = {
             let mut state = self.state.lock();
             let _inside = reentry::inside();
-            let age = match &self.config.budget {
-                Some(budget) => budget.tick(),
-                None => {
-                    state.clock += 1;
-                    state.clock
-                }
-            };
             // A layout a block was carved for has a block length.
             let Some((len, _)) = best_fit::block_of(layout) else {
                 return;
             };
             let arena = state.arena();
             let len = arena.uncarve(block.as_ptr().addr(), len);
-            arena.cached_since.get_or_insert(age);
             state.stats.on_uncarved(layout.size(), len);
-            state.sync_held();
+            state.sync_held(self.config.budget.as_ref());
             After {
                 cached: state.stats.bytes_cached,
                 stopped: state.caching_stopped,
@@ -230,7 +229,7 @@ impl<A: Allocator> Cache<A> {
                             new.size(),
                             new_len.wrapping_sub(old_len),
                         );
-                        state.sync_held();
+                        state.sync_held(self.config.budget.as_ref());
                         Some(After {
                             cached: state.stats.bytes_cached,
                             stopped: state.caching_stopped,
@@ -357,7 +356,7 @@ impl<A: Allocator> Cache<A> {
                     stats.bytes_evicted += shed.bytes as u64;
                 }
             }
-            state.sync_held();
+            state.sync_held(self.config.budget.as_ref());
             shed
         };
         let _inside = reentry::inside();
@@ -372,23 +371,19 @@ impl<A: Allocator> Cache<A> {
         bytes
     }
 
-    pub(super) fn release_carved(&self) -> usize {
-        let mut panics = Deferred::new();
-        let bytes = self.shed_carved(0, Count::Release, &mut panics);
-        if let Some(budget) = &self.config.budget {
-            self.unreserve_surplus(budget);
-        }
-        panics.resume();
-        bytes
+    pub(super) fn release_carved(&self, panics: &mut Deferred) -> usize {
+        self.trim_or_release(0, Count::Release, panics)
     }
 
-    pub(super) fn trim_carved(&self, target: usize) -> usize {
-        let mut panics = Deferred::new();
-        let bytes = self.shed_carved(target, Count::Evict, &mut panics);
+    pub(super) fn trim_carved(&self, target: usize, panics: &mut Deferred) -> usize {
+        self.trim_or_release(target, Count::Evict, panics)
+    }
+
+    fn trim_or_release(&self, target: usize, count: Count, panics: &mut Deferred) -> usize {
+        let bytes = self.shed_carved(target, count, panics);
         if let Some(budget) = &self.config.budget {
             self.unreserve_surplus(budget);
         }
-        panics.resume();
         bytes
     }
 
@@ -418,15 +413,18 @@ impl<A: Allocator> Cache<A> {
     }
 
     /// The cache is going away: every segment goes back (all free: no user
-    /// is left), the fixed ones to the backing allocator.
+    /// is left), the fixed ones to the backing allocator, and the budget
+    /// gets back every byte it counted for this cache.
     pub(super) fn drop_segments(&self, panics: &mut Deferred) {
-        let (fixed, reservations) = {
+        let (fixed, reservations, budget_held) = {
             let mut state = self.state.lock();
             let _inside = reentry::inside();
             let arena = state.arena();
-            (arena.take_fixed(), arena.take_reservations())
+            let budget_held = core::mem::take(&mut arena.budget_held);
+            (arena.take_fixed(), arena.take_reservations(), budget_held)
         };
         drop(reservations);
+        self.unreserve(budget_held);
         let _inside = reentry::inside();
         for (start, layout) in fixed {
             panics.catch(|| {

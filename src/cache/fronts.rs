@@ -117,6 +117,11 @@ impl<A: Allocator> Cache<A> {
     /// Takes a block of `key` from the shared side for a front miss,
     /// folding the slot's counters and refilling it with a few more blocks
     /// of the key (free lists) on the way.
+    ///
+    /// A panicking backing `deallocate` on the way (adopting an exited
+    /// thread's blocks, or giving back blocks that could not be listed)
+    /// fails the request: the block taken for it goes back, then the panic
+    /// is resumed.
     #[cold]
     pub(super) fn allocate_behind_front(
         &self,
@@ -125,7 +130,28 @@ impl<A: Allocator> Cache<A> {
         layout: Layout,
         zeroed: bool,
     ) -> Result<NonNull<[u8]>, AllocError> {
-        self.adopt_orphans();
+        let mut panics = Deferred::new();
+        let taken = self.take_behind_front(slot, key, layout, zeroed, &mut panics);
+        if panics.caught()
+            && let Ok(block) = taken
+        {
+            // SAFETY: the block was just handed out for `layout` and the
+            // caller never sees it.
+            unsafe { self.deallocate_shared(block.cast(), layout) };
+        }
+        panics.resume();
+        taken
+    }
+
+    fn take_behind_front(
+        &self,
+        slot: &Slot,
+        key: Key,
+        layout: Layout,
+        zeroed: bool,
+        panics: &mut Deferred,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        self.adopt_orphans(panics);
         self.touch_front(slot);
         let deltas = slot.take_counters();
         if self.carves() {
@@ -168,7 +194,7 @@ impl<A: Allocator> Cache<A> {
             batch.len = taken - kept;
             batch.blocks[..batch.len].copy_from_slice(&refill[kept..taken]);
             // Listed again: they left the lists above, uncounted as moves.
-            self.relist_batch(&Deltas::default(), &batch, false);
+            self.relist_batch(&Deltas::default(), &batch, false, panics);
         }
         poison::unpoison(block, key.size());
         if zeroed {
@@ -195,7 +221,27 @@ impl<A: Allocator> Cache<A> {
         block: NonNull<u8>,
         layout: Layout,
     ) {
-        self.adopt_orphans();
+        let mut panics = Deferred::new();
+        // SAFETY: this function's contract.
+        unsafe { self.free_behind_front(slot, key, block, layout, &mut panics) };
+        panics.resume();
+    }
+
+    /// `deallocate_behind_front`, keeping a panic of the backing allocator
+    /// in `panics`: the block is kept or freed whatever happens.
+    ///
+    /// # Safety
+    ///
+    /// As for `deallocate_behind_front`.
+    unsafe fn free_behind_front(
+        &self,
+        slot: &Slot,
+        key: Key,
+        block: NonNull<u8>,
+        layout: Layout,
+        panics: &mut Deferred,
+    ) {
+        self.adopt_orphans(panics);
         self.touch_front(slot);
         // Each round empties one bin or half of one, or takes credit: at
         // most every bin once, then the credit.
@@ -206,7 +252,7 @@ impl<A: Allocator> Cache<A> {
                 break;
             };
             let moved = room.batch.len;
-            self.relist_batch(&room.deltas, &room.batch, true);
+            self.relist_batch(&room.deltas, &room.batch, true, panics);
             if room.more && moved > 0 {
                 continue;
             }
@@ -310,8 +356,7 @@ impl<A: Allocator> Cache<A> {
     /// Folds `deltas` and lists a batch from a front; blocks that cannot be
     /// listed go back to the backing allocator. With `credited`, the blocks
     /// bring their front credit with them (a batch the owner moved out).
-    fn relist_batch(&self, deltas: &Deltas, batch: &Batch, credited: bool) {
-        let mut panics = Deferred::new();
+    fn relist_batch(&self, deltas: &Deltas, batch: &Batch, credited: bool, panics: &mut Deferred) {
         let mut unlisted = Batch::EMPTY;
         unlisted.key = batch.key;
         {
@@ -332,9 +377,8 @@ impl<A: Allocator> Cache<A> {
         for (key, block) in unlisted.iter() {
             // Reserved on the budget as cached (or as credit) until now.
             self.unreserve(key.size());
-            self.give_back_unlisted(key, block, &mut panics);
+            self.give_back_unlisted(key, block, panics);
         }
-        panics.resume();
     }
 
     /// Whether this cache's fronts hold credit (a cap or a budget).
@@ -380,10 +424,7 @@ impl<A: Allocator> Cache<A> {
     /// stats.
     fn after_relist(&self, state: &mut State) {
         if self.carves() {
-            state.clock += 1;
-            let clock = state.clock;
-            state.arena().cached_since.get_or_insert(clock);
-            state.sync_held();
+            state.sync_held(self.config.budget.as_ref());
         }
     }
 
@@ -399,7 +440,7 @@ impl<A: Allocator> Cache<A> {
 
     /// Takes in the magazine of a drained slot: its counters and all its
     /// blocks, under one lock.
-    fn take_in(&self, drained: Drained, evict: bool) {
+    fn take_in(&self, drained: Drained, evict: bool, panics: &mut Deferred) {
         let Drained {
             mut bins,
             len,
@@ -409,7 +450,6 @@ impl<A: Allocator> Cache<A> {
         } = drained;
         let deltas = &deltas;
         let bins = &mut bins[..len];
-        let mut panics = Deferred::new();
         let held: usize = bins
             .iter()
             .map(|bin| bin.held().map(|(key, _)| key.size()).sum::<usize>())
@@ -448,17 +488,17 @@ impl<A: Allocator> Cache<A> {
                 if credit > 0 {
                     self.unreserve(key.size());
                 }
-                self.give_back_unlisted(key, block, &mut panics);
+                self.give_back_unlisted(key, block, panics);
             }
         }
-        panics.resume();
     }
 
     /// Brings every front cache's blocks to the shared side: the drainer's
     /// side of the protocol, slot by slot. With `dead` (the cache drops),
     /// the slots are also marked dead and leave the registry. Returns the
-    /// credit the fronts gave back.
-    pub(super) fn drain_fronts(&self, dead: bool) -> usize {
+    /// credit the fronts gave back. A panicking backing `deallocate` stops
+    /// no drain: it is kept in `panics`.
+    pub(super) fn drain_fronts(&self, dead: bool, panics: &mut Deferred) -> usize {
         let Some(fronts) = &self.fronts else {
             return 0;
         };
@@ -469,7 +509,7 @@ impl<A: Allocator> Cache<A> {
             fronts.slots(false)
         };
         for slot in slots.iter() {
-            credit += self.drain_slot(slot, dead, false);
+            credit += self.drain_slot(slot, dead, false, panics);
         }
         if !dead {
             fronts.prune();
@@ -488,11 +528,11 @@ impl<A: Allocator> Cache<A> {
 
     /// Gives back the blocks and the credit of the front active least
     /// recently (a budget's eviction); whether it held any credit.
-    pub(super) fn evict_oldest_front(&self) -> bool {
+    pub(super) fn evict_oldest_front(&self, panics: &mut Deferred) -> bool {
         let Some(slot) = self.fronts.as_ref().and_then(Fronts::oldest_slot) else {
             return false;
         };
-        let credit = self.drain_slot(&slot, false, true);
+        let credit = self.drain_slot(&slot, false, true, panics);
         self.fronts.as_ref().map(Fronts::prune);
         credit > 0
     }
@@ -509,7 +549,7 @@ impl<A: Allocator> Cache<A> {
     /// round in (`evict`: giving its blocks back); returns the credit it
     /// gave back. An owner still freeing into it can keep it from ending
     /// empty: the rounds stop after one pass over its bins.
-    fn drain_slot(&self, slot: &Slot, dead: bool, evict: bool) -> usize {
+    fn drain_slot(&self, slot: &Slot, dead: bool, evict: bool, panics: &mut Deferred) -> usize {
         let mut credit = 0;
         for _ in 0..=crate::front::BINS / crate::front::CHUNK {
             let Some(drained) = slot.drain(dead) else {
@@ -517,7 +557,7 @@ impl<A: Allocator> Cache<A> {
             };
             credit += drained.credit;
             let more = drained.more;
-            self.take_in(drained, evict);
+            self.take_in(drained, evict, panics);
             if !more {
                 break;
             }
@@ -526,7 +566,7 @@ impl<A: Allocator> Cache<A> {
     }
 
     /// Takes in the front caches of threads that exited.
-    pub(super) fn adopt_orphans(&self) {
+    pub(super) fn adopt_orphans(&self, panics: &mut Deferred) {
         let Some(fronts) = &self.fronts else {
             return;
         };
@@ -534,7 +574,7 @@ impl<A: Allocator> Cache<A> {
             return;
         }
         for slot in fronts.slots(true).iter() {
-            self.drain_slot(slot, true, false);
+            self.drain_slot(slot, true, false, panics);
         }
     }
 

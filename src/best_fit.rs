@@ -34,7 +34,7 @@ use crate::free_ranges::FreeRanges;
 use crate::poison;
 use crate::policy::MIN_ALIGN;
 use crate::reentry::Bookkeeping;
-use crate::reservation::{self, FIRST_CAPACITY, PAGE, Reservation};
+use crate::reservation::{self, FIRST_CAPACITY, HUGE_PAGE, Reservation};
 
 /// Freed blocks up to this length wait on exact-length quick lists before
 /// they merge into the free ranges (PyTorch keeps a separate small pool too).
@@ -103,6 +103,9 @@ pub(crate) struct Arena {
     reservations: Vec<Reservation>,
     /// Whether to reserve address ranges (else: fixed segments only).
     reserves: bool,
+    /// The page size commits, decommits and pinned bytes are computed in
+    /// (`reservation::page_size`; tests pass larger ones).
+    page: usize,
     /// Every block exactly its request's length: tails always go back to
     /// the free ranges, `extra` stays empty. Set for a cache with front
     /// caches, which know a block's length only from its layout.
@@ -118,7 +121,14 @@ impl Arena {
     /// An empty arena; `reserves`: take segments from reserved address
     /// ranges where the system has them.
     pub(crate) fn new(reserves: bool, exact_blocks: bool) -> Self {
+        Self::with_page(reserves, exact_blocks, reservation::page_size())
+    }
+
+    /// An empty arena computing in pages of `page` bytes: the system's page
+    /// size or a multiple of it.
+    pub(crate) fn with_page(reserves: bool, exact_blocks: bool, page: usize) -> Self {
         Self {
+            page,
             exact_blocks,
             ranges: FreeRanges::new(),
             extra: HashMap::with_hasher_in(FixedState::default(), Bookkeeping),
@@ -180,8 +190,9 @@ impl Arena {
         }
         // Reservations: merged free runs, less their whole pages.
         let mut run: Option<(usize, usize)> = None;
+        let page = self.page;
         let partial = |(start, end): (usize, usize)| {
-            let (from, to) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+            let (from, to) = (start.next_multiple_of(page), end / page * page);
             (end - start) - to.saturating_sub(from)
         };
         for &(start, len) in free.iter().filter(|&&(start, _)| !self.in_fixed(start)) {
@@ -207,7 +218,7 @@ impl Arena {
             list.pop();
             self.quick_bytes -= len;
             self.quick_blocks -= 1;
-            poison::unpoison(pointer(start), len);
+            poison::unpoison_at(start, len);
             return Some(Carved {
                 start,
                 len,
@@ -233,7 +244,7 @@ impl Arena {
             }
         }
         let fresh = self.recommit(taken.start, taken.len);
-        poison::unpoison(pointer(taken.start), taken.len);
+        poison::unpoison_at(taken.start, taken.len);
         Some(Carved {
             start: taken.start,
             len: taken.len,
@@ -253,8 +264,8 @@ impl Arena {
                 .reservations
                 .last()
                 .map_or(FIRST_CAPACITY, |last| last.capacity().saturating_mul(2))
-                .max(len.checked_add(align)?.checked_add(PAGE)?);
-            let Some(reservation) = Reservation::new(capacity) else {
+                .max(len.checked_add(align)?.checked_add(self.page)?);
+            let Some(reservation) = Reservation::new(capacity, self.page) else {
                 // No address space even for the first reservation: fixed
                 // segments from now on. A refused larger one (an absurd
                 // request) only sends this request to the backing.
@@ -286,7 +297,7 @@ impl Arena {
         let Some(needed) = from
             .checked_next_multiple_of(align)
             .and_then(|at| at.checked_add(len))
-            .and_then(|end| reservation::commit_target(end - base))
+            .and_then(|end| reservation::commit_target(end - base, self.page))
         else {
             return false;
         };
@@ -294,7 +305,17 @@ impl Arena {
         if needed > reservation.capacity() || !reservation.commit(needed) {
             return false;
         }
-        poison::poison(pointer(top), needed - committed);
+        // The chunk the old top was in may have been touched with small
+        // pages; now that it is wholly committed, it may become one huge
+        // page, unless that would make decommitted pages resident behind
+        // the books' back.
+        if let Some(chunk) = reservation::completed_chunk(committed, needed)
+            && !self.any_decommitted(base + chunk, base + chunk + HUGE_PAGE)
+            && let Some(reservation) = self.reservations.last()
+        {
+            reservation.collapse(chunk);
+        }
+        poison::poison_at(top, needed - committed);
         if committed == 0 {
             self.ranges.add_segment(base, needed);
         } else {
@@ -309,14 +330,14 @@ impl Arena {
     /// cache takes few segments.
     pub(crate) fn fixed_segment_layout(&self, len: usize, align: usize) -> Option<Layout> {
         let floor = (self.committed_bytes() / 8).clamp(256 << 10, 64 << 20);
-        let size = len.max(floor).checked_next_multiple_of(PAGE)?;
-        Layout::from_size_align(size, align.max(PAGE)).ok()
+        let size = len.max(floor).checked_next_multiple_of(self.page)?;
+        Layout::from_size_align(size, align.max(self.page)).ok()
     }
 
     /// Adds a fixed segment the backing allocator handed out for `layout`,
     /// all of it free.
     pub(crate) fn add_fixed(&mut self, start: usize, layout: Layout) {
-        poison::poison(pointer(start), layout.size());
+        poison::poison_at(start, layout.size());
         self.ranges.add_segment(start, layout.size());
         self.fixed.insert(start, layout);
     }
@@ -328,7 +349,7 @@ impl Arena {
         if !self.extra.is_empty() {
             self.extra.remove(&start);
         }
-        poison::poison(pointer(start), len);
+        poison::poison_at(start, len);
         if len > QUICK_MAX {
             self.ranges.give(start, len);
             return len;
@@ -377,7 +398,7 @@ impl Arena {
         let tail = whole.checked_sub(new)?;
         if tail >= crate::free_ranges::SPLIT_MIN || (self.exact_blocks && tail > 0) {
             self.extra.remove(&start);
-            poison::poison(pointer(start + new), tail);
+            poison::poison_at(start + new, tail);
             self.ranges.give(start + new, tail);
             return Some(new);
         }
@@ -413,7 +434,7 @@ impl Arena {
             if self.ranges.remove_segment_if_free(start)
                 && let Some(layout) = self.fixed.remove(&start)
             {
-                poison::unpoison(pointer(start), layout.size());
+                poison::unpoison_at(start, layout.size());
                 shed.segments.push((start, layout));
                 shed.bytes += layout.size();
                 shed.pieces += 1;
@@ -428,7 +449,7 @@ impl Arena {
                 continue;
             };
             let committed = self.reservations[index].committed();
-            let floor = (start - base).next_multiple_of(PAGE);
+            let floor = (start - base).next_multiple_of(self.page);
             let mut excess = cached(self).saturating_sub(target);
             let mut keep = committed;
             while keep > floor {
@@ -443,7 +464,7 @@ impl Arena {
                             break;
                         }
                         let low = below.map_or(floor, |(_, to)| (to - base).max(floor));
-                        let cut = (keep - low).min(excess.next_multiple_of(PAGE));
+                        let cut = (keep - low).min(excess.next_multiple_of(self.page));
                         keep -= cut;
                         excess = excess.saturating_sub(cut);
                     }
@@ -453,9 +474,11 @@ impl Arena {
                 continue;
             }
             let before = cached(self);
-            self.forget_decommitted(base + keep, base + committed);
+            if self.forget_decommitted(base + keep, base + committed) > 0 {
+                self.allow_huge_pages(base + keep, base + committed);
+            }
             self.ranges.shrink_segment(base, committed - keep);
-            poison::unpoison(pointer(base + keep), committed - keep);
+            poison::unpoison_at(base + keep, committed - keep);
             // SAFETY: `[base + keep, base + committed)` was the free top of
             // the segment and just left the index: nobody uses it.
             unsafe { self.reservations[index].uncommit(keep) };
@@ -469,11 +492,12 @@ impl Arena {
             let candidates: Vec<(usize, usize)> = self
                 .ranges
                 .largest_first()
-                .filter(|&(start, len)| len >= PAGE && !self.in_fixed(start))
+                .filter(|&(start, len)| len >= self.page && !self.in_fixed(start))
                 .collect();
+            let page = self.page;
             for (start, len) in candidates {
-                let from = start.next_multiple_of(PAGE);
-                let mut high = (start + len) / PAGE * PAGE;
+                let from = start.next_multiple_of(page);
+                let mut high = (start + len) / page * page;
                 while high > from {
                     let excess = cached(self).saturating_sub(target);
                     if excess == 0 {
@@ -487,13 +511,18 @@ impl Arena {
                         continue;
                     }
                     let low = below.map_or(from, |(_, end)| end.max(from));
-                    let low = low.max(high - (high - low).min(excess.next_multiple_of(PAGE)));
+                    let low = low.max(high - (high - low).min(excess.next_multiple_of(page)));
                     self.mark_decommitted(low, high);
                     if let Some(reservation) = self.reservation_of(low) {
                         // SAFETY: `[low, high)` is page-aligned and lies
                         // inside a free range of this reservation:
                         // committed, ours, unused.
                         unsafe { reservation.decommit(low, high - low) };
+                        // Its chunks stay on small pages while they hold
+                        // decommitted pages (see `advise_huge_chunks`).
+                        let base = reservation.base();
+                        let (from, to) = chunks_over(low - base, high - base);
+                        reservation.advise_huge_chunks(from, to, false);
                     }
                     shed.bytes += high - low;
                     shed.pieces += 1;
@@ -504,11 +533,17 @@ impl Arena {
         shed
     }
 
-    /// Every reservation, out of the arena (the cache is going away: nothing
-    /// may be live in them); dropping one unmaps it.
-    pub(crate) fn take_reservations(&mut self) -> Vec<Reservation> {
+    /// Every reservation, out of the arena; dropping one unmaps it.
+    ///
+    /// # Safety
+    ///
+    /// - no block carved from a reservation is live, nor used once the
+    ///   returned reservations drop (the cache is going away);
+    /// - the arena carves nothing afterwards (it has no reservations left,
+    ///   and must not grow new ones).
+    pub(crate) unsafe fn take_reservations(&mut self) -> Vec<Reservation> {
         for reservation in &self.reservations {
-            poison::unpoison(pointer(reservation.base()), reservation.committed());
+            poison::unpoison_at(reservation.base(), reservation.committed());
         }
         core::mem::take(&mut self.reservations)
     }
@@ -521,7 +556,7 @@ impl Arena {
             .into_iter()
             .inspect(|&(start, layout)| {
                 self.ranges.remove_segment_if_free(start);
-                poison::unpoison(pointer(start), layout.size());
+                poison::unpoison_at(start, layout.size());
             })
             .collect()
     }
@@ -545,9 +580,34 @@ impl Arena {
         if self.decommitted.is_empty() {
             return false;
         }
-        let from = start / PAGE * PAGE;
-        let to = (start + len).next_multiple_of(PAGE);
-        self.forget_decommitted(from, to) > 0
+        let from = start / self.page * self.page;
+        let to = (start + len).next_multiple_of(self.page);
+        let recommitted = self.forget_decommitted(from, to) > 0;
+        if recommitted {
+            self.allow_huge_pages(from, to);
+        }
+        recommitted
+    }
+
+    /// The huge-page chunks over `[from, to)` that no longer hold a
+    /// decommitted page may be backed by huge pages again.
+    fn allow_huge_pages(&self, from: usize, to: usize) {
+        let Some(reservation) = self.reservation_of(from) else {
+            return;
+        };
+        let base = reservation.base();
+        let (first, end) = chunks_over(from - base, to - base);
+        for chunk in (first..end).step_by(HUGE_PAGE) {
+            if !self.any_decommitted(base + chunk, base + chunk + HUGE_PAGE) {
+                reservation.advise_huge_chunks(chunk, chunk + HUGE_PAGE, true);
+            }
+        }
+    }
+
+    /// Whether any page of `[from, to)` is decommitted.
+    fn any_decommitted(&self, from: usize, to: usize) -> bool {
+        self.decommitted_below(to)
+            .is_some_and(|(_, end)| end > from)
     }
 
     /// The decommitted interval with the highest start below `addr`.
@@ -612,13 +672,155 @@ impl core::fmt::Debug for Arena {
     }
 }
 
-/// The pointer to `addr`, an address inside a segment: segments' pointers
-/// are exposed when they are added (a reservation's by the kernel's mapping,
-/// a fixed segment's by the cache).
+/// The huge-page chunks (offsets into a reservation) that `[from, to)`
+/// overlaps: `[first, end)`, chunk-aligned.
+fn chunks_over(from: usize, to: usize) -> (usize, usize) {
+    (from / HUGE_PAGE * HUGE_PAGE, to.next_multiple_of(HUGE_PAGE))
+}
+
+/// The pointer to `addr`, an address inside a segment.
+///
+/// # Safety
+///
+/// - `addr` lies inside a segment of an arena (a reservation, whose pointer
+///   the kernel's mapping exposed, or a fixed segment, whose pointer the
+///   cache exposed when it added it), so it is not null and its provenance
+///   is exposed;
+/// - the caller uses the pointer only within that segment, while it lives.
 #[inline]
-pub(crate) fn pointer(addr: usize) -> core::ptr::NonNull<u8> {
+pub(crate) unsafe fn pointer(addr: usize) -> core::ptr::NonNull<u8> {
     let raw = core::ptr::with_exposed_provenance_mut::<u8>(addr);
-    // SAFETY: segments never start at address 0, so no address inside one is
-    // null.
+    // SAFETY: segments never start at address 0 (the caller's contract puts
+    // `addr` inside one), so no address inside one is null.
     unsafe { core::ptr::NonNull::new_unchecked(raw) }
+}
+
+#[cfg(all(test, target_os = "linux", not(miri)))]
+mod tests {
+    //! The reservation's page arithmetic with the page size as a parameter:
+    //! with 16 and 64 KiB pages (arm64 kernels ship both; a multiple of this
+    //! machine's page is a valid page for every call), random carves, frees,
+    //! shrinks and sheds never decommit a byte of a live block, every
+    //! decommitted range is whole pages, and every live block keeps its
+    //! contents.
+
+    use super::*;
+
+    /// A live block: its start, whole length, request length and fill byte.
+    struct Live {
+        start: usize,
+        whole: usize,
+        request: usize,
+        fill: u8,
+    }
+
+    fn bytes(live: &Live) -> &'static mut [u8] {
+        // SAFETY: the block is carved and live: `whole` committed bytes of
+        // the arena's reservation that only this test touches.
+        unsafe { core::slice::from_raw_parts_mut(pointer(live.start).as_ptr(), live.whole) }
+    }
+
+    fn check(arena: &Arena, live: &[Live], page: usize) {
+        for (&from, &to) in &arena.decommitted {
+            assert!(
+                from.is_multiple_of(page) && to.is_multiple_of(page),
+                "{from:#x}..{to:#x}"
+            );
+            for block in live {
+                let end = block.start + block.whole;
+                assert!(
+                    to <= block.start || from >= end,
+                    "pages {from:#x}..{to:#x} decommitted under the live block {:#x}..{end:#x}",
+                    block.start
+                );
+            }
+        }
+        for reservation in &arena.reservations {
+            assert!(reservation.committed().is_multiple_of(page));
+        }
+        for block in live {
+            let request = &bytes(block)[..block.request];
+            assert!(
+                request.iter().all(|&byte| byte == block.fill),
+                "block {:#x} changed",
+                block.start
+            );
+        }
+    }
+
+    fn run(page: usize, seed: u64) {
+        let mut arena = Arena::with_page(true, seed.is_multiple_of(2), page);
+        let mut live: std::vec::Vec<Live> = std::vec::Vec::new();
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move |below: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % below as u64) as usize
+        };
+        for step in 0..400 {
+            match next(10) {
+                0..=4 => {
+                    let len = match next(8) {
+                        0 => (1 + next(3 * page / MIN_ALIGN)) * MIN_ALIGN,
+                        1 => (1 + next(40)) * page / 2 + MIN_ALIGN * next(4),
+                        _ => (1 + next(64)) * MIN_ALIGN,
+                    };
+                    let align = if next(4) == 0 { page } else { MIN_ALIGN };
+                    let carved = arena
+                        .carve(len, align)
+                        .or_else(|| arena.grow_and_carve(len, align))
+                        .expect("a reservation has room");
+                    let block = Live {
+                        start: carved.start,
+                        whole: carved.len,
+                        request: len,
+                        fill: step as u8,
+                    };
+                    bytes(&block)[..len].fill(block.fill);
+                    live.push(block);
+                }
+                5..=7 if !live.is_empty() => {
+                    let block = live.swap_remove(next(live.len()));
+                    assert_eq!(arena.uncarve(block.start, block.request), block.whole);
+                }
+                8 if !live.is_empty() => {
+                    let at = next(live.len());
+                    let block = &mut live[at];
+                    let new = (block.request / 2)
+                        .next_multiple_of(MIN_ALIGN)
+                        .max(MIN_ALIGN);
+                    if let Some(whole) = arena.shrink(block.start, block.request, new) {
+                        block.whole = whole;
+                        block.request = new;
+                    }
+                }
+                _ => {
+                    let cached = arena.held().1;
+                    arena.shed(if next(2) == 0 { 0 } else { cached / 2 });
+                    check(&arena, &live, page);
+                }
+            }
+        }
+        arena.shed(0);
+        check(&arena, &live, page);
+        for block in live.drain(..) {
+            arena.uncarve(block.start, block.request);
+        }
+        // SAFETY: no block is live any more, and the arena is dropped next.
+        drop(unsafe { arena.take_reservations() });
+    }
+
+    #[test]
+    fn no_live_byte_is_decommitted_whatever_the_page_size() {
+        let system = reservation::page_size();
+        for page in [system, 16 << 10, 64 << 10] {
+            if !page.is_multiple_of(system) {
+                continue;
+            }
+            for seed in 1..=4 {
+                run(page, seed);
+            }
+        }
+    }
 }

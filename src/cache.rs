@@ -29,7 +29,7 @@ use crate::alloc::{RawAllocator, dangling};
 use crate::best_fit::Arena;
 use crate::budget::{Budget, Member};
 use crate::eviction::{EvictionIndex, Victim};
-use crate::front::{Fronts, Slot};
+use crate::front::Fronts;
 use crate::poison;
 use crate::policy::{Key, SizePolicy};
 use crate::reentry::{self, Bookkeeping};
@@ -442,7 +442,7 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
             && let Some(key) = self.key(layout)
         {
             let Some(block) = slot.pop(key, layout.size()) else {
-                return self.allocate_behind_front(slot, key, layout, zeroed);
+                return self.allocate_behind_front(&slot, key, layout, zeroed);
             };
             poison::unpoison(block, key.size());
             if zeroed {
@@ -514,7 +514,7 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
                 return;
             }
             // SAFETY: this function's contract.
-            return unsafe { self.deallocate_behind_front(slot, key, block, layout) };
+            return unsafe { self.deallocate_behind_front(&slot, key, block, layout) };
         }
         // SAFETY: this function's contract.
         unsafe { self.deallocate_shared(block, layout) }
@@ -655,7 +655,7 @@ impl<A: Allocator> Cache<A> {
         if old.size() != 0 && new.size() != 0 && self.key(old) == self.key(new) {
             // Same key: the block already has the new layout's size class and
             // alignment class.
-            let deltas = self.front().map(Slot::take_counters);
+            let deltas = self.front().map(|owner| owner.take_counters());
             let mut state = self.state.lock();
             if let Some(deltas) = &deltas {
                 state.fold(deltas);

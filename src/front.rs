@@ -29,6 +29,7 @@
 
 use core::alloc::Layout;
 use core::cell::{Cell, RefCell};
+use core::marker::PhantomData;
 use core::mem;
 use core::ptr::NonNull;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -586,35 +587,117 @@ impl Slot {
         })
     }
 
+    /// Takes up to `CHUNK` bins out (call again while `more`), from any
+    /// thread, with the owner possibly running: the drainer's side of the
+    /// protocol. With `dead`, or for an orphan, the slot is marked dead once
+    /// empty (its cache is dropping, or adopted it; the owner's table
+    /// prunes it). Returns `None` if it was already dead.
+    pub(crate) fn drain(&self, dead: bool) -> Option<Drained> {
+        let mut life = self.lock.lock();
+        if *life == DEAD {
+            return None;
+        }
+        let orphaned = *life == ORPHANED;
+        self.drain.store(true, Relaxed);
+        asymmetric::heavy();
+        while self.active.load(Acquire) {
+            crate::sync::spin();
+        }
+        let drained = self.magazine.with_mut(|magazine| {
+            // SAFETY: we hold `lock` (no other drainer, and the owner's slow
+            // path waits for it), and the owner is out of its lock-free
+            // access and will see `drain` before entering again (see the
+            // module docs).
+            let magazine = unsafe { &mut *magazine };
+            let mut bins = [Bin::EMPTY; CHUNK];
+            let (len, credit, empty) = magazine.take_chunk(&mut bins);
+            Drained {
+                bins,
+                len,
+                deltas: self.counters.take(),
+                credit,
+                more: !empty,
+            }
+        });
+        self.drain.store(false, Release);
+        if !drained.more && (dead || orphaned) {
+            *life = DEAD;
+            if orphaned {
+                self.orphans.fetch_sub(1, Relaxed);
+            }
+        }
+        drop(life);
+        Some(drained)
+    }
+
+    /// When the owner was last on its slow path.
+    pub(crate) fn age(&self) -> u64 {
+        self.age.load(Relaxed)
+    }
+
+    /// Whether the slot's owner thread exited and its blocks wait for the
+    /// cache.
+    pub(crate) fn is_orphaned(&self) -> bool {
+        *self.lock.lock() == ORPHANED
+    }
+
+    fn is_dead(&self) -> bool {
+        *self.lock.lock() == DEAD
+    }
+
+    /// The owner thread exits: the blocks stay, for the cache to adopt.
+    fn orphan(&self) {
+        let mut life = self.lock.lock();
+        if *life == LIVE {
+            *life = ORPHANED;
+            self.orphans.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// The calling thread's own slot of a cache: the only way to the lock-free
+/// side of its magazine. Made by [`Fronts::slot`] from the thread's own
+/// table, and `!Send` and `!Sync`, so it never leaves the thread that owns
+/// the slot: that is what makes its plain stores of `active` and its
+/// lock-free magazine accesses sound (only the owner may take them; a
+/// drainer from another thread goes through [`Slot::drain`]).
+pub(crate) struct Owner<'a> {
+    slot: &'a Slot,
+    _owning_thread: PhantomData<*const ()>,
+}
+
+impl Owner<'_> {
     /// Runs `f` on the magazine as its owner: without a lock unless a drain
     /// is under way, then after it, under the slot's lock.
     ///
-    /// Must be called only from the slot's owning thread, and `f` must not
-    /// call back into the allocator (it runs with `active` set, and a
-    /// drainer spins on that).
+    /// `f` must not call back into the allocator (it runs with `active`
+    /// set, and a drainer spins on that); none of this module's closures
+    /// do.
     #[inline]
     fn owner<R>(&self, f: impl FnOnce(&mut Magazine, &Counters) -> R) -> R {
-        self.active.store(true, Relaxed);
+        let slot = self.slot;
+        slot.active.store(true, Relaxed);
         asymmetric::light();
-        if !self.drain.load(Acquire) {
-            // SAFETY: only the owner (this thread) sets `active`; a drainer
+        if !slot.drain.load(Acquire) {
+            // SAFETY: only the owner (this thread: an `Owner` never leaves
+            // the thread whose table holds the slot) sets `active`; a drainer
             // touches the magazine only after it set `drain`, fenced
             // (heavy), and then saw `active` clear; we saw `drain` clear
             // after our own fenced store of `active`, so no drainer is in
             // it, and none enters until we clear `active` (Release, which
             // orders our accesses before its Acquire load).
-            let result = self
+            let result = slot
                 .magazine
-                .with_mut(|magazine| f(unsafe { &mut *magazine }, &self.counters));
-            self.active.store(false, Release);
+                .with_mut(|magazine| f(unsafe { &mut *magazine }, &slot.counters));
+            slot.active.store(false, Release);
             return result;
         }
-        self.active.store(false, Release);
-        let _locked = self.lock.lock();
+        slot.active.store(false, Release);
+        let _locked = slot.lock.lock();
         // SAFETY: drainers hold `lock` for their whole access, so holding it
         // makes us the only one in the magazine.
-        self.magazine
-            .with_mut(|magazine| f(unsafe { &mut *magazine }, &self.counters))
+        slot.magazine
+            .with_mut(|magazine| f(unsafe { &mut *magazine }, &slot.counters))
     }
 
     /// Takes a block of `key` for a request of `requested` bytes.
@@ -690,76 +773,9 @@ impl Slot {
         })
     }
 
-    /// Takes up to `CHUNK` bins out (call again while `more`), from any
-    /// thread, with the owner possibly running: the drainer's side of the
-    /// protocol. With `dead`, or for an orphan, the slot is marked dead once
-    /// empty (its cache is dropping, or adopted it; the owner's table
-    /// prunes it). Returns `None` if it was already dead.
-    pub(crate) fn drain(&self, dead: bool) -> Option<Drained> {
-        let mut life = self.lock.lock();
-        if *life == DEAD {
-            return None;
-        }
-        let orphaned = *life == ORPHANED;
-        self.drain.store(true, Relaxed);
-        asymmetric::heavy();
-        while self.active.load(Acquire) {
-            crate::sync::spin();
-        }
-        let drained = self.magazine.with_mut(|magazine| {
-            // SAFETY: we hold `lock` (no other drainer, and the owner's slow
-            // path waits for it), and the owner is out of its lock-free
-            // access and will see `drain` before entering again (see the
-            // module docs).
-            let magazine = unsafe { &mut *magazine };
-            let mut bins = [Bin::EMPTY; CHUNK];
-            let (len, credit, empty) = magazine.take_chunk(&mut bins);
-            Drained {
-                bins,
-                len,
-                deltas: self.counters.take(),
-                credit,
-                more: !empty,
-            }
-        });
-        self.drain.store(false, Release);
-        if !drained.more && (dead || orphaned) {
-            *life = DEAD;
-            if orphaned {
-                self.orphans.fetch_sub(1, Relaxed);
-            }
-        }
-        drop(life);
-        Some(drained)
-    }
-
-    /// When the owner was last on its slow path.
-    pub(crate) fn age(&self) -> u64 {
-        self.age.load(Relaxed)
-    }
-
-    /// Owner only: records its slow path's time.
+    /// Records the time of the owner's slow path.
     pub(crate) fn set_age(&self, age: u64) {
-        self.age.store(age, Relaxed);
-    }
-
-    /// Whether the slot's owner thread exited and its blocks wait for the
-    /// cache.
-    pub(crate) fn is_orphaned(&self) -> bool {
-        *self.lock.lock() == ORPHANED
-    }
-
-    fn is_dead(&self) -> bool {
-        *self.lock.lock() == DEAD
-    }
-
-    /// The owner thread exits: the blocks stay, for the cache to adopt.
-    fn orphan(&self) {
-        let mut life = self.lock.lock();
-        if *life == LIVE {
-            *life = ORPHANED;
-            self.orphans.fetch_add(1, Relaxed);
-        }
+        self.slot.age.store(age, Relaxed);
     }
 }
 
@@ -776,7 +792,9 @@ pub(crate) struct Fronts {
 }
 
 /// Cache ids: never reused, so a thread's table never mistakes a new cache
-/// for a dropped one at the same address.
+/// for a dropped one at the same address (`Fronts::slot`'s safety argument
+/// relies on it). A 64-bit count does not wrap: a cache a nanosecond for
+/// five centuries is under 2^64.
 static NEXT_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
 
 impl Fronts {
@@ -794,12 +812,12 @@ impl Fronts {
         }
     }
 
-    /// The calling thread's slot, made on first use. `None` when the thread
-    /// cannot have one (its thread-locals are being torn down, the table is
-    /// busy further up this thread's stack, or bookkeeping memory ran out):
-    /// the caller then uses the shared cache.
+    /// The calling thread's slot, made on first use, as its owner. `None`
+    /// when the thread cannot have one (its thread-locals are being torn
+    /// down, the table is busy further up this thread's stack, or
+    /// bookkeeping memory ran out): the caller then uses the shared cache.
     #[inline]
-    pub(crate) fn slot(&self) -> Option<&Slot> {
+    pub(crate) fn slot(&self) -> Option<Owner<'_>> {
         let slot = TABLE
             .try_with(|table| {
                 let (id, slot) = table.last.get();
@@ -813,8 +831,16 @@ impl Fronts {
         // SAFETY: the table holds a strong count of the slot until the slot
         // is dead, and a slot dies only when its cache drops (or adopted it
         // after the thread exited): `&self` keeps the cache alive, and this
-        // thread is running, so the slot outlives the borrow.
-        Some(unsafe { &*slot })
+        // thread is running, so the slot outlives the borrow. The slot is
+        // this cache's: the table found it under this cache's id, and ids
+        // are never reused (`NEXT_ID`), so a cache made at a dropped cache's
+        // address never finds the dropped one's slot. It is this thread's:
+        // it came from this thread's table.
+        let slot = unsafe { &*slot };
+        Some(Owner {
+            slot,
+            _owning_thread: PhantomData,
+        })
     }
 
     /// Frees skip the fronts from now on (caching stopped).

@@ -44,3 +44,20 @@ pub(crate) fn unpoison(block: NonNull<u8>, size: usize) {
     #[cfg(not(asan))]
     let _ = (block, size);
 }
+
+/// [`poison`] for `size` bytes at the address `addr` (best fit works on
+/// addresses; ASan only needs the address, nothing is dereferenced).
+#[inline]
+pub(crate) fn poison_at(addr: usize, size: usize) {
+    if let Some(block) = NonNull::new(core::ptr::with_exposed_provenance_mut(addr)) {
+        poison(block, size);
+    }
+}
+
+/// [`unpoison`] for `size` bytes at the address `addr`.
+#[inline]
+pub(crate) fn unpoison_at(addr: usize, size: usize) {
+    if let Some(block) = NonNull::new(core::ptr::with_exposed_provenance_mut(addr)) {
+        unpoison(block, size);
+    }
+}

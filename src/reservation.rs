@@ -18,19 +18,40 @@
 //! chunk that is wholly committed when first touched is backed by one huge
 //! page. A chunk that was touched while only partly committed (the top, as
 //! the cache grows in small steps) got small pages; the commit that completes
-//! it collapses it (`MADV_COLLAPSE`, Linux 6.1+; ignored where unsupported):
-//! at most one chunk per commit, and only bytes already committed become
-//! resident, so resident memory never exceeds `bytes_reserved`. A cache
-//! smaller than a huge page keeps small pages and no 2 MiB slack.
+//! it may collapse it ([`Reservation::collapse`], `MADV_COLLAPSE`, Linux
+//! 6.1+; ignored where unsupported). Collapsing makes every page of the chunk
+//! resident, so the arena collapses a chunk only if none of its pages were
+//! decommitted: then only committed bytes the books count become resident,
+//! and resident memory never exceeds `bytes_reserved`. A cache smaller than
+//! a huge page keeps small pages and no 2 MiB slack.
+//!
+//! The page size is the system's ([`page_size`], asked once): arm64
+//! kernels with 16 or 64 KiB pages round `madvise` and `mprotect` to their
+//! own pages, so every commit, decommit and uncommit is computed in them
+//! (a decommit rounded to a smaller page would drop part of a live
+//! neighbour's page).
 //!
 //! The system calls go through `libc`: `rustix` has no `MADV_COLLAPSE`.
 //! Everywhere else (other systems, Miri) there is no reservation and best
 //! fit takes fixed segments from the backing allocator.
 
-/// The page size commits and decommits are rounded to. A kernel with larger
-/// pages only makes some decommits partial, never wrong: `madvise` and
-/// `mprotect` round to its pages themselves.
-pub(crate) const PAGE: usize = 4096;
+/// The system's page size, which commits and decommits are rounded to: asked
+/// once (`sysconf(_SC_PAGESIZE)`), 4 KiB where there is no system to ask
+/// (Miri, other systems: no reservations there).
+pub(crate) fn page_size() -> usize {
+    use core::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    static PAGE_SIZE: AtomicUsize = AtomicUsize::new(0);
+    match PAGE_SIZE.load(Relaxed) {
+        0 => {
+            let page = imp::system_page_size()
+                .filter(|page| page.is_power_of_two())
+                .unwrap_or(4096);
+            PAGE_SIZE.store(page, Relaxed);
+            page
+        }
+        page => page,
+    }
+}
 
 /// A transparent huge page.
 pub(crate) const HUGE_PAGE: usize = 2 << 20;
@@ -45,15 +66,23 @@ pub(crate) const FIRST_CAPACITY: usize = if usize::BITS >= 64 {
 };
 
 /// How far `committed` must reach to hold `needed` bytes: the next page.
-pub(crate) fn commit_target(needed: usize) -> Option<usize> {
-    needed.checked_next_multiple_of(PAGE)
+pub(crate) fn commit_target(needed: usize, page: usize) -> Option<usize> {
+    needed.checked_next_multiple_of(page)
+}
+
+/// The huge-page chunk (its offset) that a commit from `from` to `to` bytes
+/// completes, if the old top was inside it: the chunk that may have been
+/// touched with small pages and can now be collapsed into a huge one.
+pub(crate) fn completed_chunk(from: usize, to: usize) -> Option<usize> {
+    let chunk = from / HUGE_PAGE * HUGE_PAGE;
+    (!from.is_multiple_of(HUGE_PAGE) && chunk + HUGE_PAGE <= to).then_some(chunk)
 }
 
 #[cfg(all(target_os = "linux", not(miri)))]
 mod imp {
     use libc::{c_int, c_void};
 
-    use super::{HUGE_PAGE, PAGE};
+    use super::HUGE_PAGE;
 
     /// `MADV_COLLAPSE` (Linux 6.1): not every libc target defines it.
     const MADV_COLLAPSE: c_int = 25;
@@ -65,6 +94,14 @@ mod imp {
         base: usize,
         capacity: usize,
         committed: usize,
+        /// The page size commits and decommits are multiples of.
+        page: usize,
+    }
+
+    pub(super) fn system_page_size() -> Option<usize> {
+        // SAFETY: `sysconf` reads a system constant; no memory is passed.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(page).ok()
     }
 
     /// Maps `len` bytes of fresh, no-access, uncharged memory at `at` (with
@@ -84,26 +121,35 @@ mod imp {
         (raw != libc::MAP_FAILED).then_some(raw as usize)
     }
 
-    /// Advises huge pages for `[start, start + len)` of a reservation. Only
-    /// speed depends on it: failure (THP compiled out) is ignored.
-    fn advise_huge(start: usize, len: usize) {
+    /// Advises huge pages (or, with `huge` false, no huge pages) for
+    /// `[start, start + len)` of a reservation. Only speed and residency
+    /// depend on it: failure (THP compiled out) is ignored.
+    fn advise_huge(start: usize, len: usize, huge: bool) {
+        let advice = if huge {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
         if len > 0 {
             // SAFETY: advice on memory of ours; it changes no contents.
-            unsafe { libc::madvise(start as *mut c_void, len, libc::MADV_HUGEPAGE) };
+            unsafe { libc::madvise(start as *mut c_void, len, advice) };
         }
     }
 
     impl Reservation {
         /// Reserves `capacity` bytes (rounded up to a huge page) of address
-        /// space, 2 MiB-aligned; `None` if the system refuses.
-        pub(crate) fn new(capacity: usize) -> Option<Self> {
-            let capacity = capacity.checked_next_multiple_of(HUGE_PAGE)?;
-            // Over-reserve by a huge page, then cut the ends so the base is
-            // aligned to one.
-            let span = capacity.checked_add(HUGE_PAGE)?;
+        /// space, aligned to a huge page and to `page`, whose commits are
+        /// multiples of `page` (the system's page size, or a multiple of it);
+        /// `None` if the system refuses.
+        pub(crate) fn new(capacity: usize, page: usize) -> Option<Self> {
+            let align = HUGE_PAGE.max(page);
+            let capacity = capacity.checked_next_multiple_of(align)?;
+            // Over-reserve by the alignment, then cut the ends so the base
+            // is aligned.
+            let span = capacity.checked_add(align)?;
             // SAFETY: not fixed: the kernel picks free addresses.
             let raw = unsafe { map_reserved(0, span, false) }?;
-            let base = raw.next_multiple_of(HUGE_PAGE);
+            let base = raw.next_multiple_of(align);
             let (head, tail) = (base - raw, raw + span - (base + capacity));
             // SAFETY: both ends lie inside the mapping just made, which no one
             // else knows of; unmapping them leaves `[base, base + capacity)`.
@@ -115,11 +161,12 @@ mod imp {
                     libc::munmap((base + capacity) as *mut c_void, tail);
                 }
             }
-            advise_huge(base, capacity);
+            advise_huge(base, capacity, true);
             Some(Self {
                 base,
                 capacity,
                 committed: 0,
+                page,
             })
         }
 
@@ -139,7 +186,9 @@ mod imp {
         /// the system refuses. `to` is page-aligned, above `committed` and at
         /// most `capacity`.
         pub(crate) fn commit(&mut self, to: usize) -> bool {
-            debug_assert!(to > self.committed && to <= self.capacity && to.is_multiple_of(PAGE));
+            debug_assert!(
+                to > self.committed && to <= self.capacity && to.is_multiple_of(self.page)
+            );
             let from = self.committed;
             // SAFETY: `[committed, to)` is inside our reservation and holds
             // no data (it has no access yet).
@@ -154,18 +203,17 @@ mod imp {
                 return false;
             }
             self.committed = to;
-            // The chunk the old top was in may have been touched with small
-            // pages; now that it is wholly committed, make it one huge page.
-            let chunk = from / HUGE_PAGE * HUGE_PAGE;
-            if !from.is_multiple_of(HUGE_PAGE) && chunk + HUGE_PAGE <= to {
-                // SAFETY: the chunk is committed memory of ours; collapsing
-                // keeps its contents. Failure (an older kernel) only costs
-                // speed.
-                unsafe {
-                    libc::madvise((self.base + chunk) as *mut c_void, HUGE_PAGE, MADV_COLLAPSE)
-                };
-            }
             true
+        }
+
+        /// Makes the wholly committed huge-page chunk at offset `chunk` one
+        /// huge page (every page of it becomes resident). Failure (an older
+        /// kernel, THP off) only costs speed.
+        pub(crate) fn collapse(&self, chunk: usize) {
+            debug_assert!(chunk.is_multiple_of(HUGE_PAGE) && chunk + HUGE_PAGE <= self.committed);
+            // SAFETY: the chunk is committed memory of ours; collapsing keeps
+            // its contents.
+            unsafe { libc::madvise((self.base + chunk) as *mut c_void, HUGE_PAGE, MADV_COLLAPSE) };
         }
 
         /// Gives `[base + to, base + committed)` back: its pages and commit
@@ -176,19 +224,33 @@ mod imp {
         /// The range holds nothing anyone uses. `to` is page-aligned and below
         /// `committed`.
         pub(crate) unsafe fn uncommit(&mut self, to: usize) {
-            debug_assert!(to < self.committed && to.is_multiple_of(PAGE));
+            debug_assert!(to < self.committed && to.is_multiple_of(self.page));
             let (start, len) = (self.base + to, self.committed - to);
             // Mapping fresh no-access memory over the range drops its pages
             // and charge in one call.
             // SAFETY: the range is ours and unused (the caller's contract).
             if unsafe { map_reserved(start, len, true) }.is_some() {
                 // The new mapping lost the huge-page advice.
-                advise_huge(start, len);
+                advise_huge(start, len, true);
                 self.committed = to;
             } else {
                 // Keep the range committed but drop its pages at least.
                 // SAFETY: the caller's contract.
                 unsafe { self.decommit(start, len) };
+            }
+        }
+
+        /// Lets the huge-page chunks `[from, to)` (offsets, chunk-aligned)
+        /// be backed by huge pages, or (with `huge` false) keeps them on
+        /// small pages. A chunk holding decommitted pages must stay on small
+        /// pages: the kernel's `khugepaged` collapses any chunk of an area
+        /// advised `MADV_HUGEPAGE` that has a few pages resident, filling
+        /// the decommitted ones again behind the books' back.
+        pub(crate) fn advise_huge_chunks(&self, from: usize, to: usize, huge: bool) {
+            debug_assert!(from.is_multiple_of(HUGE_PAGE) && to.is_multiple_of(HUGE_PAGE));
+            let to = to.min(self.capacity);
+            if from < to {
+                advise_huge(self.base + from, to - from, huge);
             }
         }
 
@@ -200,7 +262,7 @@ mod imp {
         /// The range is page-aligned, committed, ours, and holds nothing
         /// anyone uses.
         pub(crate) unsafe fn decommit(&self, start: usize, len: usize) {
-            debug_assert!(start.is_multiple_of(PAGE) && len.is_multiple_of(PAGE));
+            debug_assert!(start.is_multiple_of(self.page) && len.is_multiple_of(self.page));
             debug_assert!(start >= self.base && start + len <= self.base + self.committed);
             // SAFETY: the caller's contract.
             unsafe { libc::madvise(start as *mut c_void, len, libc::MADV_DONTNEED) };
@@ -223,8 +285,12 @@ mod imp {
     #[derive(Debug)]
     pub(crate) struct Reservation(core::convert::Infallible);
 
+    pub(super) fn system_page_size() -> Option<usize> {
+        None
+    }
+
     impl Reservation {
-        pub(crate) fn new(_capacity: usize) -> Option<Self> {
+        pub(crate) fn new(_capacity: usize, _page: usize) -> Option<Self> {
             None
         }
 
@@ -241,6 +307,14 @@ mod imp {
         }
 
         pub(crate) fn commit(&mut self, _to: usize) -> bool {
+            match self.0 {}
+        }
+
+        pub(crate) fn collapse(&self, _chunk: usize) {
+            match self.0 {}
+        }
+
+        pub(crate) fn advise_huge_chunks(&self, _from: usize, _to: usize, _huge: bool) {
             match self.0 {}
         }
 

@@ -77,7 +77,9 @@ impl<A: Allocator> Cache<A> {
             None => self.carve_new_segment(layout, len, align)?,
         };
         self.settle(after);
-        let block = best_fit::pointer(carved.start);
+        // SAFETY: a carved block lies inside a segment of the arena, and is
+        // used only while it is live (its segment stays until it is freed).
+        let block = unsafe { best_fit::pointer(carved.start) };
         if zeroed {
             // SAFETY: the block was just carved for us: nobody else
             // references it, and it holds `carved.len >= layout.size()`
@@ -363,8 +365,9 @@ impl<A: Allocator> Cache<A> {
         for (start, layout) in segments {
             panics.catch(|| {
                 // SAFETY: the segment was taken from the backing allocator
-                // with `layout` at `start`, and left the arena under the lock
-                // with no live block in it: ours alone, given back once.
+                // with `layout` at `start` (its pointer exposed then), and
+                // left the arena under the lock with no live block in it:
+                // ours alone, given back once.
                 unsafe { self.backing.deallocate(best_fit::pointer(start), layout) }
             });
         }
@@ -421,7 +424,10 @@ impl<A: Allocator> Cache<A> {
             let _inside = reentry::inside();
             let arena = state.arena();
             let budget_held = core::mem::take(&mut arena.budget_held);
-            (arena.take_fixed(), arena.take_reservations(), budget_held)
+            // SAFETY: the cache is dropping: no user is left to hold a block
+            // in a reservation, and nothing carves after this.
+            let reservations = unsafe { arena.take_reservations() };
+            (arena.take_fixed(), reservations, budget_held)
         };
         drop(reservations);
         self.unreserve(budget_held);

@@ -17,7 +17,7 @@ use allocator_api2::alloc::{AllocError, Allocator};
 
 use super::{Cache, State};
 use crate::eviction::Victim;
-use crate::front::{Batch, DEPTH, Deltas, Drained, Fronts, Slot};
+use crate::front::{Batch, DEPTH, Deltas, Drained, Fronts, Owner, Slot};
 use crate::poison;
 use crate::policy::Key;
 use crate::reentry;
@@ -110,7 +110,7 @@ pub(super) fn with_fronts(
 impl<A: Allocator> Cache<A> {
     /// The calling thread's front cache, if this cache has them.
     #[inline]
-    pub(super) fn front(&self) -> Option<&Slot> {
+    pub(super) fn front(&self) -> Option<Owner<'_>> {
         self.fronts.as_ref()?.slot()
     }
 
@@ -125,7 +125,7 @@ impl<A: Allocator> Cache<A> {
     #[cold]
     pub(super) fn allocate_behind_front(
         &self,
-        slot: &Slot,
+        slot: &Owner<'_>,
         key: Key,
         layout: Layout,
         zeroed: bool,
@@ -145,7 +145,7 @@ impl<A: Allocator> Cache<A> {
 
     fn take_behind_front(
         &self,
-        slot: &Slot,
+        slot: &Owner<'_>,
         key: Key,
         layout: Layout,
         zeroed: bool,
@@ -216,7 +216,7 @@ impl<A: Allocator> Cache<A> {
     #[cold]
     pub(super) unsafe fn deallocate_behind_front(
         &self,
-        slot: &Slot,
+        slot: &Owner<'_>,
         key: Key,
         block: NonNull<u8>,
         layout: Layout,
@@ -235,7 +235,7 @@ impl<A: Allocator> Cache<A> {
     /// As for `deallocate_behind_front`.
     unsafe fn free_behind_front(
         &self,
-        slot: &Slot,
+        slot: &Owner<'_>,
         key: Key,
         block: NonNull<u8>,
         layout: Layout,
@@ -539,7 +539,7 @@ impl<A: Allocator> Cache<A> {
 
     /// Marks the calling thread's front as active now (its slow paths), on
     /// the budget's clock: a budget takes idle fronts' credit back first.
-    pub(super) fn touch_front(&self, slot: &Slot) {
+    pub(super) fn touch_front(&self, slot: &Owner<'_>) {
         if let Some(budget) = &self.config.budget {
             slot.set_age(budget.tick());
         }

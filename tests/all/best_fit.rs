@@ -37,8 +37,15 @@ use proptest::prelude::*;
 
 use crate::fixture::{Counting, Rng, assert_ledger_agrees};
 
-/// The page size the cache rounds commits and decommits to.
-const PAGE: usize = 4096;
+/// The page size the cache rounds commits, decommits and fixed segments to:
+/// the system's.
+fn page() -> usize {
+    #[cfg(all(target_os = "linux", not(miri)))]
+    // SAFETY: `sysconf` reads a constant.
+    return unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    #[cfg(not(all(target_os = "linux", not(miri))))]
+    4096
+}
 /// A free tail shorter than this stays with its block.
 const SPLIT_MIN: usize = 512;
 /// The smallest fixed segment.
@@ -566,10 +573,13 @@ impl<A: Allocator> Harness<A> {
             backing.assert_all_returned();
             for (addr, segment) in backing.returned() {
                 assert!(
-                    segment.size() >= MIN_SEGMENT && segment.size() % PAGE == 0,
+                    segment.size() >= MIN_SEGMENT && segment.size() % page() == 0,
                     "segment {addr:#x} of {segment:?}"
                 );
-                assert!(segment.align() >= PAGE, "segment {addr:#x} of {segment:?}");
+                assert!(
+                    segment.align() >= page(),
+                    "segment {addr:#x} of {segment:?}"
+                );
             }
         }
     }
@@ -1147,7 +1157,7 @@ fn stats_follow_a_known_sequence_over_fixed_segments() {
     assert_eq!(stats.bytes_cached, MIN_SEGMENT - 4096);
     assert_eq!(stats.bytes_pinned, MIN_SEGMENT - 4096);
     assert_eq!(stats.blocks_cached, 1);
-    assert_eq!(backing.live_layouts()[0].1, layout(MIN_SEGMENT, PAGE));
+    assert_eq!(backing.live_layouts()[0].1, layout(MIN_SEGMENT, page()));
     give(&cache, a);
     let stats = cache.stats();
     assert_eq!((stats.bytes_cached, stats.bytes_pinned), (MIN_SEGMENT, 0));
@@ -1408,7 +1418,7 @@ fn absurd_requests_fail_cleanly_and_huge_alignments_are_met() {
         }
         assert!(cache.stats().failures >= 4);
         // Large but possible alignments, from inside a segment or their own.
-        for align in [PAGE, 64 << 10, 2 << 20] {
+        for align in [page(), 64 << 10, 2 << 20] {
             let layout = Layout::from_size_align(1000, align).unwrap();
             let block = cache.allocate(layout).unwrap().cast::<u8>();
             assert_eq!(block.as_ptr() as usize % align, 0);
@@ -1430,4 +1440,77 @@ fn absurd_requests_fail_cleanly_and_huge_alignments_are_met() {
             assert_eq!(reserved, 256 << 10, "a fixed segment");
         }
     }
+}
+
+/// Pages of `[start, start + len)` resident in memory (`mincore`).
+#[cfg(all(target_os = "linux", not(miri)))]
+fn resident_pages(start: usize, len: usize) -> usize {
+    let page = page();
+    let from = start / page * page;
+    let pages = (start + len).next_multiple_of(page) - from;
+    let mut flags = vec![0u8; pages / page];
+    // SAFETY: the range is mapped (committed memory of the cache's
+    // reservation) and `flags` holds one byte per page.
+    let done = unsafe { libc::mincore(from as *mut libc::c_void, pages, flags.as_mut_ptr()) };
+    assert_eq!(done, 0, "mincore");
+    flags.iter().filter(|&&flag| flag & 1 != 0).count()
+}
+
+/// A growth that completes a huge-page chunk may collapse it into one huge
+/// page, which makes every page of it resident: never a chunk whose free
+/// pages a trim decommitted (the books would call them decommitted while
+/// they hold memory, and later trims would skip them). Nor may the kernel's
+/// `khugepaged` collapse it in the background: the test does what it would
+/// (`MADV_COLLAPSE` on the chunk) and the pages must stay out.
+#[cfg(all(target_os = "linux", not(miri)))]
+#[test]
+fn a_growth_never_makes_decommitted_pages_resident_again() {
+    use allocator_api2::vec::Vec;
+    const HUGE_PAGE: usize = 2 << 20;
+    let cache = best_fit().build();
+    let mut below = Vec::<u8, _>::with_capacity_in(512 << 10, cache.clone());
+    let mut freed = Vec::<u8, _>::with_capacity_in(512 << 10, cache.clone());
+    let mut above = Vec::<u8, _>::with_capacity_in(256 << 10, cache.clone());
+    below.resize(512 << 10, 1);
+    freed.resize(512 << 10, 2);
+    above.resize(256 << 10, 3);
+    let (start, len) = (freed.as_ptr() as usize, freed.capacity());
+    assert!(start > below.as_ptr() as usize && start < above.as_ptr() as usize);
+    let chunk = start / HUGE_PAGE * HUGE_PAGE;
+    assert_eq!(
+        chunk,
+        below.as_ptr() as usize,
+        "the reservation is chunk-aligned"
+    );
+    drop(freed);
+    cache.trim(0);
+    assert_eq!(resident_pages(start, len), 0, "the trim dropped them");
+    // Growing past the first 2 MiB completes the chunk the free range is in.
+    let mut grown = Vec::<u8, _>::with_capacity_in(3 << 20, cache.clone());
+    grown.resize(3 << 20, 4);
+    assert_eq!(
+        resident_pages(start, len),
+        0,
+        "the growth collapsed them in"
+    );
+    // What khugepaged would do to a chunk advised for huge pages.
+    // SAFETY: advice on mapped memory; a collapse keeps every byte.
+    unsafe {
+        libc::madvise(
+            chunk as *mut libc::c_void,
+            HUGE_PAGE,
+            25, /* MADV_COLLAPSE */
+        )
+    };
+    assert_eq!(resident_pages(start, len), 0, "the chunk can be collapsed");
+    cache.trim(0);
+    assert_eq!(resident_pages(start, len), 0);
+    assert!(below.iter().all(|&b| b == 1) && above.iter().all(|&b| b == 3));
+    assert!(grown.iter().all(|&b| b == 4));
+    // Once its pages are in use again, the chunk may be a huge page again.
+    drop(grown);
+    let mut again = Vec::<u8, _>::with_capacity_in(512 << 10, cache.clone());
+    again.resize(512 << 10, 5);
+    assert_eq!(again.as_ptr() as usize, start, "best fit reuses the hole");
+    assert_eq!(resident_pages(start, len), len / page());
 }

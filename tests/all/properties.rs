@@ -287,16 +287,25 @@ enum Returned {
 }
 
 /// GreedyDual-Size with unit cost, as the cap evicts: a block cached when
-/// the inflation is `L` has priority `L + 2^64 / block size`; the lowest
-/// priority goes first (ties: the oldest), and `L` becomes its priority.
-const PRIORITY_SCALE: u128 = 1 << 64;
+/// the inflation is `L` has priority `L + 2^32 / block size` (a `u64`,
+/// saturating); the lowest priority goes first (ties: the oldest), and `L`
+/// becomes its priority.
+///
+/// The fixed point is the cache's own (`src/eviction.rs`), not a finer one:
+/// `1/size` is rounded down, so a priority built over several evictions can
+/// be a unit below an exactly equal one, and which of two such blocks goes
+/// first depends on the rounding. A 4608-byte block cached after a 4608-byte
+/// eviction has `2 * (2^32 / 4608) = 1864134`, a 2304-byte block cached before
+/// it `2^32 / 2304 = 1864135`: the 4608-byte block goes first (with a scale of
+/// 2^64 the two tie and the older 2304-byte block would).
+const PRIORITY_SCALE: u64 = 1 << 32;
 
 /// A cached block as the model sees it.
 #[derive(Clone, Copy, Debug)]
 struct Cached {
     addr: usize,
     age: u64,
-    priority: u128,
+    priority: u64,
 }
 
 /// Which cached block an eviction takes.
@@ -317,7 +326,7 @@ struct Model {
     /// Bumped per cached free: the age of the block cached then.
     clock: u64,
     /// GreedyDual-Size's `L`: the priority of the last block the cap evicted.
-    inflation: u128,
+    inflation: u64,
     caching_stopped: bool,
     /// What went back to the backing since the last check, in order.
     returns: Vec<Returned>,
@@ -474,7 +483,7 @@ impl Model {
         let cached = Cached {
             addr,
             age: self.clock,
-            priority: self.inflation + PRIORITY_SCALE / block as u128,
+            priority: self.inflation.saturating_add(PRIORITY_SCALE / block as u64),
         };
         self.free.entry(key).or_default().push(cached);
         let s = &mut self.stats;
@@ -1169,6 +1178,65 @@ fn the_model_follows_a_known_sequence_under_a_policy() {
             free_first.clone(),
             Op::allocate(5000, 8, false, both),
             free_first,
+        ],
+    );
+}
+
+/// The cap's priorities in the cache's fixed point, on the case a random
+/// seed found (proptest-regressions/properties.txt, 2026-12-02): exactly,
+/// a 4608-byte block cached after a 4608-byte eviction and a 2304-byte block
+/// cached before it have one priority (`1/4608 + 1/4608 = 1/2304`); rounded
+/// down to 2^-32 the first is a unit lower, and it goes first. A model with
+/// a scale of 2^64 saw a tie there and expected the older 2304-byte block.
+#[test]
+fn the_cap_compares_priorities_rounded_as_the_cache_rounds_them() {
+    let l = |size| Layout::from_size_align(size, 8).unwrap();
+    let config = Config {
+        policy: SizePolicy::PowerOfTwoDivisions(8),
+        cap: Some(10_000),
+        stop_caching_after_failure: false,
+        builder: false,
+    };
+    let mut model = Model::new(config);
+    assert_eq!(key(l(4097), config.policy), Some((4608, 64)));
+    assert_eq!(key(l(2049), config.policy), Some((2304, 64)));
+    assert_eq!(key(l(2817), config.policy), Some((3072, 64)));
+    for size in [4097, 4097, 2049, 1, 2817] {
+        assert_eq!(model.allocate(l(size), NO_FAIL), Outcome::Miss);
+    }
+    // 4608 + 2304 + 64 cached; then the second 4608-byte block: over the cap,
+    // the first one (the lowest priority) goes.
+    for (addr, size) in [(0x1000, 4097), (0x3000, 2049), (0x4000, 1), (0x2000, 4097)] {
+        model.deallocate(addr, l(size));
+    }
+    assert!(matches!(model.returns[..], [Returned::One(0x1000)]));
+    assert_eq!(model.inflation, 932_067);
+    let cheapest = |model: &Model, key: Key| model.free[&key][0].priority;
+    assert_eq!(cheapest(&model, (4608, 64)), 2 * 932_067);
+    assert_eq!(cheapest(&model, (2304, 64)), 1_864_135);
+    // 6976 + 3072 > 10_000: the 4608-byte block, one unit cheaper, goes.
+    model.deallocate(0x5000, l(2817));
+    assert!(matches!(
+        model.returns[..],
+        [Returned::One(0x1000), Returned::One(0x2000)]
+    ));
+
+    // And the cache evicts the same blocks in the same order.
+    let allocate = |size| Op::allocate(size, 8, false, NO_FAIL);
+    run_with(
+        config,
+        &[
+            allocate(4097),
+            allocate(4097),
+            allocate(2049),
+            allocate(1),
+            allocate(2817),
+            // Live: the two 4608s, 2304, 64, 3072; freed in the model's order.
+            Op::free(0),
+            Op::free(2),
+            Op::free(2),
+            Op::free(1),
+            Op::free(0),
         ],
     );
 }

@@ -24,8 +24,7 @@
 //!   racing with traffic). Their stats are exact only with no thread inside
 //!   them, so they are checked once the workers are joined, not while they
 //!   run. `soak` leaves them on reliable backings and does not trim or
-//!   release them while the workers run; `soak_with_front_drains` (ignored:
-//!   it finds a library bug) does both.
+//!   release them while the workers run; `soak_with_front_drains` does both.
 //!
 //! Half the caches (and the private plans) take their blocks from a `Counting`
 //! backing whose refusal knob refuses 2% of attempts on a seeded schedule, so the

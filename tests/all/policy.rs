@@ -8,7 +8,7 @@
 //!
 //! Eviction order: `trim` gives back the blocks freed longest ago first. The
 //! cap evicts by GreedyDual-Size (src/cache.rs `State::evict`): a block cached
-//! when the inflation is `L` has priority `L + 2^64 / block size`, the lowest
+//! when the inflation is `L` has priority `L + 2^32 / block size`, the lowest
 //! goes first (ties: the oldest) and `L` becomes its priority. Among blocks of
 //! one size that is oldest first; a larger block goes before an older small
 //! one, until the inflation has caught up with the small one.
@@ -481,8 +481,8 @@ fn the_cap_evicts_lowest_priority_first_and_only_as_many_as_needed() {
 
     // A block of exactly the cap fits after everything else went, whatever
     // the key (c has its own alignment class), lowest priority first:
-    // c (2^64/3000, cached before any eviction), then e (L + 2^64/5000), then
-    // d (L + 2^64/2000), with L = 2^64/3000 for both: d outlives the younger e.
+    // c (2^32/3000, cached before any eviction), then e (L + 2^32/5000), then
+    // d (L + 2^32/2000), with L = 2^32/3000 for both: d outlives the younger e.
     give(&cache, f);
     assert_eq!(
         backing.returned(),
@@ -538,8 +538,8 @@ fn a_block_is_as_old_as_its_free() {
 
 /// GreedyDual-Size: a small block freed first outlives the large blocks freed
 /// after it, but each eviction raises the inflation `L`, so it goes in the
-/// end. A 1000-byte block has priority 2^64/1000; the k-th block of about
-/// 9000 bytes gets about k * 2^64/9005, which passes it at k = 10, so the
+/// end. A 1000-byte block has priority 2^32/1000; the k-th block of about
+/// 9000 bytes gets about k * 2^32/9005, which passes it at k = 10, so the
 /// small block goes when the 11th large one is freed.
 #[test]
 fn the_cap_keeps_small_blocks_longer_but_not_forever() {

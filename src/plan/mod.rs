@@ -39,17 +39,40 @@ pub struct Slot {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
     slots: std::vec::Vec<Option<Slot>>,
+    /// By allocation index: every planned block allocated from `settled[i]`
+    /// up to `i` had been freed when `i` was allocated. A pass that goes
+    /// from there straight to `i` left out finished one-time work; one that
+    /// goes to `i` from further back skipped blocks the recording still
+    /// had live (more likely, the request is not `i`).
+    settled: std::vec::Vec<usize>,
     arena_bytes: usize,
     peak_live_bytes: usize,
 }
 
 impl Plan {
-    fn new(slots: std::vec::Vec<Option<Slot>>, arena_bytes: usize, peak_live_bytes: usize) -> Self {
+    fn new(
+        slots: std::vec::Vec<Option<Slot>>,
+        settled: std::vec::Vec<usize>,
+        arena_bytes: usize,
+        peak_live_bytes: usize,
+    ) -> Self {
+        debug_assert_eq!(slots.len(), settled.len());
         Self {
             slots,
+            settled,
             arena_bytes,
             peak_live_bytes,
         }
+    }
+
+    /// An empty plan of `allocations` allocations, none of them planned.
+    fn unplanned(allocations: usize) -> Self {
+        Self::new(
+            std::vec![None; allocations],
+            (0..allocations).collect(),
+            0,
+            0,
+        )
     }
 
     /// The arena's size in bytes.
@@ -76,6 +99,12 @@ impl Plan {
     /// The slot of the recording's `index`-th allocation, if it has one.
     pub fn slot(&self, index: usize) -> Option<Slot> {
         self.slots.get(index).copied().flatten()
+    }
+
+    /// Where the run of finished blocks before allocation `index` starts
+    /// (see `settled`); `index` itself if there is none.
+    fn settled(&self, index: usize) -> usize {
+        self.settled.get(index).copied().unwrap_or(index)
     }
 
     /// The alignment the arena needs: the largest slot's, at least 64.

@@ -74,6 +74,10 @@ pub(crate) struct Arena<A: Allocator> {
     /// Slot indices by slot size, ascending: where a pass that deviated
     /// from the recording finds the slot of a request again.
     by_size: HashMap<usize, std::vec::Vec<usize>>,
+    /// By slot index: no slot allocated after it in the recording shares
+    /// any of its memory, so a block left in it longer than planned can
+    /// cost no later allocation its slot.
+    alone: std::vec::Vec<bool>,
     /// The arena, `None` if the plan is empty or it could not be allocated
     /// (then everything comes from the backing allocator).
     base: Option<NonNull<u8>>,
@@ -100,6 +104,16 @@ struct PassState {
     used: std::vec::Vec<u32>,
     /// Per slot size: where in `Arena::by_size` to look first.
     cursors: HashMap<usize, usize>,
+    /// Where the sequence goes on if the last request that re-synchronised
+    /// but was not given the slot (it could have been an extra one) was in
+    /// fact the recording's: the next request confirms it by fitting there.
+    resume: Option<usize>,
+    /// The slot size of the last re-synchronisation while every request in
+    /// order since has been of that size: until one of another size
+    /// confirms it, the pass may be a block off the recording (it guessed
+    /// wrong between blocks of that size), and the next request that steps
+    /// over blocks is taken as the pass getting back in step.
+    unconfirmed: Option<usize>,
     /// Live arena blocks: offset -> end offset.
     live: BTreeMap<usize, usize>,
     report: PassReport,
@@ -112,8 +126,10 @@ struct PassState {
 /// An allocation *deviates* when it is not the one the recording had next:
 /// extra (one-time work on a first call, a lazily filled cache), changed (a
 /// different size), or after a run of recorded allocations that did not
-/// happen. A deviating allocation still gets a slot of its size if one is
-/// free (the arena re-synchronises); `first_deviation` says where to look.
+/// happen. A deviating allocation still gets the slot of its size that the
+/// recording shows is its own, if it is free (the arena re-synchronises);
+/// else it comes from the backing allocator, so that an extra one costs no
+/// other allocation its slot. `first_deviation` says where to look.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PassReport {
@@ -190,10 +206,37 @@ impl<A: Allocator> Planned<A> {
                 by_size.entry(slot.size).or_default().push(index);
             }
         }
+        // Latest first, against the union of the later slots' ranges
+        // (start -> end, disjoint).
+        let mut alone = std::vec![false; plan.allocations()];
+        let mut later: BTreeMap<usize, usize> = BTreeMap::new();
+        for index in (0..plan.allocations()).rev() {
+            let Some(slot) = plan.slot(index) else {
+                continue;
+            };
+            let (mut start, mut end) = (slot.offset, slot.offset + slot.size);
+            alone[index] = !later
+                .range(..end)
+                .next_back()
+                .is_some_and(|(_, &later_end)| later_end > start);
+            if let Some((&before, &before_end)) = later.range(..=start).next_back()
+                && before_end >= start
+            {
+                later.remove(&before);
+                start = before;
+                end = end.max(before_end);
+            }
+            while let Some((&after, &after_end)) = later.range(start..=end).next() {
+                later.remove(&after);
+                end = end.max(after_end);
+            }
+            later.insert(start, end);
+        }
         Self {
             inner: Arc::new(Arena {
                 plan: plan.clone(),
                 by_size,
+                alone,
                 base,
                 layout,
                 state: Mutex::new(PassState {
@@ -202,6 +245,8 @@ impl<A: Allocator> Planned<A> {
                     epoch: 0,
                     used: std::vec![0; plan.allocations()],
                     cursors: HashMap::new(),
+                    resume: None,
+                    unconfirmed: None,
                     live: BTreeMap::new(),
                     report: PassReport::default(),
                     stats,
@@ -225,6 +270,8 @@ impl<A: Allocator> Planned<A> {
             state.epoch = 1;
         }
         state.cursors.clear();
+        state.resume = None;
+        state.unconfirmed = None;
         state.report = PassReport::default();
         drop(state);
         Pass {
@@ -342,13 +389,25 @@ impl<A: Allocator> Arena<A> {
     /// overlaps it; counts the allocation either way.
     ///
     /// In order, the `next` slot serves a request of its size. Otherwise the
-    /// pass deviated from the recording: a request that fits the `next` slot
-    /// and is at least half its size (the same tensor, a smaller shape) takes
-    /// it; else the arena re-synchronises: the first slot of the request's
-    /// size not yet used this pass (from a per-size cursor, so extra
-    /// allocations of other sizes change nothing, and the ones the recording
-    /// had but the pass skips are stepped over), and the sequence continues
-    /// after it.
+    /// pass deviated from the recording, and a request takes, in this order:
+    ///
+    /// - the slot after the one an earlier request re-synchronised to but
+    ///   was refused (`resume`), if it is of its size: it confirms that
+    ///   re-synchronisation;
+    /// - the `next` slot, if it fits it and is at least half its size (the
+    ///   same tensor, a smaller shape);
+    /// - the first slot of its size not yet used this pass at or after
+    ///   `next` (from a per-size cursor, so extra allocations of other sizes
+    ///   change nothing), and the sequence continues after it, only if that
+    ///   slot is provably its own as far as the recording tells: every block
+    ///   recorded from `next` up to it was freed by then (one-time work the
+    ///   pass skips), or the pass is getting back in step after a guess (see
+    ///   `unconfirmed`). An extra allocation kept live in a slot that is not
+    ///   its own would cover the later blocks planned in the same memory
+    ///   for as long as it lives; refused, it costs only itself;
+    /// - else, without moving on, the first slot of its size that no later
+    ///   slot shares memory with (it can cost at most that slot's owner), or
+    ///   nothing: the backing allocator.
     fn allocate_planned(&self, layout: Layout) -> Option<NonNull<u8>> {
         let mut guard = self.state.lock();
         let state = &mut *guard;
@@ -382,37 +441,82 @@ impl<A: Allocator> Arena<A> {
             state.report.in_order += 1;
             return None;
         }
-        let found = if let Some(slot) = usable(state, next, true) {
+        if let Some(slot) = usable(state, next, true) {
             state.report.in_order += 1;
-            Some((next, slot))
-        } else {
-            state.report.deviations += 1;
-            state
-                .report
-                .first_deviation
-                .get_or_insert((position, layout));
-            usable(state, next, false)
-                .map(|slot| (next, slot))
-                .or_else(|| self.resync(state, len, |state, index| usable(state, index, true)))
-        };
-        let Some((index, slot)) = found else {
-            // An extra allocation keeps the sequence where it is; one in the
-            // place of a recorded block of a similar size (a changed shape),
-            // or of a recorded block that has no slot (it outlived the
-            // recording), takes its place in it.
-            if self
-                .plan
-                .slot(next)
-                .is_none_or(|slot| slot.size / 2 <= len && len <= slot.size.saturating_mul(2))
-            {
-                state.next = next + 1;
-            }
-            return None;
-        };
-        state.used[index] = epoch;
-        if index >= state.next {
-            state.next = index + 1;
+            state.resume = None;
+            state.unconfirmed = state.unconfirmed.filter(|&size| size == slot.size);
+            state.next = next + 1;
+            return Some(self.hand_out(state, base, next, slot, layout));
         }
+        if let Some(resume) = state.resume
+            && let Some(slot) = usable(state, resume, true)
+        {
+            state.report.in_order += 1;
+            state.resume = None;
+            state.unconfirmed = Some(slot.size);
+            state.next = resume + 1;
+            return Some(self.hand_out(state, base, resume, slot, layout));
+        }
+        state.report.deviations += 1;
+        state
+            .report
+            .first_deviation
+            .get_or_insert((position, layout));
+        if let Some(slot) = usable(state, next, false) {
+            state.resume = None;
+            state.next = next + 1;
+            return Some(self.hand_out(state, base, next, slot, layout));
+        }
+        // A request of the `next` slot's size and alignment is that slot's
+        // (which a block freed late still covers, or which a deviating
+        // request took): any other slot it could take is someone else's.
+        let owns_next = self
+            .plan
+            .slot(next)
+            .is_some_and(|slot| slot.size == len && layout.align() <= slot.align);
+        let (ahead, alone) =
+            self.resync(state, len, next, |state, index| usable(state, index, true));
+        if let Some(index) = ahead
+            && !owns_next
+            && (state.unconfirmed.is_some() || self.plan.settled(index) <= next)
+            && let Some(slot) = usable(state, index, true)
+        {
+            state.resume = None;
+            state.unconfirmed = Some(slot.size);
+            state.next = index + 1;
+            return Some(self.hand_out(state, base, index, slot, layout));
+        }
+        // Not provably the recording's: an extra allocation, or one of a
+        // pass that left out blocks the recording still had live. The
+        // next request tells (see `resume`).
+        if !owns_next && let Some(index) = ahead {
+            state.resume = Some(index + 1);
+        }
+        // The sequence stays where it is, unless this request took the
+        // place of the `next` block (a changed shape, or the block's slot is
+        // covered).
+        if self
+            .plan
+            .slot(next)
+            .is_none_or(|slot| slot.size / 2 <= len && len <= slot.size.saturating_mul(2))
+        {
+            state.next = next + 1;
+        }
+        let (index, slot) = alone?;
+        Some(self.hand_out(state, base, index, slot, layout))
+    }
+
+    /// Marks slot `index` used and live for a request of `layout`, and
+    /// returns its block.
+    fn hand_out(
+        &self,
+        state: &mut PassState,
+        base: NonNull<u8>,
+        index: usize,
+        slot: super::Slot,
+        layout: Layout,
+    ) -> NonNull<u8> {
+        state.used[index] = state.epoch;
         let (start, end) = (slot.offset, slot.offset + layout.size());
         {
             let _inside = reentry::inside();
@@ -423,23 +527,28 @@ impl<A: Allocator> Arena<A> {
         // slot.size <= arena_bytes`), so the offset is in bounds.
         let block = unsafe { base.add(start) };
         poison::unpoison(block, layout.size());
-        Some(block)
+        block
     }
 }
 
 impl<A: Allocator> Arena<A> {
-    /// The first slot of `len` bytes from the size's cursor on for which
-    /// `usable` holds (at most a few tried: a slot still overlapped by a
-    /// live block is skipped), and the cursor moved past the used ones.
+    /// Among the first few slots of `len` bytes from the size's cursor on:
+    /// the first not used this pass at or after `next` (the request's own
+    /// if the pass skipped the recording's blocks before it), and the first
+    /// for which `usable` holds that no later slot shares memory with.
+    /// Moves the cursor past the used ones.
     fn resync(
         &self,
         state: &mut PassState,
         len: usize,
+        next: usize,
         usable: impl Fn(&PassState, usize) -> Option<super::Slot>,
-    ) -> Option<(usize, super::Slot)> {
+    ) -> (Option<usize>, Option<(usize, super::Slot)>) {
         /// Candidates tried per request.
         const TRIES: usize = 8;
-        let indices = self.by_size.get(&len)?;
+        let Some(indices) = self.by_size.get(&len) else {
+            return (None, None);
+        };
         let cursor = state.cursors.get(&len).copied().unwrap_or(0);
         // Step over the slots this pass already used.
         let cursor = cursor
@@ -447,12 +556,22 @@ impl<A: Allocator> Arena<A> {
                 .iter()
                 .take_while(|&&index| state.used[index] == state.epoch)
                 .count();
-        let _inside = reentry::inside();
-        state.cursors.insert(len, cursor);
-        indices[cursor..]
+        {
+            let _inside = reentry::inside();
+            state.cursors.insert(len, cursor);
+        }
+        let tried = &indices[cursor..indices.len().min(cursor + TRIES)];
+        let ahead = tried
             .iter()
-            .take(TRIES)
-            .find_map(|&index| usable(state, index).map(|slot| (index, slot)))
+            .copied()
+            .find(|&index| index >= next && state.used[index] != state.epoch);
+        let alone = tried.iter().find_map(|&index| {
+            self.alone[index]
+                .then(|| usable(state, index))
+                .flatten()
+                .map(|slot| (index, slot))
+        });
+        (ahead, alone)
     }
 }
 

@@ -122,12 +122,22 @@ impl<A: Allocator> Recorder<A> {
         let log = self.inner.log.lock();
         let mut indices = std::vec::Vec::with_capacity(log.records.len());
         let mut lifetimes = std::vec::Vec::with_capacity(log.records.len());
+        let mut settled = std::vec::Vec::with_capacity(log.records.len());
+        // Planned blocks by index; the top is the latest still live (dead
+        // ones below it are dropped when they surface: the clock only runs
+        // forward).
+        let mut live: std::vec::Vec<(usize, u64)> = std::vec::Vec::with_capacity(log.records.len());
         for (index, record) in log.records.iter().enumerate() {
+            while live.last().is_some_and(|&(_, end)| end < record.start) {
+                live.pop();
+            }
+            settled.push(live.last().map_or(0, |&(latest, _)| latest + 1));
             if let Some(end) = record.end
                 && let Some(lifetime) = Lifetime::new(record.layout, record.start, end)
             {
                 indices.push(index);
                 lifetimes.push(lifetime);
+                live.push((index, end));
             }
         }
         let allocations = log.records.len();
@@ -135,7 +145,7 @@ impl<A: Allocator> Recorder<A> {
         let mut slots = vec![None; allocations];
         let Some(placement) = planner::place(&lifetimes) else {
             // Offsets overflow: nothing can be planned.
-            return Plan::new(vec![None; allocations], 0, 0);
+            return Plan::unplanned(allocations);
         };
         for ((&index, lifetime), &offset) in indices.iter().zip(&lifetimes).zip(&placement.offsets)
         {
@@ -147,6 +157,7 @@ impl<A: Allocator> Recorder<A> {
         }
         Plan::new(
             slots,
+            settled,
             placement.arena_bytes,
             planner::peak_live_bytes(&lifetimes),
         )

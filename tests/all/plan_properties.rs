@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use crate::fixture::{Counting, assert_ledger_agrees, assert_stats_eq, proptest_config};
 use crate::plan_support::{
-    Block, Op, Watch, assert_plan_matches, give, layout, lifetimes, planned_over, take,
+    Block, Life, Op, Watch, assert_plan_matches, give, layout, lifetimes, planned_over, take,
 };
 use allocator_api2::alloc::Allocator;
 use caching_allocator::Stats;
@@ -301,6 +301,8 @@ struct Live {
 /// The replay and its model.
 struct Harness {
     plan: Plan,
+    /// The recording's blocks, by allocation index.
+    lives: Vec<Life>,
     backing: Counting,
     planned: Watch<Planned<Counting>>,
     base: usize,
@@ -311,12 +313,18 @@ struct Harness {
     /// Slots used this pass, and the per-size cursors of the re-sync.
     used: std::collections::BTreeSet<usize>,
     cursors: BTreeMap<usize, usize>,
+    /// Where the sequence goes on if the next request confirms the last
+    /// re-synchronisation that was refused.
+    resume: Option<usize>,
+    /// The slot size of the last re-synchronisation, until a request in
+    /// order of another size confirms it.
+    unconfirmed: Option<usize>,
     live: BTreeMap<usize, Live>,
     expected: Stats,
 }
 
 impl Harness {
-    fn new(plan: Plan) -> Self {
+    fn new(plan: Plan, lives: Vec<Life>) -> Self {
         let (planned, backing, (base, _)) = planned_over(&plan);
         let arena = plan.arena_bytes();
         // The counters the model predicts (every other one stays 0: nothing
@@ -327,6 +335,7 @@ impl Harness {
         expected.backing_allocs = 1;
         let harness = Self {
             plan,
+            lives,
             backing,
             planned,
             base,
@@ -335,6 +344,8 @@ impl Harness {
             next: 0,
             used: Default::default(),
             cursors: BTreeMap::new(),
+            resume: None,
+            unconfirmed: None,
             live: BTreeMap::new(),
             expected,
         };
@@ -344,6 +355,28 @@ impl Harness {
 
     fn in_arena(&self, addr: usize) -> bool {
         addr >= self.base && addr < self.base + self.plan.arena_bytes()
+    }
+
+    /// Whether no slot of an allocation recorded after `index` shares
+    /// memory with `index`'s.
+    fn alone(&self, index: usize) -> bool {
+        let Some(slot) = self.plan.slot(index) else {
+            return false;
+        };
+        (index + 1..self.plan.allocations())
+            .filter_map(|later| self.plan.slot(later))
+            .all(|other| {
+                other.offset + other.size <= slot.offset || slot.offset + slot.size <= other.offset
+            })
+    }
+
+    /// Whether every block recorded from `next` up to `index` was freed
+    /// before `index` was allocated.
+    fn skips_only_finished_blocks(&self, next: usize, index: usize) -> bool {
+        let start = self.lives[index].start;
+        self.lives[next..index]
+            .iter()
+            .all(|life| life.end.is_some_and(|end| end < start))
     }
 
     /// The model: the slot offset this request gets, if it gets one.
@@ -366,50 +399,85 @@ impl Harness {
             });
             (fits && align <= slot.align && !this.used.contains(&index) && free).then_some(index)
         };
+        let take = |this: &mut Self, index: usize| {
+            this.used.insert(index);
+            this.plan.slot(index).map(|slot| slot.offset)
+        };
         let next = self.next;
         // A recorded allocation with no slot: this one takes its place.
         if next < self.plan.allocations() && self.plan.slot(next).is_none() {
             self.next += 1;
             return None;
         }
-        // In order; else the next slot if the request fits it and is at
-        // least half of it; else the first unused slot of this size from the
-        // size's cursor (8 tried).
-        let found = usable(self, next, true)
-            .or_else(|| usable(self, next, false))
-            .or_else(|| {
-                let same: Vec<usize> = (0..self.plan.allocations())
-                    .filter(|&i| self.plan.slot(i).is_some_and(|slot| slot.size == len))
-                    .collect();
-                let mut cursor = self.cursors.get(&len).copied().unwrap_or(0);
-                while cursor < same.len() && self.used.contains(&same[cursor]) {
-                    cursor += 1;
-                }
-                self.cursors.insert(len, cursor);
-                same[cursor.min(same.len())..]
-                    .iter()
-                    .take(8)
-                    .find_map(|&i| usable(self, i, true))
-            });
-        match found {
-            Some(index) => {
-                self.used.insert(index);
-                if index >= self.next {
-                    self.next = index + 1;
-                }
-                self.plan.slot(index).map(|slot| slot.offset)
-            }
-            None => {
-                if self
-                    .plan
-                    .slot(next)
-                    .is_none_or(|slot| slot.size / 2 <= len && len <= slot.size * 2)
-                {
-                    self.next = next + 1;
-                }
-                None
-            }
+        // In order: `unconfirmed` stays only if this slot is of its size.
+        if let Some(index) = usable(self, next, true) {
+            let size = self.plan.slot(index).unwrap().size;
+            self.unconfirmed = self.unconfirmed.filter(|&s| s == size);
+            self.resume = None;
+            self.next = index + 1;
+            return take(self, index);
         }
+        // Where a refused re-synchronisation said the sequence would go on.
+        if let Some(index) = self.resume.and_then(|resume| usable(self, resume, true)) {
+            self.unconfirmed = Some(len);
+            self.resume = None;
+            self.next = index + 1;
+            return take(self, index);
+        }
+        // The next slot if the request fits it and is at least half of it.
+        if let Some(index) = usable(self, next, false) {
+            self.resume = None;
+            self.next = index + 1;
+            return take(self, index);
+        }
+        // The first slots of this size from the size's cursor (8 tried):
+        // the first of them unused at or after `next` is taken if it is
+        // usable, the request is not `next`'s (whose slot is covered) and
+        // the recording's blocks from `next` to it were all freed by then or
+        // the last re-synchronisation is unconfirmed; else the first usable
+        // one no later slot shares memory with, without moving on.
+        let same: Vec<usize> = (0..self.plan.allocations())
+            .filter(|&i| self.plan.slot(i).is_some_and(|slot| slot.size == len))
+            .collect();
+        let mut cursor = self.cursors.get(&len).copied().unwrap_or(0);
+        while cursor < same.len() && self.used.contains(&same[cursor]) {
+            cursor += 1;
+        }
+        self.cursors.insert(len, cursor);
+        let tried = &same[cursor.min(same.len())..same.len().min(cursor + 8)];
+        let ahead = tried
+            .iter()
+            .copied()
+            .find(|&i| i >= next && !self.used.contains(&i));
+        let alone = tried
+            .iter()
+            .copied()
+            .find(|&i| self.alone(i) && usable(self, i, true).is_some());
+        let owns_next = self
+            .plan
+            .slot(next)
+            .is_some_and(|slot| slot.size == len && align <= slot.align);
+        if let Some(index) = ahead
+            && !owns_next
+            && (self.unconfirmed.is_some() || self.skips_only_finished_blocks(next, index))
+            && usable(self, index, true).is_some()
+        {
+            self.unconfirmed = Some(len);
+            self.resume = None;
+            self.next = index + 1;
+            return take(self, index);
+        }
+        if !owns_next && let Some(index) = ahead {
+            self.resume = Some(index + 1);
+        }
+        if self
+            .plan
+            .slot(next)
+            .is_none_or(|slot| slot.size / 2 <= len && len <= slot.size * 2)
+        {
+            self.next = next + 1;
+        }
+        take(self, alone?)
     }
 
     fn step(&mut self, action: Action) {
@@ -420,6 +488,8 @@ impl Harness {
                 self.next = 0;
                 self.used.clear();
                 self.cursors.clear();
+                self.resume = None;
+                self.unconfirmed = None;
             }
             Action::End => {
                 self.pass = None;
@@ -543,7 +613,7 @@ fn run(ops: &[Op], passes: &[Vec<Deviation>]) {
     assert_eq!(recording_backing.live_blocks(), 0);
 
     let actions = replay_actions(ops, passes);
-    let mut harness = Harness::new(plan);
+    let mut harness = Harness::new(plan, lifetimes(ops));
     let clean = actions.iter().rposition(|a| *a == Action::Begin).unwrap();
     for (i, &action) in actions.iter().enumerate() {
         if i == clean {

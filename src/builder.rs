@@ -127,7 +127,18 @@ impl Builder {
     /// assert_eq!(cache.stats().bytes_reserved, 0);
     /// ```
     pub fn front_cache_bytes(mut self, bytes: usize) -> Self {
-        self.config.front_cache_bytes = bytes;
+        self.config.front_cache_bytes = Some(bytes);
+        self
+    }
+
+    /// Per-CPU front caches (the default for [`SizePolicy::BestFit`] where
+    /// the system has restartable sequences: x86-64 Linux with glibc 2.35+)
+    /// or, with `false`, per-thread ones. Per CPU, what the fronts hold is
+    /// bounded by the CPUs however many threads run; per thread, each
+    /// thread's front holds up to [`front_cache_bytes`](Self::front_cache_bytes)
+    /// until it is drained (a release, a trim, the thread's exit).
+    pub fn per_cpu_fronts(mut self, per_cpu: bool) -> Self {
+        self.config.per_thread_fronts = !per_cpu;
         self
     }
 

@@ -30,12 +30,18 @@ use crate::best_fit::Arena;
 use crate::budget::{Budget, Member};
 use crate::eviction::{EvictionIndex, Victim};
 use crate::front::Fronts;
+use crate::per_cpu::{self, PerCpu};
 use crate::poison;
 use crate::policy::{Key, SizePolicy};
 use crate::reentry::{self, Bookkeeping};
 use crate::stats::Stats;
 use crate::sync::Mutex;
 use crate::unwind::Deferred;
+
+/// A best-fit cache's per-thread fronts where it has no per-CPU ones: small,
+/// since a block in a front does not merge with its neighbours (measured in
+/// the replay's `cache-bestfit-front` row).
+pub(crate) const BEST_FIT_FRONT_BYTES: usize = 1 << 20;
 
 /// How a cache decides what to keep: set once by the `Builder`.
 #[derive(Clone, Debug, Default)]
@@ -48,9 +54,13 @@ pub(crate) struct Config {
     /// (set by `Builder::build`, whose backing is the global allocator), not
     /// from the backing allocator.
     pub(crate) reserves: bool,
-    /// The limit of each thread's front cache in bytes (0, the default: no
-    /// front caches).
-    pub(crate) front_cache_bytes: usize,
+    /// The limit of each thread's front cache in bytes, 0 for none; `None`,
+    /// the default: per-CPU fronts for best fit (per-thread ones of
+    /// [`BEST_FIT_FRONT_BYTES`] where the system has no restartable
+    /// sequences), none for the other policies (c10's semantics).
+    pub(crate) front_cache_bytes: Option<usize>,
+    /// Per-thread fronts even where per-CPU ones are available.
+    pub(crate) per_thread_fronts: bool,
 }
 
 impl Config {
@@ -65,7 +75,11 @@ impl Config {
     /// reconciling count the arena's free bytes, which a front's credit
     /// would have to join (see the README's "Threads").
     pub(crate) fn front_limit(&self) -> Option<usize> {
-        let limit = self.front_cache_bytes;
+        let limit = match self.front_cache_bytes {
+            Some(limit) => limit,
+            None if self.policy == SizePolicy::BestFit => BEST_FIT_FRONT_BYTES,
+            None => 0,
+        };
         let best_fit_evicts = self.policy == SizePolicy::BestFit && self.evicts();
         (limit > 0 && !best_fit_evicts).then_some(limit)
     }
@@ -238,9 +252,15 @@ impl<A: Allocator> Cache<A> {
     pub(crate) fn new(backing: A, config: Config) -> Self {
         Self {
             state: Mutex::new(State::new(&config)),
-            fronts: config
-                .front_limit()
-                .map(|limit| Fronts::new(limit, config.evicts())),
+            fronts: config.front_limit().map(|limit| {
+                // Per CPU for best fit, where the system has them.
+                let per_cpu = (config.policy == SizePolicy::BestFit
+                    && !config.evicts()
+                    && !config.per_thread_fronts)
+                    .then(PerCpu::new)
+                    .flatten();
+                Fronts::new(limit, config.evicts(), per_cpu)
+            }),
             config,
             backing,
         }
@@ -264,6 +284,14 @@ impl<A: Allocator> Cache<A> {
             stats.bytes_pinned = arena.pinned();
         }
         stats
+    }
+
+    pub(crate) fn front_kind(&self) -> crate::FrontKind {
+        match &self.fronts {
+            None => crate::FrontKind::None,
+            Some(fronts) if fronts.per_cpu().is_some() => crate::FrontKind::PerCpu,
+            Some(_) => crate::FrontKind::PerThread,
+        }
     }
 
     pub(crate) fn is_caching_stopped(&self) -> bool {
@@ -434,9 +462,71 @@ impl<A: Allocator> Cache<A> {
 unsafe impl<A: Allocator> RawAllocator for Cache<A> {
     /// A block for `layout`: a cached one of its key if any, else a new one.
     /// With `zeroed`, its first `layout.size()` bytes are zero.
+    #[inline]
     fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
+        // The per-CPU fronts' hit path alone here, so it needs no frame;
+        // everything else is out of line.
+        if let Some(per_cpu) = self.per_cpu()
+            && layout.size() != 0
+            && let Some(slot) = per_cpu::Slot::for_best_fit(layout)
+            && let Some(block) = per_cpu.pop(slot)
+        {
+            return Ok(self.hit_from_cpu(block, slot, layout, zeroed));
+        }
+        self.allocate_slow(layout, zeroed)
+    }
+
+    /// Puts a block on its free list, or gives it back if it may not be
+    /// cached (larger than the cap or the budget, or caching stopped).
+    ///
+    /// # Safety
+    ///
+    /// - `block` was returned by `allocate`/`grow`/`shrink` of this cache for
+    ///   `layout` (same size, an alignment of the same class) and not freed
+    ///   since;
+    /// - nobody uses the block after this call.
+    #[inline]
+    unsafe fn deallocate(&self, block: NonNull<u8>, layout: Layout) {
+        if let Some(per_cpu) = self.per_cpu()
+            && layout.size() != 0
+            && let Some(slot) = per_cpu::Slot::for_best_fit(layout)
+            && let Some(owner) = self.front()
+            && !self.fronts.as_ref().is_some_and(Fronts::is_stopped)
+        {
+            // Poisoned before it is kept: a drain may take it at any moment.
+            poison::poison(block, slot.len());
+            if per_cpu.push(slot, block) {
+                owner.count_free(layout.size(), slot.len());
+                return;
+            }
+        }
+        // SAFETY: this function's contract.
+        unsafe { self.deallocate_slow(block, layout) }
+    }
+
+    /// `resize` and its in-place test, and the slow paths of `deallocate`.
+    unsafe fn resize(
+        &self,
+        block: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        // SAFETY: this function's contract.
+        unsafe { self.resize_shared(block, old, new, zeroed) }
+    }
+}
+
+impl<A: Allocator> Cache<A> {
+    /// `allocate` past the per-CPU fronts' hit path: a request of zero
+    /// bytes, a per-CPU miss, a per-thread front, the shared side.
+    #[inline(never)]
+    fn allocate_slow(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
         if layout.size() == 0 {
             return Ok(dangling(layout));
+        }
+        if self.per_cpu().is_some() && per_cpu::Slot::for_best_fit(layout).is_some() {
+            return self.allocate_behind_cpu_front(layout, zeroed);
         }
         if let Some(slot) = self.front()
             && let Some(key) = self.key(layout)
@@ -491,18 +581,21 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
         Ok(NonNull::slice_from_raw_parts(block, layout.size()))
     }
 
-    /// Puts a block on its free list, or gives it back if it may not be
-    /// cached (larger than the cap or the budget, or caching stopped).
+    /// `deallocate` past the per-CPU fronts' fast path.
     ///
     /// # Safety
     ///
-    /// - `block` was returned by `allocate`/`grow`/`shrink` of this cache for
-    ///   `layout` (same size, an alignment of the same class) and not freed
-    ///   since;
-    /// - nobody uses the block after this call.
-    unsafe fn deallocate(&self, block: NonNull<u8>, layout: Layout) {
+    /// As for `deallocate`.
+    #[inline(never)]
+    unsafe fn deallocate_slow(&self, block: NonNull<u8>, layout: Layout) {
         if layout.size() == 0 {
             return;
+        }
+        if let Some(per_cpu) = self.per_cpu()
+            && let Some(slot) = per_cpu::Slot::for_best_fit(layout)
+        {
+            // SAFETY: this function's contract.
+            return unsafe { self.free_behind_cpu(per_cpu, slot, block, layout) };
         }
         if let Some(slot) = self.front()
             && let Some(key) = self.key(layout)
@@ -520,20 +613,6 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
         unsafe { self.deallocate_shared(block, layout) }
     }
 
-    /// `resize` and its in-place test, and the slow paths of `deallocate`.
-    unsafe fn resize(
-        &self,
-        block: NonNull<u8>,
-        old: Layout,
-        new: Layout,
-        zeroed: bool,
-    ) -> Result<NonNull<[u8]>, AllocError> {
-        // SAFETY: this function's contract.
-        unsafe { self.resize_shared(block, old, new, zeroed) }
-    }
-}
-
-impl<A: Allocator> Cache<A> {
     /// `deallocate` on the shared side: a free list, the arena, or the
     /// backing allocator.
     ///

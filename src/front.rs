@@ -28,7 +28,7 @@
 //! freed cache's address never finds a stale slot.
 
 use core::alloc::Layout;
-use core::cell::{Cell, RefCell};
+use core::cell::RefCell;
 use core::marker::PhantomData;
 use core::mem;
 use core::ptr::NonNull;
@@ -36,6 +36,7 @@ use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 use allocator_api2::vec::Vec;
 
+use crate::per_cpu::{self, PerCpu};
 use crate::policy::Key;
 use crate::reentry::{self, Bookkeeping};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, UnsafeCell, asymmetric};
@@ -162,11 +163,15 @@ fn set_of(packed: u64) -> usize {
 }
 
 impl Magazine {
-    /// `None` if bookkeeping memory ran out.
+    /// `None` if bookkeeping memory ran out. A limit of 0 makes an inert
+    /// magazine (no bins allocated, nothing ever kept): a thread's slot of a
+    /// cache whose fronts are per CPU keeps only its counters.
     fn new(limit: usize, credited: bool) -> Option<Self> {
         let mut blocks = Vec::new_in(Bookkeeping);
-        blocks.try_reserve_exact(BINS).ok()?;
-        blocks.resize(BINS, [core::ptr::null_mut(); DEPTH]);
+        if limit > 0 {
+            blocks.try_reserve_exact(BINS).ok()?;
+            blocks.resize(BINS, [core::ptr::null_mut(); DEPTH]);
+        }
         Some(Self {
             tags: [Tags::EMPTY; SETS],
             blocks,
@@ -423,22 +428,22 @@ impl Deltas {
     }
 }
 
+/// Adds `by` to a counter; its new value.
 #[inline]
-fn bump(counter: &AtomicU64, by: u64) {
+fn bump(counter: &AtomicU64, by: u64) -> u64 {
     // One writer at a time: a load and a store, not a read-modify-write.
-    counter.store(counter.load(Relaxed).wrapping_add(by), Relaxed);
+    let value = counter.load(Relaxed).wrapping_add(by);
+    counter.store(value, Relaxed);
+    value
 }
 
 impl Counters {
     #[inline]
     fn on_hit(&self, requested: usize, block: usize) {
         bump(&self.hits, 1);
-        bump(&self.bytes_hit, requested as u64);
+        let bytes_hit = bump(&self.bytes_hit, requested as u64);
         bump(&self.hit_block_bytes, block as u64);
-        let in_use = self
-            .bytes_hit
-            .load(Relaxed)
-            .wrapping_sub(self.bytes_freed.load(Relaxed)) as i64;
+        let in_use = bytes_hit.wrapping_sub(self.bytes_freed.load(Relaxed)) as i64;
         if in_use > self.peak_in_use.load(Relaxed) as i64 {
             self.peak_in_use.store(in_use as u64, Relaxed);
         }
@@ -448,10 +453,8 @@ impl Counters {
     fn on_free(&self, requested: usize, block: usize) {
         bump(&self.frees, 1);
         bump(&self.bytes_freed, requested as u64);
-        bump(&self.freed_block_bytes, block as u64);
-        let held = self
-            .freed_block_bytes
-            .load(Relaxed)
+        let freed = bump(&self.freed_block_bytes, block as u64);
+        let held = freed
             .wrapping_sub(self.hit_block_bytes.load(Relaxed))
             .wrapping_sub(self.moved_bytes.load(Relaxed)) as i64;
         if held > self.peak_front.load(Relaxed) as i64 {
@@ -663,6 +666,9 @@ impl Slot {
 /// drainer from another thread goes through [`Slot::drain`]).
 pub(crate) struct Owner<'a> {
     slot: &'a Slot,
+    /// The cache's per-CPU fronts, if its fronts are per CPU: then the
+    /// slot's magazine is inert and only its counters count.
+    per_cpu: Option<&'a PerCpu>,
     _owning_thread: PhantomData<*const ()>,
 }
 
@@ -701,8 +707,20 @@ impl Owner<'_> {
     }
 
     /// Takes a block of `key` for a request of `requested` bytes.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn pop(&self, key: Key, requested: usize) -> Option<NonNull<u8>> {
+        if let Some(per_cpu) = self.per_cpu {
+            let block = per_cpu.pop(per_cpu::Slot::of(key)?)?;
+            // Per CPU, no drainer touches a live slot: the owner alone
+            // writes its counters.
+            self.slot.counters.on_hit(requested, key.size());
+            return Some(block);
+        }
+        self.pop_magazine(key, requested)
+    }
+
+    #[inline]
+    fn pop_magazine(&self, key: Key, requested: usize) -> Option<NonNull<u8>> {
         self.owner(|magazine, counters| {
             let block = magazine.pop(key)?;
             counters.on_hit(requested, key.size());
@@ -712,8 +730,20 @@ impl Owner<'_> {
 
     /// Keeps a freed block of `key` (asked for as `requested` bytes); false
     /// if there is no room (the caller then makes room or frees it shared).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn push(&self, key: Key, block: NonNull<u8>, requested: usize) -> bool {
+        if let Some(per_cpu) = self.per_cpu {
+            let kept = per_cpu::Slot::of(key).is_some_and(|slot| per_cpu.push(slot, block));
+            if kept {
+                self.slot.counters.on_free(requested, key.size());
+            }
+            return kept;
+        }
+        self.push_magazine(key, block, requested)
+    }
+
+    #[inline]
+    fn push_magazine(&self, key: Key, block: NonNull<u8>, requested: usize) -> bool {
         self.owner(|magazine, counters| {
             let kept = magazine.push(key, block.as_ptr());
             if kept {
@@ -760,7 +790,23 @@ impl Owner<'_> {
 
     /// Owner's slow path: the counters to fold, reset.
     pub(crate) fn take_counters(&self) -> Deltas {
+        if self.per_cpu.is_some() {
+            return self.slot.counters.take();
+        }
         self.owner(|_, counters| counters.take())
+    }
+
+    /// Counts a hit served by a per-CPU front (`block` bytes for a request
+    /// of `requested`).
+    #[inline(always)]
+    pub(crate) fn count_hit(&self, requested: usize, block: usize) {
+        self.slot.counters.on_hit(requested, block);
+    }
+
+    /// Counts a free kept in a per-CPU front.
+    #[inline(always)]
+    pub(crate) fn count_free(&self, requested: usize, block: usize) {
+        self.slot.counters.on_free(requested, block);
     }
 
     /// Owner's slow path: keeps blocks of `key` handed over by the shared
@@ -789,6 +835,9 @@ pub(crate) struct Fronts {
     credited: bool,
     slots: Mutex<Vec<Arc<Slot>, Bookkeeping>>,
     orphans: Arc<AtomicUsize>,
+    /// The per-CPU fronts, where the system has restartable sequences and
+    /// the cache asked for them: then threads' slots only count.
+    per_cpu: Option<PerCpu>,
 }
 
 /// Cache ids: never reused, so a thread's table never mistakes a new cache
@@ -799,17 +848,25 @@ static NEXT_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::n
 
 impl Fronts {
     /// Front caches of at most `limit` bytes each; `credited` if the cache
-    /// has a cap or a budget.
-    pub(crate) fn new(limit: usize, credited: bool) -> Self {
+    /// has a cap or a budget. With `per_cpu` (where the system has them),
+    /// the fronts are per CPU instead and `limit` is the per-thread
+    /// fallback's.
+    pub(crate) fn new(limit: usize, credited: bool, per_cpu: Option<PerCpu>) -> Self {
         asymmetric::prepare();
         Self {
             stopped: AtomicBool::new(false),
             id: NEXT_ID.fetch_add(1, Relaxed),
-            limit,
+            limit: if per_cpu.is_some() { 0 } else { limit },
             credited,
             slots: Mutex::new(Vec::new_in(Bookkeeping)),
             orphans: Arc::new(AtomicUsize::new(0)),
+            per_cpu,
         }
+    }
+
+    /// The per-CPU fronts, if the fronts are per CPU.
+    pub(crate) fn per_cpu(&self) -> Option<&PerCpu> {
+        self.per_cpu.as_ref()
     }
 
     /// The calling thread's slot, made on first use, as its owner. `None`
@@ -818,16 +875,12 @@ impl Fronts {
     /// bookkeeping memory ran out): the caller then uses the shared cache.
     #[inline]
     pub(crate) fn slot(&self) -> Option<Owner<'_>> {
-        let slot = TABLE
-            .try_with(|table| {
-                let (id, slot) = table.last.get();
-                if id == self.id {
-                    Some(slot)
-                } else {
-                    table.find_or_insert(self)
-                }
-            })
-            .ok()??;
+        let (id, last) = last::get();
+        let slot = if id == self.id {
+            last
+        } else {
+            TABLE.try_with(|table| table.find_or_insert(self)).ok()??
+        };
         // SAFETY: the table holds a strong count of the slot until the slot
         // is dead, and a slot dies only when its cache drops (or adopted it
         // after the thread exited): `&self` keeps the cache alive, and this
@@ -839,6 +892,7 @@ impl Fronts {
         let slot = unsafe { &*slot };
         Some(Owner {
             slot,
+            per_cpu: self.per_cpu.as_ref(),
             _owning_thread: PhantomData,
         })
     }
@@ -920,15 +974,42 @@ impl Fronts {
 
 /// A thread's slots, one per cache it used.
 struct Table {
-    /// The last slot looked up: `(cache id, slot)`; id 0 is no cache.
-    last: Cell<(u64, *const Slot)>,
     slots: RefCell<Vec<(u64, Arc<Slot>), Bookkeeping>>,
+}
+
+/// The last slot this thread looked up, `(cache id, slot)` (id 0: none),
+/// which the table holds by strong count: the hot path's one thread-local
+/// read. Outside the table, in a thread-local with no destructor, so a
+/// read is one load (a thread-local with a destructor checks its
+/// registration on every access). The table's drop clears it first.
+mod last {
+    use core::cell::Cell;
+
+    use super::Slot;
+
+    #[cfg(not(loom))]
+    std::thread_local! {
+        static LAST: Cell<(u64, *const Slot)> = const { Cell::new((0, core::ptr::null())) };
+    }
+
+    #[cfg(loom)]
+    loom::thread_local! {
+        static LAST: Cell<(u64, *const Slot)> = Cell::new((0, core::ptr::null()));
+    }
+
+    #[inline]
+    pub(super) fn get() -> (u64, *const Slot) {
+        LAST.try_with(Cell::get).unwrap_or((0, core::ptr::null()))
+    }
+
+    pub(super) fn set(id: u64, slot: *const Slot) {
+        let _ = LAST.try_with(|last| last.set((id, slot)));
+    }
 }
 
 impl Table {
     const fn new() -> Self {
         Self {
-            last: Cell::new((0, core::ptr::null())),
             slots: RefCell::new(Vec::new_in(Bookkeeping)),
         }
     }
@@ -957,14 +1038,14 @@ impl Table {
                 pointer
             }
         };
-        self.last.set((fronts.id, found));
+        last::set(fronts.id, found);
         Some(found)
     }
 }
 
 impl Drop for Table {
     fn drop(&mut self) {
-        self.last.set((0, core::ptr::null()));
+        last::set(0, core::ptr::null());
         for (_, slot) in self.slots.get_mut().drain(..) {
             slot.orphan();
         }

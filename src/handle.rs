@@ -215,6 +215,22 @@ impl<A: Allocator> CachingAllocator<A> {
         self.cache.config().budget.as_ref()
     }
 
+    /// Which front caches this cache has: per CPU (best fit's default where
+    /// the system has restartable sequences), per thread, or none.
+    ///
+    /// ```
+    /// use caching_allocator::{CachingAllocator, FrontKind, SizePolicy};
+    ///
+    /// assert_eq!(CachingAllocator::new().front_kind(), FrontKind::None);
+    /// let best_fit = CachingAllocator::builder()
+    ///     .size_policy(SizePolicy::BestFit)
+    ///     .build();
+    /// assert_ne!(best_fit.front_kind(), FrontKind::None);
+    /// ```
+    pub fn front_kind(&self) -> FrontKind {
+        self.cache.front_kind()
+    }
+
     /// Whether caching stopped after an allocation failure (only with
     /// [`Builder::stop_caching_after_failure`](crate::Builder::stop_caching_after_failure)).
     pub fn is_caching_stopped(&self) -> bool {
@@ -314,4 +330,18 @@ impl<A: Allocator> fmt::Debug for CachingAllocator<A> {
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
+}
+
+/// Which front caches a cache has ([`CachingAllocator::front_kind`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FrontKind {
+    /// No fronts: every request and free goes through the shared cache.
+    None,
+    /// A front per thread (see
+    /// [`Builder::front_cache_bytes`](crate::Builder::front_cache_bytes)).
+    PerThread,
+    /// A front per CPU, reached through restartable sequences (see
+    /// [`Builder::per_cpu_fronts`](crate::Builder::per_cpu_fronts)).
+    PerCpu,
 }

@@ -56,11 +56,13 @@ mod front;
 #[cfg(not(loom))]
 mod global;
 mod handle;
+mod per_cpu;
 pub mod plan;
 mod poison;
 mod policy;
 mod reentry;
 mod reservation;
+mod rseq;
 // Under loom only its model tests use it (the global allocator is std-only).
 #[cfg_attr(loom, allow(dead_code))]
 mod registry;
@@ -77,7 +79,8 @@ pub use builder::Builder;
 pub use front::FRONT_CACHE_BYTES;
 #[cfg(not(loom))]
 pub use global::{DEFAULT_MIN_SIZE, ScopedGlobal};
-pub use handle::CachingAllocator;
+pub use handle::{CachingAllocator, FrontKind};
+pub use per_cpu::{MAX_BLOCK as PER_CPU_FRONT_MAX_BLOCK, MAX_SLAB_BYTES as PER_CPU_FRONT_BYTES};
 pub use policy::{MIN_ALIGN, SIZE_GRANULARITY, SizePolicy};
 #[cfg(not(loom))]
 pub use scope::{LiveBlocks, Scope};

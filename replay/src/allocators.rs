@@ -56,16 +56,19 @@ pub enum AllocatorKind {
     /// `PowerOfTwoDivisions(8)` with the cap.
     CacheP2d8Cap,
     /// Best fit, `SizePolicy::BestFit`: blocks carved from one reserved,
-    /// growing address range (Linux), split and coalesced.
+    /// growing address range (Linux), split and coalesced; with its default
+    /// fronts (per CPU where the system has restartable sequences).
     CacheBestfit,
+    /// Best fit without fronts (`front_cache_bytes(0)`): the arena alone.
+    CacheBestfitNofront,
     /// Best fit with the cap.
     CacheBestfitCap,
     /// Exact sizes with per-thread front caches
     /// (`front_cache_bytes(FRONT_CACHE_BYTES)`).
     CacheFront,
-    /// Best fit with per-thread front caches of 1 MiB (small: a block in a
-    /// front is not merged with its neighbours, so a large front costs best
-    /// fit its footprint).
+    /// Best fit with per-thread front caches of 1 MiB (its fallback where
+    /// there are no per-CPU fronts; small: a block in a front is not merged
+    /// with its neighbours, so a large front costs best fit its footprint).
     CacheBestfitFront,
     /// `plan::Recorder` for pass 0, then `plan::Planned` from its plan, one
     /// `pass()` per pass.
@@ -90,6 +93,7 @@ impl AllocatorKind {
         AllocatorKind::CacheP2d4Cap,
         AllocatorKind::CacheP2d8Cap,
         AllocatorKind::CacheBestfit,
+        AllocatorKind::CacheBestfitNofront,
         AllocatorKind::CacheBestfitCap,
         AllocatorKind::CacheFront,
         AllocatorKind::CacheBestfitFront,
@@ -111,6 +115,7 @@ impl AllocatorKind {
             AllocatorKind::CacheP2d4Cap => "cache-p2d4-cap",
             AllocatorKind::CacheP2d8Cap => "cache-p2d8-cap",
             AllocatorKind::CacheBestfit => "cache-bestfit",
+            AllocatorKind::CacheBestfitNofront => "cache-bestfit-nofront",
             AllocatorKind::CacheBestfitCap => "cache-bestfit-cap",
             AllocatorKind::CacheFront => "cache-front",
             AllocatorKind::CacheBestfitFront => "cache-bestfit-front",
@@ -158,6 +163,7 @@ impl AllocatorKind {
             AllocatorKind::CacheP2d4Cap => (p2d(4), true),
             AllocatorKind::CacheP2d8Cap => (p2d(8), true),
             AllocatorKind::CacheBestfit => (SizePolicy::BestFit, false),
+            AllocatorKind::CacheBestfitNofront => (SizePolicy::BestFit, false),
             AllocatorKind::CacheBestfitCap => (SizePolicy::BestFit, true),
             AllocatorKind::CacheFront => (SizePolicy::Exact, false),
             AllocatorKind::CacheBestfitFront => (SizePolicy::BestFit, false),
@@ -190,8 +196,13 @@ impl AllocatorKind {
                     AllocatorKind::CacheFront => {
                         builder = builder.front_cache_bytes(options.front_bytes);
                     }
+                    AllocatorKind::CacheBestfitNofront => {
+                        builder = builder.front_cache_bytes(0);
+                    }
                     AllocatorKind::CacheBestfitFront => {
-                        builder = builder.front_cache_bytes(BEST_FIT_FRONT_BYTES);
+                        builder = builder
+                            .front_cache_bytes(BEST_FIT_FRONT_BYTES)
+                            .per_cpu_fronts(false);
                     }
                     _ => {}
                 }

@@ -72,9 +72,22 @@ impl<A: Allocator> Cache<A> {
             self.state.lock().stats.failures += 1;
             return Err(AllocError);
         };
-        let (carved, after) = match self.carve_existing(layout, len, align) {
+        let (carved, after) = match self.carve_existing(layout, len, align, false) {
             Some(done) => done,
-            None => self.carve_new_segment(layout, len, align)?,
+            // Before the arena grows, the blocks sitting in per-CPU fronts
+            // come back into it (they may merge into a fit): a cache with
+            // fronts holds no more than one without, but for what its
+            // fronts hold between growths.
+            None if self.drain_cpu_fronts_for(len) => {
+                match self.carve_existing(layout, len, align, true) {
+                    Some(done) => done,
+                    None => self.carve_new_segment(layout, len, align)?,
+                }
+            }
+            None => match self.carve_existing(layout, len, align, true) {
+                Some(done) => done,
+                None => self.carve_new_segment(layout, len, align)?,
+            },
         };
         self.settle(after);
         // SAFETY: a carved block lies inside a segment of the arena, and is
@@ -89,14 +102,22 @@ impl<A: Allocator> Cache<A> {
         Ok(NonNull::slice_from_raw_parts(block, layout.size()))
     }
 
-    /// A block from the free ranges, or from a reservation grown for it.
-    fn carve_existing(&self, layout: Layout, len: usize, align: usize) -> Option<(Carved, After)> {
+    /// A block from the free ranges, or (with `grow`) from a reservation
+    /// grown for it.
+    fn carve_existing(
+        &self,
+        layout: Layout,
+        len: usize,
+        align: usize,
+        grow: bool,
+    ) -> Option<(Carved, After)> {
         let mut state = self.state.lock();
         let _inside = reentry::inside();
         let arena = state.arena();
         let (carved, grew) = match arena.carve(len, align) {
             Some(carved) => (carved, false),
-            None => (arena.grow_and_carve(len, align)?, true),
+            None if grow => (arena.grow_and_carve(len, align)?, true),
+            None => return None,
         };
         if grew {
             state.stats.backing_allocs += 1;

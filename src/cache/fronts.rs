@@ -18,11 +18,37 @@ use allocator_api2::alloc::{AllocError, Allocator};
 use super::{Cache, State};
 use crate::eviction::Victim;
 use crate::front::{Batch, DEPTH, Deltas, Drained, Fronts, Owner, Slot};
+use crate::per_cpu::{self, PerCpu};
 use crate::poison;
 use crate::policy::Key;
 use crate::reentry;
 use crate::stats::{Stats, raise};
 use crate::unwind::Deferred;
+
+/// Blocks taken out of per-CPU fronts on their way to the shared side: at
+/// most a bin's.
+#[derive(Default)]
+struct Taken {
+    blocks: [Option<(Key, NonNull<u8>)>; crate::rseq::layout::DEPTH],
+    len: usize,
+}
+
+impl Taken {
+    fn iter(&self) -> impl Iterator<Item = (Key, NonNull<u8>)> + '_ {
+        self.blocks[..self.len].iter().flatten().copied()
+    }
+}
+
+impl Extend<(Key, NonNull<u8>)> for Taken {
+    fn extend<I: IntoIterator<Item = (Key, NonNull<u8>)>>(&mut self, items: I) {
+        for item in items {
+            if self.len < self.blocks.len() {
+                self.blocks[self.len] = Some(item);
+                self.len += 1;
+            }
+        }
+    }
+}
 
 /// Blocks a front miss takes from the shared lists beyond the one it serves.
 const REFILL: usize = DEPTH / 2;
@@ -112,6 +138,110 @@ impl<A: Allocator> Cache<A> {
     #[inline]
     pub(super) fn front(&self) -> Option<Owner<'_>> {
         self.fronts.as_ref()?.slot()
+    }
+
+    /// The per-CPU fronts, if this cache's fronts are per CPU.
+    #[inline(always)]
+    pub(super) fn per_cpu(&self) -> Option<&PerCpu> {
+        self.fronts.as_ref()?.per_cpu()
+    }
+
+    /// A block a per-CPU front served: counted, unpoisoned, zeroed if asked.
+    #[inline(always)]
+    pub(super) fn hit_from_cpu(
+        &self,
+        block: NonNull<u8>,
+        slot: per_cpu::Slot,
+        layout: Layout,
+        zeroed: bool,
+    ) -> NonNull<[u8]> {
+        match self.front() {
+            Some(owner) => owner.count_hit(layout.size(), slot.len()),
+            None => self.count_hit_shared(layout.size(), slot.len()),
+        }
+        poison::unpoison(block, slot.len());
+        if zeroed {
+            // SAFETY: the block was just taken from a front, so nobody else
+            // references it, and it holds `slot.len() >= layout.size()`
+            // writable bytes.
+            unsafe { ptr::write_bytes(block.as_ptr(), 0, layout.size()) };
+        }
+        NonNull::slice_from_raw_parts(block, layout.size())
+    }
+
+    /// A front hit by a thread with no slot (its thread-locals are being
+    /// torn down): counted in the shared books.
+    #[cold]
+    fn count_hit_shared(&self, requested: usize, len: usize) {
+        self.state.lock().fold(&Deltas {
+            hits: 1,
+            bytes_hit: requested as u64,
+            hit_block_bytes: len as u64,
+            ..Deltas::default()
+        });
+    }
+
+    #[cold]
+    pub(super) fn allocate_behind_cpu_front(
+        &self,
+        layout: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        match (self.front(), self.key(layout)) {
+            (Some(owner), Some(key)) => self.allocate_behind_front(&owner, key, layout, zeroed),
+            _ => self.allocate_carved(layout, zeroed),
+        }
+    }
+
+    /// Counts a free kept in a per-CPU front: in the thread's slot, or (a
+    /// thread with none) in the shared books.
+    #[inline(always)]
+    fn count_cpu_free(&self, requested: usize, len: usize) {
+        match self.front() {
+            Some(owner) => owner.count_free(requested, len),
+            None => self.state.lock().fold(&Deltas {
+                frees: 1,
+                bytes_freed: requested as u64,
+                freed_block_bytes: len as u64,
+                ..Deltas::default()
+            }),
+        }
+    }
+
+    /// A free the per-CPU fast path could not keep: room is made in its bin
+    /// (what stands in the way goes to the shared side) and the block kept,
+    /// else it goes to the shared side itself.
+    ///
+    /// # Safety
+    ///
+    /// `RawAllocator::deallocate`'s contract for `block` and `layout`.
+    #[cold]
+    pub(super) unsafe fn free_behind_cpu(
+        &self,
+        per_cpu: &PerCpu,
+        slot: per_cpu::Slot,
+        block: NonNull<u8>,
+        layout: Layout,
+    ) {
+        let mut panics = Deferred::new();
+        self.adopt_orphans(&mut panics);
+        if !self.fronts.as_ref().is_some_and(Fronts::is_stopped) {
+            let mut taken = Taken::default();
+            per_cpu.make_room(slot, &mut taken);
+            if taken.len > 0 {
+                let deltas = self.front().map(|owner| owner.take_counters());
+                self.relist_taken(&deltas.unwrap_or_default(), &taken, &mut panics);
+            }
+            poison::poison(block, slot.len());
+            if per_cpu.push(slot, block) {
+                self.count_cpu_free(layout.size(), slot.len());
+                return panics.resume();
+            }
+        }
+        self.fold_mine();
+        // SAFETY: this function's contract.
+        unsafe { self.deallocate_shared(block, layout) };
+        panics.resume();
     }
 
     /// Takes a block of `key` from the shared side for a front miss,
@@ -274,6 +404,62 @@ impl<A: Allocator> Cache<A> {
         }
         // SAFETY: this function's contract.
         unsafe { self.deallocate_shared(block, layout) }
+    }
+
+    /// Folds `deltas` and lists blocks taken out of per-CPU fronts; blocks
+    /// that cannot be listed go back to the backing allocator.
+    fn relist_taken(&self, deltas: &Deltas, taken: &Taken, panics: &mut Deferred) {
+        let mut unlisted = Taken::default();
+        {
+            let mut state = self.state.lock();
+            state.fold(deltas);
+            for (key, block) in taken.iter() {
+                // The block leaves the fronts before it joins the shared
+                // side, so no moment counts it twice.
+                state.front_bytes = state.front_bytes.wrapping_sub(key.size());
+                state.front_blocks = state.front_blocks.wrapping_sub(1);
+                if !self.relist(&mut state, key, block, false) {
+                    unlisted.extend(Some((key, block)));
+                }
+            }
+            self.after_relist(&mut state);
+        }
+        for (key, block) in unlisted.iter() {
+            self.give_back_unlisted(key, block, panics);
+        }
+    }
+
+    /// The arena has no room for `len` bytes: if the per-CPU fronts hold at
+    /// least that much, they are drained into it; whether they were.
+    pub(super) fn drain_cpu_fronts_for(&self, len: usize) -> bool {
+        let Some(per_cpu) = self.fronts.as_ref().and_then(Fronts::per_cpu) else {
+            return false;
+        };
+        if per_cpu.held().0 < len {
+            return false;
+        }
+        self.drain_cpus(per_cpu) > 0
+    }
+
+    /// Brings every per-CPU front's blocks into the arena (stopping each
+    /// CPU's slab in turn, under the shared lock: a drain is rare, and the
+    /// lock keeps the arena still meanwhile); the bytes they held. Per-CPU
+    /// fronts are best fit's, whose blocks always go back into the arena:
+    /// no backing call.
+    fn drain_cpus(&self, per_cpu: &PerCpu) -> usize {
+        debug_assert!(self.carves());
+        let mut bytes = 0;
+        let mut state = self.state.lock();
+        let _inside = reentry::inside();
+        per_cpu.drain(|key, block| {
+            bytes += key.size();
+            state.front_bytes = state.front_bytes.wrapping_sub(key.size());
+            state.front_blocks = state.front_blocks.wrapping_sub(1);
+            let listed = self.relist(&mut state, key, block, false);
+            debug_assert!(listed, "a carved block always goes back into the arena");
+        });
+        self.after_relist(&mut state);
+        bytes
     }
 
     /// Folds the calling thread's front counters into the shared books,
@@ -502,6 +688,20 @@ impl<A: Allocator> Cache<A> {
         let Some(fronts) = &self.fronts else {
             return 0;
         };
+        if let Some(per_cpu) = fronts.per_cpu() {
+            self.drain_cpus(per_cpu);
+            // Threads' slots only count: their owners write the counters
+            // without the drain protocol, so only a slot with no owner left
+            // (an exited thread's, or any once the cache drops) is taken in.
+            if dead {
+                for slot in fronts.take_all_slots().iter() {
+                    self.drain_slot(slot, true, false, panics);
+                }
+            } else {
+                self.adopt_orphans(panics);
+            }
+            return 0;
+        }
         let mut credit = 0;
         let slots = if dead {
             fronts.take_all_slots()

@@ -60,8 +60,13 @@ const MAX_SIZE: usize = 3 << 20;
 #[cfg(miri)]
 const MAX_SIZE: usize = 64 << 10;
 
+/// A best-fit cache without front caches: these tests follow the arena
+/// itself (where each free range goes, what a shed gives back). The default
+/// fronts have their own suite (`per_cpu.rs`).
 fn best_fit() -> Builder {
-    CachingAllocator::builder().size_policy(SizePolicy::BestFit)
+    CachingAllocator::builder()
+        .size_policy(SizePolicy::BestFit)
+        .front_cache_bytes(0)
 }
 
 /// A best-fit cache over fixed segments from a new ledger backing.

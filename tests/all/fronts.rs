@@ -60,10 +60,13 @@ const POLICIES: [SizePolicy; 3] = [
 const MAX_SLACK: usize = 512 - 64;
 
 /// A cache with fronts of `limit` bytes under `policy`.
+/// A cache with per-thread fronts (best fit's default, per-CPU fronts, has
+/// its own suite: `per_cpu.rs`).
 fn fronted(policy: SizePolicy, limit: usize) -> Builder {
     CachingAllocator::builder()
         .size_policy(policy)
         .front_cache_bytes(limit)
+        .per_cpu_fronts(false)
 }
 
 /// The block layout a request of `layout` takes under `policy` (best fit:

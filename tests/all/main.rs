@@ -20,6 +20,7 @@ mod fronts;
 mod installed;
 #[cfg(feature = "nightly")]
 mod nightly;
+mod per_cpu;
 mod plan;
 #[cfg(feature = "nightly")]
 mod plan_nightly;

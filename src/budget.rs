@@ -134,8 +134,12 @@ impl Budget {
         self.shared.limit
     }
 
-    /// Bytes cached by all caches on this budget now (never above
-    /// [`limit`](Self::limit)).
+    /// Bytes cached by all caches on this budget now: never above
+    /// [`limit`](Self::limit), but for the free bytes a best-fit cache over
+    /// fixed segments (`build_in`) cannot give back while a block in use
+    /// shares their segment ([`Stats::bytes_pinned`](crate::Stats::bytes_pinned)),
+    /// which are counted whatever the limit. A best-fit cache's per-CPU
+    /// fronts count as blocks in use here.
     pub fn bytes_cached(&self) -> usize {
         self.shared.cached.load(Ordering::Acquire)
     }

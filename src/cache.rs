@@ -70,18 +70,30 @@ impl Config {
         self.max_cached_bytes.is_some() || self.budget.is_some()
     }
 
-    /// The limit of each thread's front cache, if the cache has them. Not
-    /// for best fit with a cap or a budget: its shed and the budget's
-    /// reconciling count the arena's free bytes, which a front's credit
-    /// would have to join (see the README's "Threads").
-    pub(crate) fn front_limit(&self) -> Option<usize> {
+    /// The fronts this config asks for: `None` without any; per CPU for
+    /// best fit where the system has them; else per thread, with each
+    /// thread's front limited to the setting. Not per thread for best fit
+    /// with a cap or a budget: its shed and the budget's reconciling count
+    /// the arena's free bytes, which a front's credit would have to join
+    /// (per-CPU fronts hold no credit: their blocks count as in use, see
+    /// `per_cpu.rs`).
+    fn fronts(&self) -> Option<Fronts> {
         let limit = match self.front_cache_bytes {
             Some(limit) => limit,
             None if self.policy == SizePolicy::BestFit => BEST_FIT_FRONT_BYTES,
             None => 0,
         };
-        let best_fit_evicts = self.policy == SizePolicy::BestFit && self.evicts();
-        (limit > 0 && !best_fit_evicts).then_some(limit)
+        if limit == 0 {
+            return None;
+        }
+        let best_fit = self.policy == SizePolicy::BestFit;
+        if best_fit
+            && !self.per_thread_fronts
+            && let Some(per_cpu) = PerCpu::new()
+        {
+            return Some(Fronts::new(limit, false, Some(per_cpu)));
+        }
+        (!(best_fit && self.evicts())).then(|| Fronts::new(limit, self.evicts(), None))
     }
 }
 
@@ -140,7 +152,9 @@ struct State {
 unsafe impl Send for State {}
 
 impl State {
-    fn new(config: &Config) -> Self {
+    /// `exact_blocks`: the cache has fronts (best fit keeps every block its
+    /// layout's length, see `Arena`).
+    fn new(config: &Config, exact_blocks: bool) -> Self {
         Self {
             free_lists: empty_free_lists(),
             index: config
@@ -150,7 +164,7 @@ impl State {
             caching_stopped: false,
             stats: Stats::default(),
             arena: (config.policy == SizePolicy::BestFit)
-                .then(|| Arena::new(config.reserves, config.front_limit().is_some())),
+                .then(|| Arena::new(config.reserves, exact_blocks)),
             front_bytes: 0,
             front_blocks: 0,
             credit_out: 0,
@@ -250,17 +264,10 @@ fn empty_free_lists() -> FreeLists {
 
 impl<A: Allocator> Cache<A> {
     pub(crate) fn new(backing: A, config: Config) -> Self {
+        let fronts = config.fronts();
         Self {
-            state: Mutex::new(State::new(&config)),
-            fronts: config.front_limit().map(|limit| {
-                // Per CPU for best fit, where the system has them.
-                let per_cpu = (config.policy == SizePolicy::BestFit
-                    && !config.evicts()
-                    && !config.per_thread_fronts)
-                    .then(PerCpu::new)
-                    .flatten();
-                Fronts::new(limit, config.evicts(), per_cpu)
-            }),
+            state: Mutex::new(State::new(&config, fronts.is_some())),
+            fronts,
             config,
             backing,
         }

@@ -484,3 +484,46 @@ fn a_fork_with_fronts_in_use_leaves_both_processes_working() {
         unsafe { cache.deallocate(block.cast(), l(64)) }
     });
 }
+
+/// With a budget and a cap, per-CPU fronts hold their blocks as the arena's
+/// blocks in use: the budget and the cap bound the arena's free bytes at
+/// every moment, the fronts hold at most `PER_CPU_FRONT_BYTES` a CPU more,
+/// and a release gives everything back to both.
+#[test]
+fn a_budget_and_a_cap_bound_the_arena_and_fronts_stay_within_their_own_bound() {
+    let budget = caching_allocator::Budget::new(256 << 10);
+    // Reserved address ranges: a best-fit cache over fixed segments counts
+    // the free bytes it cannot give back (pinned) even past the limit.
+    let cache = best_fit()
+        .budget(&budget)
+        .max_cached_bytes(192 << 10)
+        .build();
+    let other = best_fit().budget(&budget).build();
+    let cpus = cpus();
+    let bound = (192 << 10) + cpus.len() * caching_allocator::PER_CPU_FRONT_BYTES;
+    thread::scope(|threads| {
+        for (t, &cpu) in cpus.iter().enumerate() {
+            let (cache, other, budget) = (&cache, &other, &budget);
+            threads.spawn(move || {
+                pin(cpu);
+                let mut rng = Rng::new(t as u64 + 1);
+                for _ in 0..300 {
+                    let size = SIZES[rng.below(SIZES.len())];
+                    let held: Vec<Held> = (0..4).map(|_| take(cache, l(size))).collect();
+                    let theirs = take(other, l(SIZES[rng.below(SIZES.len())]));
+                    held.into_iter().for_each(|held| give(cache, held));
+                    give(other, theirs);
+                    assert!(budget.bytes_cached() <= budget.limit());
+                    let stats = cache.stats();
+                    assert!(stats.bytes_cached <= bound, "{stats:?}");
+                }
+            });
+        }
+    });
+    let stats = cache.stats();
+    assert_eq!((stats.bytes_in_use, stats.blocks_in_use), (0, 0), "{stats:?}");
+    cache.release_cached();
+    other.release_cached();
+    assert_eq!(budget.bytes_cached(), 0);
+    assert_eq!(cache.stats().bytes_reserved, 0, "{:?}", cache.stats());
+}

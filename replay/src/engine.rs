@@ -63,6 +63,9 @@ pub struct Options {
     pub sample_every: Option<usize>,
     /// The front cache limit of the `*-front` rows.
     pub front_bytes: usize,
+    /// Threads take turns (one pass at a time), free what they hold after
+    /// their last pass, and stay alive for the final readings.
+    pub turns: bool,
 }
 
 impl Default for Options {
@@ -74,6 +77,7 @@ impl Default for Options {
             threads: 1,
             sample_every: None,
             front_bytes: caching_allocator::FRONT_CACHE_BYTES,
+            turns: false,
         }
     }
 }
@@ -489,6 +493,17 @@ fn worker<A: ReplayAlloc>(
     slots: &mut Slots,
     mut meter: Option<&mut PassMeter<'_, A>>,
 ) -> Result<Vec<u64>, String> {
+    // With `turns`, a thread replays its whole run holding the turn (a
+    // request from start to end), frees what it holds, and parks.
+    static TURN: Mutex<()> = Mutex::new(());
+    let turn = options
+        .turns
+        .then(|| TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+    let meet = |barrier: &Barrier| {
+        if turn.is_none() {
+            barrier.wait();
+        }
+    };
     let file_passes = trace.passes.len();
     let mut times = Vec::with_capacity(options.passes);
     let mut failure = run_events(
@@ -504,11 +519,11 @@ fn worker<A: ReplayAlloc>(
         if pass > 0 && !options.gap.is_zero() {
             std::thread::sleep(options.gap);
         }
-        barrier.wait();
+        meet(barrier);
         if let Some(meter) = meter.as_deref_mut() {
             meter.boundary(pass, options.passes);
         }
-        barrier.wait();
+        meet(barrier);
         if pass > 0 && pass % file_passes == 0 && failure.is_ok() {
             // The file's passes start again: back to the state after set-up
             // (untimed; after the boundary readings, which see the end of
@@ -533,12 +548,22 @@ fn worker<A: ReplayAlloc>(
             meter.events_done += events.len() as u64;
         }
     }
+    if turn.is_some() {
+        // The request is over: its blocks go before the thread parks.
+        free_live(&alloc, slots);
+        drop(turn);
+    }
     barrier.wait();
     if let Some(meter) = meter {
         meter.boundary(options.passes, options.passes);
     }
     barrier.wait();
-    // Free whatever is still live (outputs, caches, set-up blocks).
+    free_live(&alloc, slots);
+    failure.map(|()| times)
+}
+
+/// Frees whatever is still live (outputs, caches, set-up blocks).
+fn free_live<A: ReplayAlloc>(alloc: &A, slots: &mut Slots) {
     for (block, size) in slots.0.iter_mut() {
         if !block.is_null() {
             // SAFETY: a non-null slot holds a live block allocated with this
@@ -549,7 +574,6 @@ fn worker<A: ReplayAlloc>(
             *block = ptr::null_mut();
         }
     }
-    failure.map(|()| times)
 }
 
 /// Replays `events` in chunks of `every`, sampling memory after each chunk.

@@ -53,6 +53,12 @@ struct Args {
     #[arg(long, value_name = "T", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
     threads: u64,
 
+    /// Threads take turns (one runs a pass at a time), each frees what it
+    /// holds after its last pass and stays alive (parked) while the final
+    /// readings are taken: what a server's idle workers leave behind
+    #[arg(long)]
+    turns: bool,
+
     /// The front cache limit of the `cache-front` row, in bytes a thread
     /// (`Builder::front_cache_bytes`; `cache-bestfit-front` uses 1 MiB)
     #[arg(long, value_name = "BYTES", default_value_t = caching_allocator::FRONT_CACHE_BYTES)]
@@ -109,6 +115,7 @@ fn child(args: &Args, kind: AllocatorKind) -> Result<ExitCode, String> {
         threads,
         sample_every: args.sample_every,
         front_bytes: args.front_bytes,
+        turns: args.turns,
     };
     let outcome = kind.replay(&trace, &options)?;
     let report = ChildReport::new(kind, &trace, threads, outcome);
@@ -193,6 +200,9 @@ fn run_child(
         .arg(args.threads.to_string())
         .arg("--front-bytes")
         .arg(args.front_bytes.to_string());
+    if args.turns {
+        command.arg("--turns");
+    }
     if let Some(every) = sample_every {
         command.arg("--sample-every").arg(every.to_string());
     }

@@ -521,7 +521,11 @@ fn a_budget_and_a_cap_bound_the_arena_and_fronts_stay_within_their_own_bound() {
         }
     });
     let stats = cache.stats();
-    assert_eq!((stats.bytes_in_use, stats.blocks_in_use), (0, 0), "{stats:?}");
+    assert_eq!(
+        (stats.bytes_in_use, stats.blocks_in_use),
+        (0, 0),
+        "{stats:?}"
+    );
     cache.release_cached();
     other.release_cached();
     assert_eq!(budget.bytes_cached(), 0);

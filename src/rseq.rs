@@ -526,9 +526,9 @@ mod tests {
                 return; // migrated: the blocks are on two CPUs' slabs
             }
             assert_eq!(pushed, DEPTH);
-            assert!(!push(base, cpus, bin, key, DEPTH, 1 as *mut u8), "full");
+            assert!(!push(base, cpus, bin, key, DEPTH, 0x40 as *mut u8), "full");
             assert!(
-                !push(base, cpus, bin, 8 << 8, DEPTH, 1 as *mut u8),
+                !push(base, cpus, bin, 8 << 8, DEPTH, 0x40 as *mut u8),
                 "another key's"
             );
             assert!(pop(base, cpus, bin, 8 << 8).is_null(), "another key's");
@@ -544,33 +544,8 @@ mod tests {
             // A stopped slab refuses everything.
             let slab = base.add(pinned * SLAB_BYTES).cast::<u64>();
             slab.write(1);
-            assert!(!push(base, cpus, bin, key, DEPTH, 1 as *mut u8));
+            assert!(!push(base, cpus, bin, key, DEPTH, 0x40 as *mut u8));
             slab.write(0);
         }
-    }
-
-    #[test]
-    fn hit_and_free_cost() {
-        if !available() {
-            return;
-        }
-        let cpus = cpus();
-        let mut memory = slabs(cpus);
-        let base = memory.as_mut_ptr().cast::<u8>();
-        let bin = HEADER_BYTES + 9 * BIN_BYTES;
-        let key = 3u64 << 8;
-        let rounds = 20_000_000u32;
-        let start = std::time::Instant::now();
-        let mut misses = 0;
-        for i in 0..rounds {
-            // SAFETY: as above.
-            unsafe {
-                let block = core::hint::black_box((64 + (i as usize & 7) * 64) as *mut u8);
-                misses += usize::from(!push(base, cpus, bin, key, DEPTH, block));
-                misses += usize::from(pop(base, cpus, bin, key).is_null());
-            }
-        }
-        let ns = start.elapsed().as_nanos() as f64 / f64::from(rounds);
-        std::eprintln!("rseq push+pop: {ns:.2} ns a pair, {misses} misses");
     }
 }

@@ -532,8 +532,14 @@ impl<A: Allocator> Cache<A> {
         if layout.size() == 0 {
             return Ok(dangling(layout));
         }
-        if self.per_cpu().is_some() && per_cpu::Slot::for_best_fit(layout).is_some() {
-            return self.allocate_behind_cpu_front(layout, zeroed);
+        if self.per_cpu().is_some() {
+            if per_cpu::Slot::for_best_fit(layout).is_some() {
+                return self.allocate_behind_cpu_front(layout, zeroed);
+            }
+            // Too large for a front: the arena, the thread's counters folded
+            // under the same lock.
+            let deltas = self.front().map(|owner| owner.take_counters());
+            return self.allocate_carved_folding(layout, zeroed, deltas);
         }
         if let Some(slot) = self.front()
             && let Some(key) = self.key(layout)
@@ -598,11 +604,14 @@ impl<A: Allocator> Cache<A> {
         if layout.size() == 0 {
             return;
         }
-        if let Some(per_cpu) = self.per_cpu()
-            && let Some(slot) = per_cpu::Slot::for_best_fit(layout)
-        {
-            // SAFETY: this function's contract.
-            return unsafe { self.free_behind_cpu(per_cpu, slot, block, layout) };
+        if let Some(per_cpu) = self.per_cpu() {
+            if let Some(slot) = per_cpu::Slot::for_best_fit(layout) {
+                // SAFETY: this function's contract.
+                return unsafe { self.free_behind_cpu(per_cpu, slot, block, layout) };
+            }
+            let deltas = self.front().map(|owner| owner.take_counters());
+            // SAFETY: this function's contract; too large for a front.
+            return unsafe { self.deallocate_carved_folding(block, layout, deltas) };
         }
         if let Some(slot) = self.front()
             && let Some(key) = self.key(layout)

@@ -19,6 +19,7 @@ use super::{Cache, State};
 use crate::alloc::RawAllocator;
 use crate::best_fit::{self, Arena, Carved, Shed};
 use crate::budget::Budget;
+use crate::front::Deltas;
 use crate::reentry;
 use crate::unwind::Deferred;
 
@@ -68,23 +69,34 @@ impl<A: Allocator> Cache<A> {
         layout: Layout,
         zeroed: bool,
     ) -> Result<NonNull<[u8]>, AllocError> {
+        self.allocate_carved_folding(layout, zeroed, None)
+    }
+
+    /// `allocate_carved`, folding a front's counters under the same lock as
+    /// the carve (one lock for a front's slow path, not two).
+    pub(super) fn allocate_carved_folding(
+        &self,
+        layout: Layout,
+        zeroed: bool,
+        mut fold: Option<Deltas>,
+    ) -> Result<NonNull<[u8]>, AllocError> {
         let Some((len, align)) = best_fit::block_of(layout) else {
             self.state.lock().stats.failures += 1;
             return Err(AllocError);
         };
-        let (carved, after) = match self.carve_existing(layout, len, align, false) {
+        let (carved, after) = match self.carve_existing(layout, len, align, false, &mut fold) {
             Some(done) => done,
             // Before the arena grows, the blocks sitting in per-CPU fronts
             // come back into it (they may merge into a fit): a cache with
             // fronts holds no more than one without, but for what its
             // fronts hold between growths.
             None if self.drain_cpu_fronts_for(len) => {
-                match self.carve_existing(layout, len, align, true) {
+                match self.carve_existing(layout, len, align, true, &mut fold) {
                     Some(done) => done,
                     None => self.carve_new_segment(layout, len, align)?,
                 }
             }
-            None => match self.carve_existing(layout, len, align, true) {
+            None => match self.carve_existing(layout, len, align, true, &mut fold) {
                 Some(done) => done,
                 None => self.carve_new_segment(layout, len, align)?,
             },
@@ -110,8 +122,12 @@ impl<A: Allocator> Cache<A> {
         len: usize,
         align: usize,
         grow: bool,
+        fold: &mut Option<Deltas>,
     ) -> Option<(Carved, After)> {
         let mut state = self.state.lock();
+        if let Some(deltas) = fold.take() {
+            state.fold(&deltas);
+        }
         let _inside = reentry::inside();
         let arena = state.arena();
         let (carved, grew) = match arena.carve(len, align) {
@@ -201,8 +217,26 @@ impl<A: Allocator> Cache<A> {
     ///
     /// `block` was carved by this cache for `layout` and is not used after.
     pub(super) unsafe fn deallocate_carved(&self, block: NonNull<u8>, layout: Layout) {
+        // SAFETY: this function's contract.
+        unsafe { self.deallocate_carved_folding(block, layout, None) }
+    }
+
+    /// `deallocate_carved`, folding a front's counters under its lock.
+    ///
+    /// # Safety
+    ///
+    /// As for `deallocate_carved`.
+    pub(super) unsafe fn deallocate_carved_folding(
+        &self,
+        block: NonNull<u8>,
+        layout: Layout,
+        fold: Option<Deltas>,
+    ) {
         let after = {
             let mut state = self.state.lock();
+            if let Some(deltas) = &fold {
+                state.fold(deltas);
+            }
             let _inside = reentry::inside();
             // A layout a block was carved for has a block length.
             let Some((len, _)) = best_fit::block_of(layout) else {

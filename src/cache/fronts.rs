@@ -285,8 +285,7 @@ impl<A: Allocator> Cache<A> {
         self.touch_front(slot);
         let deltas = slot.take_counters();
         if self.carves() {
-            self.state.lock().fold(&deltas);
-            return self.allocate_carved(layout, zeroed);
+            return self.allocate_carved_folding(layout, zeroed, Some(deltas));
         }
         let mut refill = [ptr::null_mut(); REFILL];
         let mut taken = 0;

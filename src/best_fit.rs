@@ -255,11 +255,18 @@ impl Arena {
     /// Grows the newest reservation (or reserves a new one) so that a block
     /// of `len` bytes aligned to `align` fits, and carves it. `None` if this
     /// arena takes no reservations or the system refuses.
-    pub(crate) fn grow_and_carve(&mut self, len: usize, align: usize) -> Option<Carved> {
-        if !self.reserves {
+    ///
+    /// The arena commits at most `room` more bytes (a hard limit's).
+    pub(crate) fn grow_and_carve(
+        &mut self,
+        len: usize,
+        align: usize,
+        room: usize,
+    ) -> Option<Carved> {
+        if !self.reserves || len > room {
             return None;
         }
-        if !self.grow_newest(len, align) {
+        if !self.grow_newest(len, align, room) {
             let capacity = self
                 .reservations
                 .last()
@@ -275,7 +282,7 @@ impl Arena {
                 return None;
             };
             self.reservations.push(reservation);
-            if !self.grow_newest(len, align) {
+            if !self.grow_newest(len, align, room) {
                 return None;
             }
         }
@@ -284,9 +291,9 @@ impl Arena {
         Some(carved)
     }
 
-    /// Commits enough of the newest reservation for the block; whether it
-    /// did.
-    fn grow_newest(&mut self, len: usize, align: usize) -> bool {
+    /// Commits enough of the newest reservation for the block, at most
+    /// `room` bytes; whether it did.
+    fn grow_newest(&mut self, len: usize, align: usize, room: usize) -> bool {
         let Some(reservation) = self.reservations.last_mut() else {
             return false;
         };
@@ -302,7 +309,10 @@ impl Arena {
             return false;
         };
         let committed = reservation.committed();
-        if needed > reservation.capacity() || !reservation.commit(needed) {
+        if needed > reservation.capacity()
+            || needed - committed > room
+            || !reservation.commit(needed)
+        {
             return false;
         }
         // The chunk the old top was in may have been touched with small
@@ -769,7 +779,7 @@ mod tests {
                     let align = if next(4) == 0 { page } else { MIN_ALIGN };
                     let carved = arena
                         .carve(len, align)
-                        .or_else(|| arena.grow_and_carve(len, align))
+                        .or_else(|| arena.grow_and_carve(len, align, usize::MAX))
                         .expect("a reservation has room");
                     let block = Live {
                         start: carved.start,

@@ -142,6 +142,66 @@ impl Builder {
         self
     }
 
+    /// A hard limit on the memory this cache holds: `bytes_reserved` (live
+    /// plus cached, front caches included) never exceeds `bytes`. A request
+    /// that would cross it first makes the cache give back its free memory
+    /// (its fronts' too), then is tried once more, then fails with
+    /// `AllocError`, counted in [`Stats::limit_failures`](crate::Stats::limit_failures).
+    /// A refused `grow` keeps the old block. Best fit counts its decommitted
+    /// pages against the limit too (they come back without asking).
+    ///
+    /// Under [`ScopedGlobal`](crate::ScopedGlobal) a refused allocation is an
+    /// ordinary allocation failure: `Vec::try_reserve` returns the error, and
+    /// an infallible `Vec::push` calls `handle_alloc_error` (which names the
+    /// size and aborts).
+    ///
+    /// ```
+    /// use allocator_api2::vec::Vec;
+    /// use caching_allocator::{CachingAllocator, SizePolicy};
+    ///
+    /// let model = CachingAllocator::builder()
+    ///     .size_policy(SizePolicy::BestFit)
+    ///     .max_bytes(4 << 20)
+    ///     .build();
+    /// let mut kv: Vec<u8, _> = Vec::new_in(model.clone());
+    /// assert!(kv.try_reserve_exact(3 << 20).is_ok());
+    /// let mut more: Vec<u8, _> = Vec::new_in(model.clone());
+    /// assert!(more.try_reserve_exact(2 << 20).is_err()); // 5 MiB > 4 MiB
+    /// assert_eq!(model.stats().limit_failures, 1);
+    /// drop(kv);
+    /// assert!(more.try_reserve_exact(2 << 20).is_ok()); // it fits again
+    /// assert!(model.stats().bytes_reserved <= 4 << 20);
+    /// ```
+    pub fn max_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_bytes = Some(bytes);
+        self
+    }
+
+    /// Free memory nobody reused for `window` goes back to the system without
+    /// a call from the user: best fit decommits it in place (its pages go,
+    /// the addresses stay), the other policies give whole blocks back to the
+    /// backing allocator. Checked on the cache's slow paths (never on a front
+    /// hit) and, for a program that makes no calls at all while idle, by the
+    /// thread [`decay::spawn`](crate::decay::spawn) starts. Counted in
+    /// [`Stats::bytes_decayed`](crate::Stats::bytes_decayed).
+    ///
+    /// Best fit decays after [`DEFAULT_RELEASE_AFTER`](crate::DEFAULT_RELEASE_AFTER)
+    /// unless told otherwise; the other policies keep c10's semantics and
+    /// never decay unless asked. `Duration::MAX` turns decay off. See the
+    /// [`decay`](crate::decay) module for what "not reused" means.
+    pub fn release_after(mut self, window: core::time::Duration) -> Self {
+        self.config.release_after = Some(window);
+        self
+    }
+
+    /// The clock decay reads (the system's monotonic clock unless set):
+    /// [`decay::Clock::manual`](crate::decay::Clock::manual) lets a test move
+    /// time by hand.
+    pub fn decay_clock(mut self, clock: &crate::decay::Clock) -> Self {
+        self.config.clock = clock.clone();
+        self
+    }
+
     /// After an allocation failed even after releasing the cache and retrying
     /// (c10's open question), stop caching: later frees go straight back to
     /// the backing allocator. Default `false`.
@@ -167,11 +227,20 @@ impl Builder {
     /// [`CachingAllocator::new_in`] takes any allocator.
     pub fn build_in<A: Allocator + Send + Sync + 'static>(self, backing: A) -> CachingAllocator<A> {
         let budget = self.config.budget.clone();
+        let decays = self.config.decay_window().is_some();
         let users = Users::new(Cache::new(backing, self.config));
         if let Some(budget) = budget {
             // Unregistered when the last user goes (`Users::drop`).
             budget.register(budget::member_of(users.shared_cache()));
         }
+        #[cfg(not(loom))]
+        if decays {
+            // By weak count: the background thread never keeps it alive.
+            let cache: std::sync::Weak<Cache<A>> = Arc::downgrade(users.shared_cache());
+            crate::decay::register(cache);
+        }
+        #[cfg(loom)]
+        let _ = decays;
         CachingAllocator {
             cache: Arc::new(users),
         }

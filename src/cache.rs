@@ -28,6 +28,7 @@ use hashbrown::HashMap;
 use crate::alloc::{RawAllocator, dangling};
 use crate::best_fit::Arena;
 use crate::budget::{Budget, Member};
+use crate::decay::{Clock, DEFAULT_RELEASE_AFTER, Window};
 use crate::eviction::{EvictionIndex, Victim};
 use crate::front::Fronts;
 use crate::per_cpu::{self, PerCpu};
@@ -35,8 +36,10 @@ use crate::poison;
 use crate::policy::{Key, SizePolicy};
 use crate::reentry::{self, Bookkeeping};
 use crate::stats::Stats;
-use crate::sync::Mutex;
+use crate::sync::{AtomicU64, Mutex};
 use crate::unwind::Deferred;
+use core::sync::atomic::Ordering;
+use core::time::Duration;
 
 /// A best-fit cache's per-thread fronts where it has no per-CPU ones: small,
 /// since a block in a front does not merge with its neighbours (measured in
@@ -61,6 +64,15 @@ pub(crate) struct Config {
     pub(crate) front_cache_bytes: Option<usize>,
     /// Per-thread fronts even where per-CPU ones are available.
     pub(crate) per_thread_fronts: bool,
+    /// The most the cache may hold, live and cached (`bytes_reserved`, and
+    /// best fit's decommitted pages, which come back without asking).
+    pub(crate) max_bytes: Option<usize>,
+    /// Free memory unused for this long goes back; `None`: the policy's
+    /// default (best fit: `DEFAULT_RELEASE_AFTER`; the others: never);
+    /// `Duration::MAX`: never.
+    pub(crate) release_after: Option<Duration>,
+    /// The clock decay reads.
+    pub(crate) clock: Clock,
 }
 
 impl Config {
@@ -68,6 +80,16 @@ impl Config {
     /// kept so the victim is found in `O(log n)`.
     fn evicts(&self) -> bool {
         self.max_cached_bytes.is_some() || self.budget.is_some()
+    }
+
+    /// The decay window, if this cache decays.
+    pub(crate) fn decay_window(&self) -> Option<Duration> {
+        match self.release_after {
+            Some(Duration::MAX) => None,
+            Some(window) => Some(window),
+            None if self.policy == SizePolicy::BestFit => Some(DEFAULT_RELEASE_AFTER),
+            None => None,
+        }
     }
 
     /// The fronts this config asks for: `None` without any; per CPU for
@@ -118,6 +140,9 @@ pub(crate) struct Cache<A: Allocator> {
     state: Mutex<State>,
     /// Each thread's front cache of this cache, if it has them.
     fronts: Option<Fronts>,
+    /// When the decay window closes (the clock's nanoseconds; `u64::MAX`:
+    /// no decay): read on slow paths without the lock.
+    decay_deadline: AtomicU64,
     config: Config,
     backing: A,
 }
@@ -144,6 +169,11 @@ struct State {
     /// may hold, counted against the cap beside `stats.bytes_cached`, and
     /// reserved on the budget.
     credit_out: usize,
+    /// The decay window's books, if the cache decays.
+    window: Option<Window>,
+    /// Bytes being taken from the backing allocator now (with the lock
+    /// released), counted against `max_bytes` until they are in the books.
+    pending: usize,
 }
 
 // SAFETY: the `NonNull`s on the free lists are blocks this cache owns
@@ -168,6 +198,28 @@ impl State {
             front_bytes: 0,
             front_blocks: 0,
             credit_out: 0,
+            window: config.decay_window().map(Window::new),
+            pending: 0,
+        }
+    }
+
+    /// What counts against a hard limit: the bytes held, best fit's
+    /// decommitted pages (they come back without asking), and the bytes
+    /// being taken.
+    fn committed(&self) -> usize {
+        self.stats.bytes_reserved + self.stats.bytes_decommitted + self.pending
+    }
+
+    /// How many more bytes may be committed under `max`.
+    fn room(&self, max: Option<usize>) -> usize {
+        max.map_or(usize::MAX, |max| max.saturating_sub(self.committed()))
+    }
+
+    /// The free bytes fell (a reuse): the decay window's low-water mark.
+    #[inline]
+    fn note_reuse(&mut self) {
+        if let Some(window) = &mut self.window {
+            window.note(self.stats.bytes_cached);
         }
     }
 
@@ -265,12 +317,82 @@ fn empty_free_lists() -> FreeLists {
 impl<A: Allocator> Cache<A> {
     pub(crate) fn new(backing: A, config: Config) -> Self {
         let fronts = config.fronts();
+        let decay_deadline = config.decay_window().map_or(u64::MAX, |window| {
+            config
+                .clock
+                .now()
+                .saturating_add(Window::new(window).length)
+        });
         Self {
             state: Mutex::new(State::new(&config, fronts.is_some())),
             fronts,
+            decay_deadline: AtomicU64::new(decay_deadline),
             config,
             backing,
         }
+    }
+
+    /// Runs decay if the window closed: a clock read, on slow paths only.
+    #[inline]
+    fn decay_if_due(&self) {
+        let deadline = self.decay_deadline.load(Ordering::Relaxed);
+        if deadline != u64::MAX && self.config.clock.now() >= deadline {
+            self.decay();
+        }
+    }
+
+    /// Closes the decay window if it is over: what stayed free all of it
+    /// goes back (oldest first, as a trim), and the fronts are drained so
+    /// that their blocks age in the shared cache. Returns the bytes given
+    /// back.
+    pub(crate) fn decay(&self) -> usize {
+        let deadline = self.decay_deadline.load(Ordering::Acquire);
+        let now = self.config.clock.now();
+        if deadline == u64::MAX || now < deadline {
+            return 0;
+        }
+        let unused = {
+            let mut state = self.state.lock();
+            let cached = state.stats.bytes_cached;
+            let Some(window) = &mut state.window else {
+                return 0;
+            };
+            // One thread closes a window: whoever moves the deadline.
+            let next = now.saturating_add(window.length);
+            if self
+                .decay_deadline
+                .compare_exchange(deadline, next, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                return 0;
+            }
+            let unused = window.close(cached);
+            state.stats.decays += 1;
+            unused
+        };
+        let mut panics = Deferred::new();
+        let _ = self.drain_fronts(false, &mut panics);
+        let decayed = if unused == 0 {
+            0
+        } else {
+            let cached = self.state.lock().stats.bytes_cached;
+            let target = cached.saturating_sub(unused);
+            if self.carves() {
+                self.trim_or_release(target, carving::Count::Decay, &mut panics)
+            } else {
+                self.trim_lists(target, true, &mut panics)
+            }
+        };
+        // What the fronts brought back ages from now.
+        {
+            let mut state = self.state.lock();
+            let cached = state.stats.bytes_cached;
+            if let Some(window) = &mut state.window {
+                window.low_water = cached;
+            }
+        }
+        panics.resume();
+        decayed
     }
 
     pub(crate) fn backing(&self) -> &A {
@@ -316,10 +438,60 @@ impl<A: Allocator> Cache<A> {
         Key::for_layout(layout, self.config.policy)
     }
 
-    /// A new block of `key` from the backing allocator. If it fails, the
-    /// cache is released and the allocation tried once more (c10's
-    /// out-of-memory path).
-    fn allocate_block(&self, key: Key, zeroed: bool) -> Result<NonNull<u8>, AllocError> {
+    /// Counts `bytes` about to be taken from the backing allocator against
+    /// the hard limit; if they do not fit, this cache's free memory goes
+    /// back first (its fronts' too) and they are tried once more. `false`:
+    /// they do not fit even then (counted in `limit_failures`).
+    fn take_room(&self, bytes: usize) -> bool {
+        let Some(max) = self.config.max_bytes else {
+            return true;
+        };
+        let fits = |state: &mut State| {
+            let fits = state.room(Some(max)) >= bytes;
+            if fits {
+                state.pending += bytes;
+            }
+            fits
+        };
+        if fits(&mut self.state.lock()) {
+            return true;
+        }
+        self.release_cached();
+        let mut state = self.state.lock();
+        let fitted = fits(&mut state);
+        if !fitted {
+            state.stats.limit_failures += 1;
+        }
+        fitted
+    }
+
+    /// A new block of `key` for a request of `requested` bytes from the
+    /// backing allocator, counted as a miss. If it fails, the cache is
+    /// released and the allocation tried once more (c10's out-of-memory
+    /// path); a hard limit is checked first (`take_room`).
+    fn allocate_block(
+        &self,
+        key: Key,
+        requested: usize,
+        zeroed: bool,
+    ) -> Result<NonNull<u8>, AllocError> {
+        let size = key.size();
+        if !self.take_room(size) {
+            return Err(AllocError);
+        }
+        let taken = self.allocate_from_backing(key, zeroed);
+        let mut state = self.state.lock();
+        if self.config.max_bytes.is_some() {
+            state.pending -= size;
+        }
+        if taken.is_ok() {
+            // In the books in the same breath as it leaves `pending`.
+            state.stats.on_miss(requested, size);
+        }
+        taken
+    }
+
+    fn allocate_from_backing(&self, key: Key, zeroed: bool) -> Result<NonNull<u8>, AllocError> {
         let layout = key.block_layout();
         let attempt = || reentry::allocate_from(&self.backing, layout, zeroed);
         if let Ok(block) = attempt() {
@@ -430,11 +602,18 @@ impl<A: Allocator> Cache<A> {
     pub(crate) fn trim(&self, target_bytes: usize) -> usize {
         let mut panics = Deferred::new();
         let _ = self.drain_fronts(false, &mut panics);
-        if self.carves() {
-            let trimmed = self.trim_carved(target_bytes, &mut panics);
-            panics.resume();
-            return trimmed;
-        }
+        let trimmed = if self.carves() {
+            self.trim_carved(target_bytes, &mut panics)
+        } else {
+            self.trim_lists(target_bytes, false, &mut panics)
+        };
+        panics.resume();
+        trimmed
+    }
+
+    /// `trim` over the free lists; `decay`: counted as decay, not
+    /// evictions.
+    fn trim_lists(&self, target_bytes: usize, decay: bool, panics: &mut Deferred) -> usize {
         let mut trimmed = 0;
         loop {
             let evicted = {
@@ -442,7 +621,11 @@ impl<A: Allocator> Cache<A> {
                 if state.stats.bytes_cached <= target_bytes {
                     break;
                 }
-                state.evict(Victim::Oldest)
+                let evicted = state.evict(Victim::Oldest);
+                if decay && let Some((key, _)) = evicted {
+                    state.stats.evicted_by_decay(key.size());
+                }
+                evicted
             };
             let Some((key, block)) = evicted else {
                 break;
@@ -455,7 +638,6 @@ impl<A: Allocator> Cache<A> {
             });
             trimmed += key.size();
         }
-        panics.resume();
         trimmed
     }
 }
@@ -559,6 +741,7 @@ impl<A: Allocator> Cache<A> {
         if self.carves() {
             return self.allocate_carved(layout, zeroed);
         }
+        self.decay_if_due();
         let Some(key) = self.key(layout) else {
             self.state.lock().stats.failures += 1;
             return Err(AllocError);
@@ -568,6 +751,7 @@ impl<A: Allocator> Cache<A> {
             let popped = state.pop(key);
             if popped.is_some() {
                 state.stats.on_hit(layout.size(), key.size());
+                state.note_reuse();
             }
             popped
         };
@@ -585,11 +769,7 @@ impl<A: Allocator> Cache<A> {
                 }
                 block
             }
-            None => {
-                let block = self.allocate_block(key, zeroed)?;
-                self.state.lock().stats.on_miss(layout.size(), key.size());
-                block
-            }
+            None => self.allocate_block(key, layout.size(), zeroed)?,
         };
         Ok(NonNull::slice_from_raw_parts(block, layout.size()))
     }
@@ -636,6 +816,7 @@ impl<A: Allocator> Cache<A> {
     ///
     /// `RawAllocator::deallocate`'s contract.
     unsafe fn deallocate_shared(&self, block: NonNull<u8>, layout: Layout) {
+        self.decay_if_due();
         if self.carves() {
             // SAFETY: this function's contract.
             return unsafe { self.deallocate_carved(block, layout) };
@@ -854,5 +1035,18 @@ impl<A: Allocator> Drop for Cache<A> {
             self.drop_segments(&mut panics);
         }
         panics.resume_unless_unwinding();
+    }
+}
+
+#[cfg(not(loom))]
+impl<A: Allocator + Send + Sync> crate::decay::Member for Cache<A> {
+    fn decay(&self) {
+        Cache::decay(self);
+    }
+
+    fn window(&self) -> u64 {
+        self.config
+            .decay_window()
+            .map_or(u64::MAX, |window| Window::new(window).length)
     }
 }

@@ -215,6 +215,15 @@ impl<A: Allocator> CachingAllocator<A> {
         self.cache.config().budget.as_ref()
     }
 
+    /// Closes the decay window if it is over (see
+    /// [`Builder::release_after`](crate::Builder::release_after)): what
+    /// nobody reused all of it goes back. The cache's slow paths and the
+    /// [`decay::spawn`](crate::decay::spawn) thread call this themselves.
+    /// Returns the bytes given back.
+    pub fn decay(&self) -> usize {
+        self.cache.decay()
+    }
+
     /// Which front caches this cache has: per CPU (best fit's default where
     /// the system has restartable sequences), per thread, or none.
     ///

@@ -50,6 +50,7 @@ mod best_fit;
 mod budget;
 mod builder;
 mod cache;
+pub mod decay;
 mod eviction;
 mod free_ranges;
 mod front;
@@ -76,6 +77,7 @@ mod unwind;
 pub use allocator_api2::alloc::{AllocError, Allocator, Global};
 pub use budget::Budget;
 pub use builder::Builder;
+pub use decay::DEFAULT_RELEASE_AFTER;
 pub use front::FRONT_CACHE_BYTES;
 #[cfg(not(loom))]
 pub use global::{DEFAULT_MIN_SIZE, ScopedGlobal};

@@ -107,6 +107,16 @@ pub struct Stats {
     /// range the free bytes that share a page with a live block (pages are
     /// given back whole). Always 0 for the other policies.
     pub bytes_pinned: usize,
+    /// Decay windows that closed ([`Builder::release_after`](crate::Builder::release_after)).
+    pub decays: u64,
+    /// Bytes decay gave back: free memory nobody reused for a whole window
+    /// (best fit: uncommitted or decommitted; the other policies: blocks
+    /// given back to the backing allocator). Not counted in `evictions`.
+    pub bytes_decayed: u64,
+    /// Requests refused because they would have taken the cache past its
+    /// hard limit ([`Builder::max_bytes`](crate::Builder::max_bytes)) even
+    /// after it gave its free memory back. Not counted in `failures`.
+    pub limit_failures: u64,
 }
 
 impl Stats {
@@ -173,6 +183,9 @@ impl Stats {
             bytes_evicted: self.bytes_evicted.saturating_sub(earlier.bytes_evicted),
             retries: self.retries.saturating_sub(earlier.retries),
             failures: self.failures.saturating_sub(earlier.failures),
+            decays: self.decays.saturating_sub(earlier.decays),
+            bytes_decayed: self.bytes_decayed.saturating_sub(earlier.bytes_decayed),
+            limit_failures: self.limit_failures.saturating_sub(earlier.limit_failures),
             ..*self
         }
     }
@@ -271,6 +284,13 @@ impl Stats {
 
     /// One cached block of `block` bytes went back to the backing allocator
     /// (a cap, a budget or a trim).
+    /// Counts the last `on_evict` of `block` bytes as decay instead.
+    pub(crate) fn evicted_by_decay(&mut self, block: usize) {
+        self.evictions -= 1;
+        self.bytes_evicted -= block as u64;
+        self.bytes_decayed += block as u64;
+    }
+
     pub(crate) fn on_evict(&mut self, block: usize) {
         self.evictions += 1;
         self.bytes_evicted += block as u64;

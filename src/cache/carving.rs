@@ -30,6 +30,8 @@ pub(super) enum Count {
     Release,
     /// A trim, the cap, the budget: `evictions`.
     Evict,
+    /// Decay: `bytes_decayed`.
+    Decay,
 }
 
 impl State {
@@ -53,6 +55,14 @@ impl State {
             self.arena().cached_since = Some(age);
         }
     }
+}
+
+/// Why no block could be carved.
+enum Refused {
+    /// The hard limit (`Builder::max_bytes`).
+    Limit,
+    /// The backing allocator or the system.
+    Backing(AllocError),
 }
 
 /// What an operation leaves for `settle`: the free bytes now, and whether
@@ -80,26 +90,27 @@ impl<A: Allocator> Cache<A> {
         zeroed: bool,
         mut fold: Option<Deltas>,
     ) -> Result<NonNull<[u8]>, AllocError> {
+        self.decay_if_due();
         let Some((len, align)) = best_fit::block_of(layout) else {
             self.state.lock().stats.failures += 1;
             return Err(AllocError);
         };
-        let (carved, after) = match self.carve_existing(layout, len, align, false, &mut fold) {
-            Some(done) => done,
-            // Before the arena grows, the blocks sitting in per-CPU fronts
-            // come back into it (they may merge into a fit): a cache with
-            // fronts holds no more than one without, but for what its
-            // fronts hold between growths.
-            None if self.drain_cpu_fronts_for(len) => {
-                match self.carve_existing(layout, len, align, true, &mut fold) {
-                    Some(done) => done,
-                    None => self.carve_new_segment(layout, len, align)?,
+        let (carved, after) = match self.carve_anywhere(layout, len, align, &mut fold) {
+            Ok(done) => done,
+            Err(Refused::Backing(error)) => return Err(error),
+            // Past the hard limit: this cache's free memory goes back
+            // first, then once more.
+            Err(Refused::Limit) => {
+                self.release_cached();
+                match self.carve_anywhere(layout, len, align, &mut fold) {
+                    Ok(done) => done,
+                    Err(Refused::Backing(error)) => return Err(error),
+                    Err(Refused::Limit) => {
+                        self.state.lock().stats.limit_failures += 1;
+                        return Err(AllocError);
+                    }
                 }
             }
-            None => match self.carve_existing(layout, len, align, true, &mut fold) {
-                Some(done) => done,
-                None => self.carve_new_segment(layout, len, align)?,
-            },
         };
         self.settle(after);
         // SAFETY: a carved block lies inside a segment of the arena, and is
@@ -114,8 +125,34 @@ impl<A: Allocator> Cache<A> {
         Ok(NonNull::slice_from_raw_parts(block, layout.size()))
     }
 
+    /// A block from the free ranges; or, before the arena grows, from the
+    /// blocks sitting in per-CPU fronts, which come back into it (they may
+    /// merge into a fit: a cache with fronts holds no more than one
+    /// without, but for what its fronts hold between growths); or from a
+    /// reservation grown for it; or from a new fixed segment.
+    fn carve_anywhere(
+        &self,
+        layout: Layout,
+        len: usize,
+        align: usize,
+        fold: &mut Option<Deltas>,
+    ) -> Result<(Carved, After), Refused> {
+        if let Some(done) = self.carve_existing(layout, len, align, false, fold) {
+            return Ok(done);
+        }
+        if self.drain_cpu_fronts_for(len)
+            && let Some(done) = self.carve_existing(layout, len, align, false, fold)
+        {
+            return Ok(done);
+        }
+        match self.carve_existing(layout, len, align, true, fold) {
+            Some(done) => Ok(done),
+            None => self.carve_new_segment(layout, len, align),
+        }
+    }
+
     /// A block from the free ranges, or (with `grow`) from a reservation
-    /// grown for it.
+    /// grown for it within the hard limit.
     fn carve_existing(
         &self,
         layout: Layout,
@@ -132,7 +169,10 @@ impl<A: Allocator> Cache<A> {
         let arena = state.arena();
         let (carved, grew) = match arena.carve(len, align) {
             Some(carved) => (carved, false),
-            None if grow => (arena.grow_and_carve(len, align)?, true),
+            None if grow => {
+                let room = state.room(self.config.max_bytes);
+                (state.arena().grow_and_carve(len, align, room)?, true)
+            }
             None => return None,
         };
         if grew {
@@ -141,6 +181,7 @@ impl<A: Allocator> Cache<A> {
         state
             .stats
             .on_carved(layout.size(), carved.len, !carved.fresh);
+        state.note_reuse();
         state.sync_held(self.config.budget.as_ref());
         let after = After {
             cached: state.stats.bytes_cached,
@@ -157,39 +198,32 @@ impl<A: Allocator> Cache<A> {
         layout: Layout,
         len: usize,
         align: usize,
-    ) -> Result<(Carved, After), AllocError> {
+    ) -> Result<(Carved, After), Refused> {
         let segment = {
             let mut state = self.state.lock();
-            state.arena().fixed_segment_layout(len, align)
+            let segment = state.arena().fixed_segment_layout(len, align);
+            match segment {
+                Some(segment) if segment.size() > state.room(self.config.max_bytes) => {
+                    return Err(Refused::Limit);
+                }
+                Some(segment) => {
+                    state.pending += segment.size();
+                    Some(segment)
+                }
+                None => None,
+            }
         };
         let Some(segment) = segment else {
             self.state.lock().stats.failures += 1;
-            return Err(AllocError);
+            return Err(Refused::Backing(AllocError));
         };
-        let attempt = || reentry::allocate_from(&self.backing, segment, false);
-        let memory = match attempt() {
-            Ok(memory) => memory,
-            Err(_) => {
-                self.state.lock().stats.retries += 1;
-                self.release_cached();
-                match attempt() {
-                    Ok(memory) => memory,
-                    Err(error) => {
-                        let mut state = self.state.lock();
-                        state.stats.failures += 1;
-                        if self.config.stop_caching_after_failure {
-                            state.caching_stopped = true;
-                            if let Some(fronts) = &self.fronts {
-                                fronts.stop();
-                            }
-                        }
-                        return Err(error);
-                    }
-                }
-            }
-        };
-        let start = memory.cast::<u8>().as_ptr().expose_provenance();
+        let taken = self.take_segment(segment);
+        // Out of `pending` in the same breath as the segment joins the
+        // arena (or fails).
         let mut state = self.state.lock();
+        state.pending -= segment.size();
+        let memory = taken.map_err(Refused::Backing)?;
+        let start = memory.cast::<u8>().as_ptr().expose_provenance();
         let _inside = reentry::inside();
         let arena = state.arena();
         arena.add_fixed(start, segment);
@@ -202,7 +236,7 @@ impl<A: Allocator> Cache<A> {
             // Only if the live-block table could not grow.
             state.stats.failures += 1;
             state.sync_held(self.config.budget.as_ref());
-            return Err(AllocError);
+            return Err(Refused::Backing(AllocError));
         };
         state.stats.on_carved(layout.size(), carved.len, false);
         state.sync_held(self.config.budget.as_ref());
@@ -211,6 +245,28 @@ impl<A: Allocator> Cache<A> {
             stopped: state.caching_stopped,
         };
         Ok((carved, after))
+    }
+
+    /// A new fixed segment from the backing allocator; if that fails, the
+    /// cache is released and it is tried once more (c10's out-of-memory
+    /// path).
+    fn take_segment(&self, segment: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        let attempt = || reentry::allocate_from(&self.backing, segment, false);
+        if let Ok(memory) = attempt() {
+            return Ok(memory);
+        }
+        self.state.lock().stats.retries += 1;
+        self.release_cached();
+        attempt().inspect_err(|_| {
+            let mut state = self.state.lock();
+            state.stats.failures += 1;
+            if self.config.stop_caching_after_failure {
+                state.caching_stopped = true;
+                if let Some(fronts) = &self.fronts {
+                    fronts.stop();
+                }
+            }
+        })
     }
 
     /// # Safety
@@ -412,6 +468,7 @@ impl<A: Allocator> Cache<A> {
                     stats.evictions += shed.pieces;
                     stats.bytes_evicted += shed.bytes as u64;
                 }
+                Count::Decay => stats.bytes_decayed += shed.bytes as u64,
             }
             state.sync_held(self.config.budget.as_ref());
             shed
@@ -437,7 +494,12 @@ impl<A: Allocator> Cache<A> {
         self.trim_or_release(target, Count::Evict, panics)
     }
 
-    fn trim_or_release(&self, target: usize, count: Count, panics: &mut Deferred) -> usize {
+    pub(super) fn trim_or_release(
+        &self,
+        target: usize,
+        count: Count,
+        panics: &mut Deferred,
+    ) -> usize {
         let bytes = self.shed_carved(target, count, panics);
         if let Some(budget) = &self.config.budget {
             self.unreserve_surplus(budget);

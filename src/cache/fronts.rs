@@ -295,6 +295,7 @@ impl<A: Allocator> Cache<A> {
             let popped = state.pop(key);
             if popped.is_some() {
                 state.stats.on_hit(layout.size(), key.size());
+                state.note_reuse();
                 while taken < REFILL {
                     let Some(block) = state.pop(key) else { break };
                     refill[taken] = block.as_ptr();
@@ -306,8 +307,7 @@ impl<A: Allocator> Cache<A> {
             popped
         };
         let Some(block) = popped else {
-            let block = self.allocate_block(key, zeroed)?;
-            self.state.lock().stats.on_miss(layout.size(), key.size());
+            let block = self.allocate_block(key, layout.size(), zeroed)?;
             return Ok(NonNull::slice_from_raw_parts(block, layout.size()));
         };
         let kept = slot.refill(key, &refill[..taken]);

@@ -181,8 +181,8 @@ impl<A: Allocator> Cache<A> {
         state
             .stats
             .on_carved(layout.size(), carved.len, !carved.fresh);
-        state.note_reuse();
         state.sync_held(self.config.budget.as_ref());
+        state.note_reuse();
         let after = After {
             cached: state.stats.bytes_cached,
             stopped: state.caching_stopped,

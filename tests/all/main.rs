@@ -14,10 +14,12 @@ mod asan_poison;
 mod best_fit;
 mod budget;
 mod collections;
+mod decay;
 mod failure;
 mod front_credit;
 mod fronts;
 mod installed;
+mod limit;
 #[cfg(feature = "nightly")]
 mod nightly;
 mod per_cpu;

@@ -1,0 +1,207 @@
+//! Decay (`Builder::release_after`): free memory nobody reused for a whole
+//! window goes back without a call from the user. With a manual clock
+//! (`decay::Clock::manual`), windows close exactly when the test says; with
+//! the background thread (`decay::spawn`), in real time over short windows.
+
+use std::time::{Duration, Instant};
+
+use allocator_api2::vec::Vec;
+use caching_allocator::decay::{self, Clock};
+use caching_allocator::{Budget, Builder, CachingAllocator, SizePolicy};
+
+use crate::fixture::{Counting, give, l, take};
+
+const WINDOW: Duration = Duration::from_secs(10);
+
+fn policies() -> [SizePolicy; 3] {
+    [
+        SizePolicy::Exact,
+        SizePolicy::PowerOfTwoDivisions(4),
+        SizePolicy::BestFit,
+    ]
+}
+
+fn decaying(policy: SizePolicy, clock: &Clock) -> Builder {
+    CachingAllocator::builder()
+        .size_policy(policy)
+        .release_after(WINDOW)
+        .decay_clock(clock)
+}
+
+/// Two buffers, one reused every half window, one used once: the idle one
+/// goes after a whole window free, the busy one stays.
+fn idle_goes_busy_stays<A: allocator_api2::alloc::Allocator>(
+    cache: &CachingAllocator<A>,
+    clock: &Clock,
+    what: &str,
+) {
+    let idle = take(cache, l(300_000));
+    let busy = take(cache, l(100_000));
+    give(cache, idle);
+    give(cache, busy);
+    for _ in 0..3 {
+        clock.advance(WINDOW / 2);
+        give(cache, take(cache, l(100_000))); // a slow path each time
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.decays, 1, "{what}: one window closed: {stats:?}");
+    assert_eq!(stats.bytes_decayed, 0, "{what}: both were freed inside it");
+    for _ in 0..2 {
+        clock.advance(WINDOW / 2);
+        give(cache, take(cache, l(100_000)));
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.decays, 2, "{what}: {stats:?}");
+    assert!(
+        stats.bytes_decayed >= 300_000 && stats.bytes_decayed < 300_000 + 64 * 1024,
+        "{what}: the idle buffer went, the busy one stayed: {stats:?}"
+    );
+    assert_eq!(stats.evictions, 0, "{what}: decay is not eviction");
+    let again = take(cache, l(100_000));
+    assert_eq!(cache.stats().misses, stats.misses, "{what}: still cached");
+    give(cache, again);
+}
+
+#[test]
+fn memory_free_a_whole_window_goes_back_and_memory_reused_stays() {
+    for policy in [SizePolicy::Exact, SizePolicy::PowerOfTwoDivisions(4)] {
+        let clock = Clock::manual();
+        let backing = Counting::new();
+        let cache = decaying(policy, &clock).build_in(backing.clone());
+        idle_goes_busy_stays(&cache, &clock, &format!("{policy:?}"));
+        drop(cache);
+        backing.assert_all_returned();
+    }
+    // Best fit over its reservation: the idle bytes are uncommitted or
+    // decommitted in place.
+    let clock = Clock::manual();
+    let cache = decaying(SizePolicy::BestFit, &clock).build();
+    idle_goes_busy_stays(&cache, &clock, "BestFit");
+    let stats = cache.stats();
+    assert!(stats.bytes_reserved < 300_000, "{stats:?}");
+}
+
+#[test]
+fn the_exact_cache_keeps_c10s_semantics_and_best_fit_decays_by_default() {
+    let clock = Clock::manual();
+    let exact = CachingAllocator::builder().decay_clock(&clock).build();
+    let best_fit = CachingAllocator::builder()
+        .size_policy(SizePolicy::BestFit)
+        .decay_clock(&clock)
+        .build();
+    for cache in [&exact, &best_fit] {
+        drop(Vec::<u8, _>::with_capacity_in(1 << 20, cache.clone()));
+    }
+    for _ in 0..3 {
+        clock.advance(caching_allocator::DEFAULT_RELEASE_AFTER);
+        exact.decay();
+        best_fit.decay();
+    }
+    assert_eq!(exact.stats().bytes_cached, 1 << 20, "{:?}", exact.stats());
+    assert_eq!(exact.stats().decays, 0);
+    assert_eq!(best_fit.stats().bytes_cached, 0, "{:?}", best_fit.stats());
+    assert!(best_fit.stats().bytes_decayed >= 1 << 20);
+    let never = CachingAllocator::builder()
+        .size_policy(SizePolicy::BestFit)
+        .release_after(Duration::MAX)
+        .decay_clock(&clock)
+        .build();
+    drop(Vec::<u8, _>::with_capacity_in(1 << 20, never.clone()));
+    clock.advance(Duration::from_secs(1 << 20));
+    never.decay();
+    assert_eq!(never.stats().bytes_cached, 1 << 20);
+}
+
+#[test]
+fn decay_reaches_the_fronts_of_idle_threads() {
+    for builder in [
+        CachingAllocator::builder().size_policy(SizePolicy::BestFit),
+        CachingAllocator::builder()
+            .size_policy(SizePolicy::BestFit)
+            .per_cpu_fronts(false),
+        CachingAllocator::builder().front_cache_bytes(caching_allocator::FRONT_CACHE_BYTES),
+    ] {
+        let clock = Clock::manual();
+        let cache = builder.release_after(WINDOW).decay_clock(&clock).build();
+        let (park, parked) = std::sync::mpsc::channel::<()>();
+        let (ready, readied) = std::sync::mpsc::channel::<()>();
+        std::thread::scope(|threads| {
+            let cache = &cache;
+            threads.spawn(move || {
+                // Small blocks: they stay in this thread's (or CPU's) front.
+                let held: std::vec::Vec<_> = (0..8).map(|_| take(cache, l(1000))).collect();
+                held.into_iter().for_each(|held| give(cache, held));
+                ready.send(()).unwrap();
+                let _ = parked.recv(); // idle, alive
+            });
+            readied.recv().unwrap();
+            assert!(cache.stats().bytes_cached >= 8000);
+            for _ in 0..2 {
+                clock.advance(WINDOW);
+                cache.decay();
+            }
+            let stats = cache.stats();
+            assert!(
+                stats.bytes_cached < 8000,
+                "{:?}: {stats:?}",
+                cache.front_kind()
+            );
+            assert!(stats.bytes_decayed >= 8000, "{stats:?}");
+            park.send(()).unwrap();
+        });
+    }
+}
+
+#[test]
+fn decay_keeps_the_budget_in_step() {
+    let clock = Clock::manual();
+    let budget = Budget::new(4 << 20);
+    let caches: std::vec::Vec<_> = policies()
+        .into_iter()
+        .map(|policy| decaying(policy, &clock).budget(&budget).build())
+        .collect();
+    for cache in &caches {
+        drop(Vec::<u8, _>::with_capacity_in(600_000, cache.clone()));
+    }
+    assert!(budget.bytes_cached() >= 3 * 600_000);
+    for _ in 0..2 {
+        clock.advance(WINDOW);
+        caches.iter().for_each(|cache| drop(cache.decay()));
+    }
+    let cached: usize = caches.iter().map(|cache| cache.stats().bytes_cached).sum();
+    assert_eq!(cached, 0);
+    assert_eq!(budget.bytes_cached(), 0);
+}
+
+#[test]
+fn the_background_thread_gives_back_what_an_idle_program_holds() {
+    if cfg!(miri) {
+        return; // real time, and Miri's clock is slow
+    }
+    let window = Duration::from_millis(40);
+    let _decay = decay::spawn();
+    let caches: std::vec::Vec<_> = policies()
+        .into_iter()
+        .map(|policy| {
+            CachingAllocator::builder()
+                .size_policy(policy)
+                .release_after(window)
+                .build()
+        })
+        .collect();
+    for cache in &caches {
+        drop(Vec::<u8, _>::with_capacity_in(1 << 20, cache.clone()));
+    }
+    // No call at all from here on: only the thread can give it back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while caches.iter().any(|cache| cache.stats().bytes_cached > 0) {
+        assert!(Instant::now() < deadline, "nothing decayed in 10 s");
+        std::thread::sleep(window);
+    }
+    let first = caches
+        .iter()
+        .map(|cache| cache.stats().bytes_decayed)
+        .min()
+        .unwrap();
+    assert!(first >= 1 << 20);
+}

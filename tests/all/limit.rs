@@ -1,0 +1,187 @@
+//! The hard limit (`Builder::max_bytes`): `bytes_reserved` never exceeds it,
+//! with every policy, with fronts, on several threads; a request past it
+//! makes the cache give back its free memory, then fails cleanly, and the
+//! next request that fits succeeds.
+
+use std::sync::Barrier;
+
+use allocator_api2::alloc::{Allocator, Layout};
+use allocator_api2::vec::Vec;
+use caching_allocator::{Builder, CachingAllocator, FRONT_CACHE_BYTES, SizePolicy};
+
+use crate::fixture::{Counting, Held, Rng, give, l, take};
+
+const MAX: usize = 2 << 20;
+
+fn limited() -> std::vec::Vec<(&'static str, Builder)> {
+    let builder = || CachingAllocator::builder().max_bytes(MAX);
+    vec![
+        ("exact", builder()),
+        (
+            "exact, fronts",
+            builder().front_cache_bytes(FRONT_CACHE_BYTES),
+        ),
+        (
+            "size classes",
+            builder().size_policy(SizePolicy::PowerOfTwoDivisions(4)),
+        ),
+        ("best fit", builder().size_policy(SizePolicy::BestFit)),
+        (
+            "best fit, per-thread fronts",
+            builder()
+                .size_policy(SizePolicy::BestFit)
+                .per_cpu_fronts(false),
+        ),
+        (
+            "best fit, no fronts",
+            builder()
+                .size_policy(SizePolicy::BestFit)
+                .front_cache_bytes(0),
+        ),
+    ]
+}
+
+const SIZES: [usize; 7] = [64, 1000, 4096, 20_000, 100_000, 400_000, 1 << 20];
+
+/// Random traffic on one thread; the limit checked after every step.
+fn traffic<A: Allocator>(cache: &CachingAllocator<A>, what: &str, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let mut held: std::vec::Vec<Held> = std::vec::Vec::new();
+    let mut refused = 0u64;
+    for _ in 0..600 {
+        if rng.below(3) > 0 || held.is_empty() {
+            let layout = l(SIZES[rng.below(SIZES.len())]);
+            match cache.allocate(layout) {
+                Ok(block) => held.push(Held {
+                    ptr: block.cast(),
+                    layout,
+                }),
+                Err(_) => {
+                    refused += 1;
+                    // Refused only when what is live leaves no room.
+                    let live: usize = held.iter().map(|held| held.layout.size()).sum();
+                    assert!(
+                        live + layout.size() > MAX / 2,
+                        "{what}: refused {layout:?} with {live} live"
+                    );
+                }
+            }
+        } else {
+            give(cache, held.swap_remove(rng.below(held.len())));
+        }
+        let stats = cache.stats();
+        assert!(stats.bytes_reserved <= MAX, "{what}: {stats:?}");
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.limit_failures, refused, "{what}: {stats:?}");
+    assert!(refused > 0, "{what}: the traffic never reached the limit");
+    held.into_iter().for_each(|held| give(cache, held));
+}
+
+#[test]
+fn bytes_reserved_never_exceeds_the_limit_with_any_policy() {
+    for (what, builder) in limited() {
+        let backing = Counting::new();
+        let cache = builder.clone().build_in(backing.clone());
+        traffic(&cache, what, 1);
+        assert!(backing.live_bytes() <= MAX, "{what}");
+        drop(cache);
+        backing.assert_all_returned();
+        let cache = builder.build();
+        traffic(&cache, what, 2);
+    }
+}
+
+#[test]
+fn a_refused_request_leaves_the_cache_working() {
+    for (what, builder) in limited() {
+        let backing = Counting::new();
+        let cache = builder.build_in(backing.clone());
+        let big = take(&cache, l(MAX / 2 + 4096));
+        assert!(cache.allocate(l(MAX / 2 + 4096)).is_err(), "{what}");
+        assert_eq!(cache.stats().limit_failures, 1, "{what}");
+        let small = take(&cache, l(100_000));
+        give(&cache, big);
+        let again = take(&cache, l(MAX / 2 + 4096));
+        assert!(cache.stats().bytes_reserved <= MAX, "{what}");
+        give(&cache, again);
+        give(&cache, small);
+        drop(cache);
+        backing.assert_all_returned();
+    }
+}
+
+#[test]
+fn a_grow_past_the_limit_fails_and_keeps_the_old_block() {
+    for (what, builder) in limited() {
+        let cache = builder.build();
+        let mut buffer: Vec<u8, _> = Vec::with_capacity_in(MAX / 2, cache.clone());
+        buffer.extend((0..MAX / 2).map(|i| i as u8));
+        let before = buffer.as_ptr();
+        assert!(buffer.try_reserve_exact(MAX).is_err(), "{what}");
+        assert_eq!(buffer.as_ptr(), before, "{what}");
+        assert!(
+            buffer.iter().enumerate().all(|(i, &b)| b == i as u8),
+            "{what}"
+        );
+        assert!(cache.stats().bytes_reserved <= MAX, "{what}");
+        buffer.pop();
+        buffer.push(1); // within its capacity: no new memory
+    }
+}
+
+/// Four threads of traffic on one limited cache with fronts: after every
+/// step, with all of them parked at a barrier, the limit holds.
+#[test]
+fn four_threads_with_fronts_never_cross_the_limit() {
+    const THREADS: usize = 4;
+    const STEPS: usize = if cfg!(miri) { 20 } else { 400 };
+    for (what, builder) in limited() {
+        let cache = builder.build();
+        let parked = Barrier::new(THREADS + 1);
+        let checked = Barrier::new(THREADS + 1);
+        std::thread::scope(|threads| {
+            for t in 0..THREADS {
+                let (cache, parked, checked) = (&cache, &parked, &checked);
+                threads.spawn(move || {
+                    let mut rng = Rng::new(t as u64 + 7);
+                    let mut held: std::vec::Vec<Held> = std::vec::Vec::new();
+                    for _ in 0..STEPS {
+                        if rng.below(2) == 0 || held.is_empty() {
+                            let layout = l(SIZES[rng.below(SIZES.len() - 1)]);
+                            if let Ok(block) = cache.allocate(layout) {
+                                held.push(Held {
+                                    ptr: block.cast(),
+                                    layout,
+                                });
+                            }
+                        } else {
+                            give(cache, held.swap_remove(rng.below(held.len())));
+                        }
+                        parked.wait();
+                        checked.wait();
+                    }
+                    held.into_iter().for_each(|held| give(cache, held));
+                });
+            }
+            for _ in 0..STEPS {
+                parked.wait();
+                let stats = cache.stats();
+                let ok = stats.bytes_reserved <= MAX;
+                checked.wait();
+                assert!(ok, "{what}: {stats:?}");
+            }
+        });
+        let stats = cache.stats();
+        assert_eq!(stats.bytes_in_use, 0, "{what}: {stats:?}");
+    }
+}
+
+#[test]
+fn a_zero_limit_refuses_everything_but_zero_sized_requests() {
+    let cache = CachingAllocator::builder().max_bytes(0).build();
+    assert!(cache.allocate(l(1)).is_err());
+    let empty = cache.allocate(Layout::new::<()>()).unwrap();
+    assert_eq!(empty.len(), 0);
+    assert_eq!(cache.stats().bytes_reserved, 0);
+}

@@ -68,6 +68,13 @@ struct Shared {
     limit: usize,
     /// Bytes reserved by members for their cached blocks.
     cached: AtomicUsize,
+    /// A hard limit on what the members hold together (live and cached),
+    /// if set (`Budget::with_max_bytes`).
+    max_bytes: Option<usize>,
+    /// What the members hold together, as they reported it (their
+    /// `bytes_reserved` and best fit's decommitted pages, and what they are
+    /// taking), when there is a hard limit.
+    committed: AtomicUsize,
     /// Ages of cached blocks, comparable across members.
     clock: AtomicU64,
     members: Mutex<Vec<Arc<dyn Member>, Bookkeeping>>,
@@ -119,19 +126,105 @@ impl Budget {
     /// A budget of `limit` bytes for the cached blocks of all caches built
     /// with it.
     pub fn new(limit: usize) -> Self {
+        Self::with(limit, None)
+    }
+
+    fn with(limit: usize, max_bytes: Option<usize>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 limit,
                 cached: AtomicUsize::new(0),
+                max_bytes,
+                committed: AtomicUsize::new(0),
                 clock: AtomicU64::new(0),
                 members: Mutex::new(Vec::new_in(Bookkeeping)),
             }),
         }
     }
 
+    /// A budget of `limit` free bytes that also holds its members to
+    /// `max_bytes` together, live and cached: a member whose request would
+    /// cross it first makes the budget evict the members' free memory
+    /// (oldest first, whichever member holds it), then gives its own back,
+    /// then fails the request (counted in its `Stats::limit_failures`).
+    ///
+    /// ```
+    /// use allocator_api2::vec::Vec;
+    /// use caching_allocator::{Budget, CachingAllocator, SizePolicy};
+    ///
+    /// let budget = Budget::with_max_bytes(1 << 30, 4 << 20);
+    /// let build = || {
+    ///     CachingAllocator::builder()
+    ///         .size_policy(SizePolicy::BestFit)
+    ///         .budget(&budget)
+    ///         .build()
+    /// };
+    /// let (idle, busy) = (build(), build());
+    /// drop(Vec::<u8, _>::with_capacity_in(3 << 20, idle.clone())); // idle keeps it cached
+    /// let mut kv: Vec<u8, _> = Vec::new_in(busy.clone());
+    /// assert!(kv.try_reserve_exact(3 << 20).is_ok()); // the idle model's free memory went
+    /// assert!(budget.bytes_reserved() <= 4 << 20);
+    /// let mut more: Vec<u8, _> = Vec::new_in(busy.clone());
+    /// assert!(more.try_reserve_exact(2 << 20).is_err()); // live bytes are not evicted
+    /// ```
+    pub fn with_max_bytes(limit: usize, max_bytes: usize) -> Self {
+        Self::with(limit, Some(max_bytes))
+    }
+
     /// The limit, in bytes.
     pub fn limit(&self) -> usize {
         self.shared.limit
+    }
+
+    /// The hard limit on what the members hold together, if any.
+    pub fn max_bytes(&self) -> Option<usize> {
+        self.shared.max_bytes
+    }
+
+    /// What the members hold together now (their `bytes_reserved`, and
+    /// what they are taking), counted only with a hard limit
+    /// ([`with_max_bytes`](Self::with_max_bytes)): never above it.
+    pub fn bytes_reserved(&self) -> usize {
+        self.shared.committed.load(Ordering::Acquire)
+    }
+
+    /// Counts `bytes` a member is about to take against the hard limit,
+    /// evicting the members' oldest free memory while they do not fit;
+    /// `false` if they cannot fit (nothing left to evict). Called with no
+    /// cache lock held.
+    pub(crate) fn try_commit(&self, bytes: usize) -> bool {
+        let Some(max) = self.shared.max_bytes else {
+            return true;
+        };
+        loop {
+            let fitted =
+                self.shared
+                    .committed
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                        held.checked_add(bytes).filter(|&after| after <= max)
+                    });
+            if fitted.is_ok() {
+                return true;
+            }
+            if !self.evict_oldest() {
+                return false;
+            }
+        }
+    }
+
+    /// Counts `bytes` a member holds beyond what it reported, whatever the
+    /// hard limit (growth that was not reported first; never expected).
+    pub(crate) fn force_commit(&self, bytes: usize) {
+        if self.shared.max_bytes.is_some() && bytes > 0 {
+            self.shared.committed.fetch_add(bytes, Ordering::AcqRel);
+        }
+    }
+
+    /// A member holds `bytes` less than it reported.
+    pub(crate) fn uncommit(&self, bytes: usize) {
+        if self.shared.max_bytes.is_some() && bytes > 0 {
+            self.shared.committed.fetch_sub(bytes, Ordering::AcqRel);
+        }
     }
 
     /// Bytes cached by all caches on this budget now: never above

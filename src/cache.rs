@@ -174,6 +174,8 @@ struct State {
     /// Bytes being taken from the backing allocator now (with the lock
     /// released), counted against `max_bytes` until they are in the books.
     pending: usize,
+    /// What this cache reported to its budget's hard limit.
+    committed_on_budget: usize,
 }
 
 // SAFETY: the `NonNull`s on the free lists are blocks this cache owns
@@ -200,6 +202,7 @@ impl State {
             credit_out: 0,
             window: config.decay_window().map(Window::new),
             pending: 0,
+            committed_on_budget: 0,
         }
     }
 
@@ -391,6 +394,7 @@ impl<A: Allocator> Cache<A> {
                 window.low_water = cached;
             }
         }
+        self.sync_budget();
         panics.resume();
         decayed
     }
@@ -438,31 +442,79 @@ impl<A: Allocator> Cache<A> {
         Key::for_layout(layout, self.config.policy)
     }
 
-    /// Counts `bytes` about to be taken from the backing allocator against
-    /// the hard limit; if they do not fit, this cache's free memory goes
-    /// back first (its fronts' too) and they are tried once more. `false`:
-    /// they do not fit even then (counted in `limit_failures`).
-    fn take_room(&self, bytes: usize) -> bool {
-        let Some(max) = self.config.max_bytes else {
+    /// The budget, if it holds its members to a hard limit.
+    fn limiting_budget(&self) -> Option<&Budget> {
+        self.config
+            .budget
+            .as_ref()
+            .filter(|budget| budget.max_bytes().is_some())
+    }
+
+    /// Counts `bytes` the cache is about to commit against its budget's
+    /// hard limit (which may evict other members' free memory first);
+    /// `false` if they do not fit. With the lock released.
+    fn precommit(&self, bytes: usize) -> bool {
+        let Some(budget) = self.limiting_budget() else {
             return true;
         };
-        let fits = |state: &mut State| {
-            let fits = state.room(Some(max)) >= bytes;
+        if !budget.try_commit(bytes) {
+            return false;
+        }
+        self.state.lock().committed_on_budget += bytes;
+        true
+    }
+
+    /// Brings what the budget's hard limit counts for this cache to what it
+    /// holds: after a shrink (or a precommit larger than the growth).
+    fn sync_budget(&self) {
+        let Some(budget) = self.limiting_budget() else {
+            return;
+        };
+        let (surplus, shortfall) = {
+            let mut state = self.state.lock();
+            let held = state.committed();
+            let reported = state.committed_on_budget;
+            state.committed_on_budget = held;
+            (reported.saturating_sub(held), held.saturating_sub(reported))
+        };
+        budget.uncommit(surplus);
+        budget.force_commit(shortfall);
+    }
+
+    /// Counts `bytes` about to be taken from the backing allocator against
+    /// the hard limits (the cache's and its budget's); if they do not fit,
+    /// this cache's free memory goes back first (its fronts' too) and they
+    /// are tried once more. `false`: they do not fit even then (counted in
+    /// `limit_failures`).
+    fn take_room(&self, bytes: usize) -> bool {
+        let max = self.config.max_bytes;
+        if max.is_none() && self.limiting_budget().is_none() {
+            return true;
+        }
+        let fits = || {
+            if !self.precommit(bytes) {
+                return false;
+            }
+            let mut state = self.state.lock();
+            let fits = state.room(max) >= bytes;
             if fits {
                 state.pending += bytes;
             }
+            drop(state);
+            if !fits {
+                self.sync_budget();
+            }
             fits
         };
-        if fits(&mut self.state.lock()) {
+        if fits() {
             return true;
         }
         self.release_cached();
-        let mut state = self.state.lock();
-        let fitted = fits(&mut state);
-        if !fitted {
-            state.stats.limit_failures += 1;
+        if fits() {
+            return true;
         }
-        fitted
+        self.state.lock().stats.limit_failures += 1;
+        false
     }
 
     /// A new block of `key` for a request of `requested` bytes from the
@@ -480,13 +532,18 @@ impl<A: Allocator> Cache<A> {
             return Err(AllocError);
         }
         let taken = self.allocate_from_backing(key, zeroed);
+        let limited = self.config.max_bytes.is_some() || self.limiting_budget().is_some();
         let mut state = self.state.lock();
-        if self.config.max_bytes.is_some() {
+        if limited {
             state.pending -= size;
         }
         if taken.is_ok() {
             // In the books in the same breath as it leaves `pending`.
             state.stats.on_miss(requested, size);
+        }
+        drop(state);
+        if taken.is_err() {
+            self.sync_budget();
         }
         taken
     }
@@ -559,6 +616,7 @@ impl<A: Allocator> Cache<A> {
         } else {
             self.release_into(&mut panics)
         };
+        self.sync_budget();
         panics.resume();
         bytes
     }
@@ -607,6 +665,7 @@ impl<A: Allocator> Cache<A> {
         } else {
             self.trim_lists(target_bytes, false, &mut panics)
         };
+        self.sync_budget();
         panics.resume();
         trimmed
     }
@@ -821,6 +880,19 @@ impl<A: Allocator> Cache<A> {
             // SAFETY: this function's contract.
             return unsafe { self.deallocate_carved(block, layout) };
         }
+        // SAFETY: this function's contract.
+        unsafe { self.deallocate_listed(block, layout) };
+        // A block given back, or evicted to make room: the budget's hard
+        // limit learns it.
+        self.sync_budget();
+    }
+
+    /// `deallocate_shared` for the free-list policies.
+    ///
+    /// # Safety
+    ///
+    /// `RawAllocator::deallocate`'s contract.
+    unsafe fn deallocate_listed(&self, block: NonNull<u8>, layout: Layout) {
         // A block handed out for `layout` proves the key exists.
         let Some(key) = self.key(layout) else {
             return;
@@ -977,6 +1049,19 @@ impl<A: Allocator + Send + Sync> Member for Cache<A> {
     }
 
     fn evict_oldest(&self) -> bool {
+        let evicted = self.evict_one();
+        self.sync_budget();
+        evicted
+    }
+
+    fn id(&self) -> *const () {
+        (self as *const Self).cast()
+    }
+}
+
+impl<A: Allocator + Send + Sync> Cache<A> {
+    /// `Member::evict_oldest`, before the budget's hard limit learns it.
+    fn evict_one(&self) -> bool {
         if self.carves() {
             return self.evict_carved();
         }
@@ -1015,10 +1100,6 @@ impl<A: Allocator + Send + Sync> Member for Cache<A> {
             None => false,
         }
     }
-
-    fn id(&self) -> *const () {
-        (self as *const Self).cast()
-    }
 }
 
 impl<A: Allocator> Drop for Cache<A> {
@@ -1033,6 +1114,11 @@ impl<A: Allocator> Drop for Cache<A> {
         self.release_into(&mut panics);
         if self.carves() {
             self.drop_segments(&mut panics);
+        }
+        // Nothing is held any more: the budget's hard limit gets back all
+        // this cache counted there.
+        if let Some(budget) = self.limiting_budget() {
+            budget.uncommit(mem::take(&mut self.state.lock().committed_on_budget));
         }
         panics.resume_unless_unwinding();
     }

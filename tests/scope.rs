@@ -454,3 +454,26 @@ fn a_front_cache_scope_on_two_threads_frees_on_either() {
         "{released:?}"
     );
 }
+
+/// A scope's cache with a hard limit: past it a plain `Vec`'s
+/// `try_reserve` sees an ordinary allocation failure (an infallible push
+/// would call `handle_alloc_error`), and what fits afterwards succeeds.
+#[test]
+fn a_request_past_a_scopes_limit_is_an_ordinary_allocation_failure() {
+    let cache = CachingAllocator::builder()
+        .size_policy(caching_allocator::SizePolicy::BestFit)
+        .max_bytes(1 << 20)
+        .build();
+    {
+        let _scope = cache.enter();
+        let mut request: Vec<u8> = Vec::new();
+        assert!(request.try_reserve_exact(600 << 10).is_ok());
+        let mut another: Vec<u8> = Vec::new();
+        assert!(another.try_reserve_exact(600 << 10).is_err());
+        drop(request);
+        assert!(another.try_reserve_exact(600 << 10).is_ok());
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.limit_failures, 1, "{stats:?}");
+    assert!(stats.peak_bytes_reserved <= 1 << 20, "{stats:?}");
+}

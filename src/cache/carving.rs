@@ -57,6 +57,16 @@ impl State {
     }
 }
 
+/// Brings the budget's hard limit in step when dropped (at the end of an
+/// operation that may have shed).
+struct SyncOnDrop<'a, A: Allocator>(&'a Cache<A>);
+
+impl<A: Allocator> Drop for SyncOnDrop<'_, A> {
+    fn drop(&mut self) {
+        self.0.sync_budget();
+    }
+}
+
 /// Why no block could be carved.
 enum Refused {
     /// The hard limit (`Builder::max_bytes`).
@@ -145,10 +155,21 @@ impl<A: Allocator> Cache<A> {
         {
             return Ok(done);
         }
-        match self.carve_existing(layout, len, align, true, fold) {
+        // Growth: counted on the budget's hard limit first (with the lock
+        // released: it may evict other members), the surplus given back
+        // after.
+        let bound = len
+            .saturating_add(align)
+            .saturating_add(crate::reservation::page_size());
+        if !self.precommit(bound) {
+            return Err(Refused::Limit);
+        }
+        let grown = match self.carve_existing(layout, len, align, true, fold) {
             Some(done) => Ok(done),
             None => self.carve_new_segment(layout, len, align),
-        }
+        };
+        self.sync_budget();
+        grown
     }
 
     /// A block from the free ranges, or (with `grow`) from a reservation
@@ -199,9 +220,14 @@ impl<A: Allocator> Cache<A> {
         len: usize,
         align: usize,
     ) -> Result<(Carved, After), Refused> {
+        let segment = self.state.lock().arena().fixed_segment_layout(len, align);
+        if let Some(segment) = segment
+            && !self.precommit(segment.size())
+        {
+            return Err(Refused::Limit);
+        }
         let segment = {
             let mut state = self.state.lock();
-            let segment = state.arena().fixed_segment_layout(len, align);
             match segment {
                 Some(segment) if segment.size() > state.room(self.config.max_bytes) => {
                     return Err(Refused::Limit);
@@ -386,6 +412,9 @@ impl<A: Allocator> Cache<A> {
         if !after.stopped && !over_cap && self.config.budget.is_none() {
             return;
         }
+        // Whatever this operation shed, the budget's hard limit learns it
+        // (after the shedding below).
+        let _synced = SyncOnDrop(self);
         let mut panics = Deferred::new();
         if after.stopped {
             self.shed_carved(0, Count::Evict, &mut panics);
@@ -524,7 +553,13 @@ impl<A: Allocator> Cache<A> {
     pub(super) fn evict_carved(&self) -> bool {
         let cached = self.state.lock().stats.bytes_cached;
         let mut panics = Deferred::new();
-        let shed = self.shed_carved(cached.saturating_sub(1), Count::Evict, &mut panics);
+        let mut shed = self.shed_carved(cached.saturating_sub(1), Count::Evict, &mut panics);
+        if shed == 0 && self.drain_cpu_fronts_for(1) {
+            // The arena had nothing left to shed: what its per-CPU fronts
+            // held (an idle model's, say) comes back into it and goes.
+            let cached = self.state.lock().stats.bytes_cached;
+            shed = self.shed_carved(cached.saturating_sub(1), Count::Evict, &mut panics);
+        }
         if let Some(budget) = &self.config.budget {
             self.unreserve_surplus(budget);
         }

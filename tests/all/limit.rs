@@ -185,3 +185,77 @@ fn a_zero_limit_refuses_everything_but_zero_sized_requests() {
     assert_eq!(empty.len(), 0);
     assert_eq!(cache.stats().bytes_reserved, 0);
 }
+
+/// A budget's hard limit over three caches of different policies, each
+/// worked by its own thread: after every step, with all threads parked,
+/// what the members hold together is within it (and the budget's count
+/// agrees with their stats); a member past it takes the others' free
+/// memory first.
+#[test]
+fn a_budgets_hard_limit_holds_over_several_caches() {
+    const STEPS: usize = if cfg!(miri) { 20 } else { 300 };
+    let budget = caching_allocator::Budget::with_max_bytes(usize::MAX, 2 * MAX);
+    let caches = [
+        CachingAllocator::builder().budget(&budget).build(),
+        CachingAllocator::builder()
+            .size_policy(SizePolicy::PowerOfTwoDivisions(4))
+            .budget(&budget)
+            .build(),
+        CachingAllocator::builder()
+            .size_policy(SizePolicy::BestFit)
+            .budget(&budget)
+            .build(),
+    ];
+    let parked = Barrier::new(caches.len() + 1);
+    let checked = Barrier::new(caches.len() + 1);
+    std::thread::scope(|threads| {
+        for (t, cache) in caches.iter().enumerate() {
+            let (parked, checked) = (&parked, &checked);
+            threads.spawn(move || {
+                let mut rng = Rng::new(t as u64 + 11);
+                let mut held: std::vec::Vec<Held> = std::vec::Vec::new();
+                for _ in 0..STEPS {
+                    if rng.below(2) == 0 || held.is_empty() {
+                        let layout = l(SIZES[rng.below(SIZES.len())]);
+                        if let Ok(block) = cache.allocate(layout) {
+                            held.push(Held {
+                                ptr: block.cast(),
+                                layout,
+                            });
+                        }
+                    } else {
+                        give(cache, held.swap_remove(rng.below(held.len())));
+                    }
+                    parked.wait();
+                    checked.wait();
+                }
+                held.into_iter().for_each(|held| give(cache, held));
+            });
+        }
+        for _ in 0..STEPS {
+            parked.wait();
+            let counted = budget.bytes_reserved();
+            let held: usize = caches
+                .iter()
+                .map(|cache| {
+                    let stats = cache.stats();
+                    stats.bytes_reserved + stats.bytes_decommitted
+                })
+                .sum();
+            checked.wait();
+            assert!(counted <= 2 * MAX, "{counted}");
+            assert_eq!(counted, held, "the budget counts what its members hold");
+        }
+    });
+    assert!(
+        caches
+            .iter()
+            .map(|cache| cache.stats().limit_failures)
+            .sum::<u64>()
+            > 0
+    );
+    for cache in &caches {
+        cache.release_cached();
+    }
+    assert_eq!(budget.bytes_reserved(), 0);
+}

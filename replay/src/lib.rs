@@ -13,6 +13,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod allocators;
+pub mod burst;
 pub mod engine;
 pub mod measure;
 pub mod plot;

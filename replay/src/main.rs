@@ -64,6 +64,35 @@ struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = caching_allocator::FRONT_CACHE_BYTES)]
     front_bytes: usize,
 
+    /// A burst, an idle gap, then a trickle: resident memory over time for
+    /// each allocator (see `burst.rs`); with --plot, drawn over time
+    #[arg(long)]
+    burst: bool,
+
+    /// --burst: threads replaying the whole trace at once in the burst
+    #[arg(long, value_name = "T", default_value_t = 4)]
+    burst_threads: usize,
+
+    /// --burst: the idle gap after the burst, in ms [default: twice --release-after-ms]
+    #[arg(long, value_name = "MS")]
+    idle_ms: Option<u64>,
+
+    /// --burst: passes of the trickle (one thread)
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    short_passes: usize,
+
+    /// --burst: the decay window of the cache-bestfit-decay row, in ms
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    release_after_ms: u64,
+
+    /// Internal: a burst child for this row
+    #[arg(long, hide = true, value_name = "ROW")]
+    child_burst: Option<String>,
+
+    /// Internal: the burst child replays only the trickle
+    #[arg(long, hide = true)]
+    short_only: bool,
+
     /// Also write the rows as JSON to FILE
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -85,9 +114,11 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let result = match args.child {
-        Some(kind) => child(&args, kind),
-        None => parent(&args),
+    let result = match (&args.child, &args.child_burst) {
+        (Some(kind), _) => child(&args, *kind),
+        (None, Some(row)) => burst_child(&args, row),
+        (None, None) if args.burst => burst_parent(&args),
+        (None, None) => parent(&args),
     };
     match result {
         Ok(code) => code,
@@ -96,6 +127,140 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn schedule(args: &Args, short_only: bool) -> replay::burst::Schedule {
+    replay::burst::Schedule {
+        burst_threads: args.burst_threads.max(1),
+        idle: Duration::from_millis(args.idle_ms.unwrap_or(2 * args.release_after_ms)),
+        short_passes: args.short_passes,
+        release_after: Duration::from_millis(args.release_after_ms),
+        short_only,
+        touch: args.touch,
+    }
+}
+
+/// Burst child: one row's burst run (or its trickle alone), one JSON line.
+fn burst_child(args: &Args, row: &str) -> Result<ExitCode, String> {
+    let [path] = args.traces.as_slice() else {
+        return Err("--child-burst takes exactly one trace file".into());
+    };
+    let trace = Trace::from_path(path).map_err(|error| error.to_string())?;
+    let report = replay::burst::child(row, &trace, schedule(args, args.short_only))?;
+    let line = serde_json::to_string(&report).map_err(|error| error.to_string())?;
+    writeln!(std::io::stdout().lock(), "{line}").map_err(|error| error.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--burst`: every burst row on each trace, then its trickle alone.
+fn burst_parent(args: &Args) -> Result<ExitCode, String> {
+    use replay::burst::{BurstReport, ROWS};
+    let exe =
+        std::env::current_exe().map_err(|error| format!("cannot find own binary: {error}"))?;
+    let schedule = schedule(args, false);
+    let mut all = Vec::new();
+    for path in trace_paths(args)? {
+        let trace = Trace::from_path(&path).map_err(|error| error.to_string())?;
+        println!(
+            "{}: a burst of {} threads replaying the trace, {} ms idle, then {} passes on one \
+             thread; touch {}; cache-bestfit-decay: release_after {} ms and decay::spawn()",
+            trace.name,
+            schedule.burst_threads,
+            schedule.idle.as_millis(),
+            schedule.short_passes,
+            args.touch.name(),
+            args.release_after_ms
+        );
+        println!(
+            "{:<24} {:>14} {:>14} {:>14} {:>8} {:>12}",
+            "allocator", "after idle MiB", "trickle MiB", "need MiB", "x need", "trickle ms"
+        );
+        let mut series = Vec::new();
+        let mut marks = Vec::new();
+        for row in ROWS {
+            let run = |short_only: bool| -> Result<BurstReport, String> {
+                let mut command = Command::new(&exe);
+                command
+                    .arg("--child-burst")
+                    .arg(row)
+                    .arg("--burst-threads")
+                    .arg(schedule.burst_threads.to_string())
+                    .arg("--idle-ms")
+                    .arg(schedule.idle.as_millis().to_string())
+                    .arg("--short-passes")
+                    .arg(schedule.short_passes.to_string())
+                    .arg("--release-after-ms")
+                    .arg(args.release_after_ms.to_string())
+                    .arg("--touch")
+                    .arg(args.touch.name());
+                if short_only {
+                    command.arg("--short-only");
+                }
+                let output = command
+                    .arg("--")
+                    .arg(&path)
+                    .stderr(Stdio::inherit())
+                    .output()
+                    .map_err(|error| error.to_string())?;
+                if !output.status.success() {
+                    return Err(format!("{row}: child failed ({})", output.status));
+                }
+                serde_json::from_slice(&output.stdout).map_err(|error| error.to_string())
+            };
+            let burst = run(false)?;
+            let need = run(true)?;
+            let mib = |bytes: usize| bytes as f64 / (1 << 20) as f64;
+            println!(
+                "{:<24} {:>14.2} {:>14.2} {:>14.2} {:>8.2} {:>12.4}",
+                row,
+                mib(burst.rss_after_idle),
+                mib(burst.rss_short_peak),
+                mib(need.rss_short_peak),
+                burst.rss_short_peak as f64 / need.rss_short_peak.max(1) as f64,
+                burst.short_median_ms
+            );
+            if marks.is_empty() {
+                marks.push((burst.burst_end_ms / 1e3, "burst ends"));
+                marks.push((burst.short_start_ms / 1e3, "trickle"));
+            }
+            series.push((
+                row.to_string(),
+                burst
+                    .readings
+                    .iter()
+                    .map(|reading| (reading.ms / 1e3, mib(reading.rss)))
+                    .collect::<Vec<_>>(),
+            ));
+            all.push((trace.name.clone(), burst, need));
+        }
+        if let Some(plot) = &args.plot {
+            let file = if trace_paths(args)?.len() > 1 {
+                plot.with_file_name(format!(
+                    "{}-{}",
+                    trace.name,
+                    plot.file_name()
+                        .and_then(|name| name.to_str())
+                        .unwrap_or("burst.svg")
+                ))
+            } else {
+                plot.clone()
+            };
+            let title = format!(
+                "{}: resident memory, a burst of {} threads, {} ms idle, a trickle",
+                trace.name,
+                schedule.burst_threads,
+                schedule.idle.as_millis()
+            );
+            replay::plot::draw_timeline(&file, &title, &series, &marks)
+                .map_err(|error| error.to_string())?;
+            println!("plot: {}", file.display());
+        }
+    }
+    if let Some(json) = &args.json {
+        let text = serde_json::to_string_pretty(&all).map_err(|error| error.to_string())?;
+        std::fs::write(json, text).map_err(|error| error.to_string())?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Child mode: replay one trace with one allocator, print one JSON line.

@@ -37,6 +37,69 @@ fn points(samples: &[Sample], value: impl Fn(&Sample) -> usize) -> Vec<(f64, f64
         .collect()
 }
 
+/// Draws resident memory over time, one line an allocator, with the
+/// phases of a burst run marked (`burst.rs`).
+pub fn draw_timeline(
+    path: &Path,
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    marks: &[(f64, &str)],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (1100, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let x_max = series
+        .iter()
+        .flat_map(|(_, points)| points.iter().map(|p| p.0))
+        .fold(1.0, f64::max);
+    let y_max = series
+        .iter()
+        .flat_map(|(_, points)| points.iter().map(|p| p.1))
+        .fold(0.1, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("resident MiB above the start")
+        .draw()?;
+    for &(at, label) in marks {
+        chart.draw_series(LineSeries::new(
+            [(at, 0.0), (at, y_max)],
+            BLACK.mix(0.3).stroke_width(1),
+        ))?;
+        chart.draw_series([Text::new(
+            label.to_string(),
+            (at, y_max * 0.97),
+            ("sans-serif", 13),
+        )])?;
+    }
+    for (index, (label, points)) in series.iter().enumerate() {
+        let color = PALETTE[index % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))?
+            .label(label.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
 /// Draws the panels into an SVG file.
 pub fn draw(path: &Path, panels: &[Panel<'_>]) -> Result<(), Box<dyn std::error::Error>> {
     let height = 420 * panels.len().max(1) as u32;

@@ -220,15 +220,16 @@ fn burst_parent(args: &Args) -> Result<ExitCode, String> {
                 burst.short_median_ms
             );
             if marks.is_empty() {
-                marks.push((burst.burst_end_ms / 1e3, "burst ends"));
-                marks.push((burst.short_start_ms / 1e3, "trickle"));
+                marks.push((0.0, "burst ends"));
+                marks.push((schedule.idle.as_secs_f64(), "trickle"));
             }
+            // Time since this row's burst ended: the idle gaps line up.
             series.push((
                 row.to_string(),
                 burst
                     .readings
                     .iter()
-                    .map(|reading| (reading.ms / 1e3, mib(reading.rss)))
+                    .map(|reading| ((reading.ms - burst.burst_end_ms) / 1e3, mib(reading.rss)))
                     .collect::<Vec<_>>(),
             ));
             all.push((trace.name.clone(), burst, need));

@@ -51,6 +51,10 @@ pub fn draw_timeline(
         .iter()
         .flat_map(|(_, points)| points.iter().map(|p| p.0))
         .fold(1.0, f64::max);
+    let x_min = series
+        .iter()
+        .flat_map(|(_, points)| points.iter().map(|p| p.0))
+        .fold(0.0, f64::min);
     let y_max = series
         .iter()
         .flat_map(|(_, points)| points.iter().map(|p| p.1))
@@ -61,10 +65,10 @@ pub fn draw_timeline(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+        .build_cartesian_2d(x_min..x_max, 0.0..y_max)?;
     chart
         .configure_mesh()
-        .x_desc("seconds")
+        .x_desc("seconds since the burst ended")
         .y_desc("resident MiB above the start")
         .draw()?;
     for &(at, label) in marks {

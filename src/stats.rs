@@ -397,7 +397,17 @@ impl fmt::Display for Stats {
             Bytes(self.bytes_evicted.try_into().unwrap_or(usize::MAX)),
             self.retries,
             self.failures
-        )
+        )?;
+        if self.decays > 0 || self.limit_failures > 0 {
+            write!(
+                f,
+                "; decays {} ({}), limit failures {}",
+                self.decays,
+                Bytes(self.bytes_decayed.try_into().unwrap_or(usize::MAX)),
+                self.limit_failures
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -571,6 +571,78 @@ impl Arena {
             .collect()
     }
 
+    /// The bytes each longer block in use holds beyond its request's
+    /// length, by start (for a snapshot).
+    pub(crate) fn extras(&self) -> BTreeMap<usize, usize> {
+        self.extra
+            .iter()
+            .map(|(&start, &extra)| (start, extra))
+            .collect()
+    }
+
+    /// The segments, `(start, length, kind)` by address, and their free
+    /// pieces (free ranges less their decommitted pages, the decommitted
+    /// pages, quick-listed blocks), for a snapshot.
+    pub(crate) fn books(
+        &self,
+    ) -> (
+        std::vec::Vec<(usize, usize, crate::snapshot::SegmentKind)>,
+        std::vec::Vec<crate::snapshot::Piece>,
+    ) {
+        use crate::snapshot::{BlockState, Piece, SegmentKind};
+        let segments = self
+            .ranges
+            .segments()
+            .map(|(start, end)| {
+                let kind = if self.fixed.contains_key(&start) {
+                    SegmentKind::Fixed
+                } else {
+                    SegmentKind::Reserved
+                };
+                (start, end - start, kind)
+            })
+            .collect();
+        let mut pieces = std::vec::Vec::new();
+        for (start, len) in self.ranges.iter() {
+            let end = start + len;
+            let mut at = start;
+            for (&from, &to) in self.decommitted.range(..end) {
+                if to <= start {
+                    continue;
+                }
+                let (from, to) = (from.max(start), to.min(end));
+                if from > at {
+                    pieces.push(Piece {
+                        address: at,
+                        size: from - at,
+                        state: BlockState::Free,
+                    });
+                }
+                pieces.push(Piece {
+                    address: from,
+                    size: to - from,
+                    state: BlockState::Decommitted,
+                });
+                at = to;
+            }
+            if end > at {
+                pieces.push(Piece {
+                    address: at,
+                    size: end - at,
+                    state: BlockState::Free,
+                });
+            }
+        }
+        for (&len, starts) in &self.quick {
+            pieces.extend(starts.iter().map(|&address| Piece {
+                address,
+                size: len,
+                state: BlockState::QuickList,
+            }));
+        }
+        (segments, pieces)
+    }
+
     fn in_fixed(&self, addr: usize) -> bool {
         self.fixed
             .range(..=addr)

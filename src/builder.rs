@@ -194,6 +194,18 @@ impl Builder {
         self
     }
 
+    /// Records a history of the last `max_entries` events (allocations,
+    /// frees, segment growths and shrinks, decommits, limit failures, front
+    /// drains, decays), with their time, size, address and thread, for
+    /// [`CachingAllocator::snapshot`](crate::CachingAllocator::snapshot) and
+    /// PyTorch's memory viewer. Off by default (then it costs a branch on
+    /// `None`); on, about 20 ns an event, and any thread records without a
+    /// lock.
+    pub fn record_history(mut self, max_entries: usize) -> Self {
+        self.config.history = Some(max_entries);
+        self
+    }
+
     /// The clock decay reads (the system's monotonic clock unless set):
     /// [`decay::Clock::manual`](crate::decay::Clock::manual) lets a test move
     /// time by hand.

@@ -31,6 +31,7 @@ use crate::budget::{Budget, Member};
 use crate::decay::{Clock, DEFAULT_RELEASE_AFTER, Window};
 use crate::eviction::{EvictionIndex, Victim};
 use crate::front::Fronts;
+use crate::history::{Action, History};
 use crate::per_cpu::{self, PerCpu};
 use crate::poison;
 use crate::policy::{Key, SizePolicy};
@@ -73,6 +74,8 @@ pub(crate) struct Config {
     pub(crate) release_after: Option<Duration>,
     /// The clock decay reads.
     pub(crate) clock: Clock,
+    /// Record a history of this many events (`None`: no history).
+    pub(crate) history: Option<usize>,
 }
 
 impl Config {
@@ -143,6 +146,8 @@ pub(crate) struct Cache<A: Allocator> {
     /// When the decay window closes (the clock's nanoseconds; `u64::MAX`:
     /// no decay): read on slow paths without the lock.
     decay_deadline: AtomicU64,
+    /// The history of events, if recorded.
+    history: Option<History>,
     config: Config,
     backing: A,
 }
@@ -330,8 +335,23 @@ impl<A: Allocator> Cache<A> {
             state: Mutex::new(State::new(&config, fronts.is_some())),
             fronts,
             decay_deadline: AtomicU64::new(decay_deadline),
+            history: config.history.map(History::new),
             config,
             backing,
+        }
+    }
+
+    /// The history of events, if this cache records one.
+    #[inline]
+    pub(crate) fn history(&self) -> Option<&History> {
+        self.history.as_ref()
+    }
+
+    /// Records an event if the cache keeps a history.
+    #[inline]
+    pub(crate) fn record(&self, action: Action, size: usize, address: usize) {
+        if let Some(history) = &self.history {
+            history.record(action, size, address);
         }
     }
 
@@ -373,6 +393,7 @@ impl<A: Allocator> Cache<A> {
             state.stats.decays += 1;
             unused
         };
+
         let mut panics = Deferred::new();
         let _ = self.drain_fronts(false, &mut panics);
         let decayed = if unused == 0 {
@@ -395,6 +416,9 @@ impl<A: Allocator> Cache<A> {
             }
         }
         self.sync_budget();
+        if decayed > 0 {
+            self.record(Action::Decay, decayed, 0);
+        }
         panics.resume();
         decayed
     }
@@ -425,6 +449,87 @@ impl<A: Allocator> Cache<A> {
             Some(fronts) if fronts.per_cpu().is_some() => crate::FrontKind::PerCpu,
             Some(_) => crate::FrontKind::PerThread,
         }
+    }
+
+    /// Every segment and block, the stats and the history, at one instant
+    /// (see `snapshot.rs`).
+    pub(crate) fn snapshot(&self) -> crate::Snapshot {
+        use crate::snapshot::{BlockState, Piece, SegmentKind};
+        let _inside = reentry::inside();
+        let stats = self.stats();
+        let mut extras = std::collections::BTreeMap::new();
+        let (mut segments, mut pieces) = {
+            let state = self.state.lock();
+            match &state.arena {
+                Some(arena) => {
+                    extras = arena.extras();
+                    arena.books()
+                }
+                None => {
+                    // The free-list policies: each cached block is a segment
+                    // of its own.
+                    let mut segments = std::vec::Vec::new();
+                    let mut pieces = std::vec::Vec::new();
+                    for (key, list) in &state.free_lists {
+                        for cached in list {
+                            let address = cached.block.as_ptr().addr();
+                            segments.push((address, key.size(), SegmentKind::Block));
+                            pieces.push(Piece {
+                                address,
+                                size: key.size(),
+                                state: BlockState::Free,
+                            });
+                        }
+                    }
+                    (segments, pieces)
+                }
+            }
+        };
+        if let Some(per_cpu) = self.per_cpu() {
+            per_cpu.for_each_block(|cpu, key, address| {
+                let piece = Piece {
+                    address,
+                    size: key.size(),
+                    state: BlockState::Front(Some(cpu)),
+                };
+                if self.carves() {
+                    pieces.push(piece);
+                } else {
+                    segments.push((address, key.size(), SegmentKind::Block));
+                    pieces.push(piece);
+                }
+            });
+        }
+        let (history, recorded) = self
+            .history
+            .as_ref()
+            .map_or((std::vec::Vec::new(), 0), |history| {
+                (history.events(), history.recorded())
+            });
+        if !self.carves() {
+            // Blocks in use of the free-list policies: the history's.
+            let mut live = std::collections::BTreeMap::new();
+            for event in &history {
+                match event.action {
+                    Action::Alloc => {
+                        live.insert(event.address, event.size);
+                    }
+                    Action::Free => {
+                        live.remove(&event.address);
+                    }
+                    _ => {}
+                }
+            }
+            for (&address, &size) in &live {
+                if let Some(key) =
+                    self.key(Layout::from_size_align(size, 1).unwrap_or(Layout::new::<u8>()))
+                {
+                    segments.push((address, key.size(), SegmentKind::Block));
+                }
+            }
+        }
+        segments.sort_unstable_by_key(|&(address, ..)| address);
+        crate::Snapshot::assemble(stats, segments, pieces, &extras, history, recorded)
     }
 
     pub(crate) fn is_caching_stopped(&self) -> bool {
@@ -514,6 +619,7 @@ impl<A: Allocator> Cache<A> {
             return true;
         }
         self.state.lock().stats.limit_failures += 1;
+        self.record(Action::LimitFailure, bytes, 0);
         false
     }
 
@@ -540,6 +646,9 @@ impl<A: Allocator> Cache<A> {
         if taken.is_ok() {
             // In the books in the same breath as it leaves `pending`.
             state.stats.on_miss(requested, size);
+        }
+        if let Ok(block) = &taken {
+            self.record(Action::SegmentAlloc, size, block.as_ptr().addr());
         }
         drop(state);
         if taken.is_err() {
@@ -593,6 +702,7 @@ impl<A: Allocator> Cache<A> {
     /// `block` was taken from the backing allocator with `key`'s layout, is
     /// owned by this cache alone, and is not listed.
     unsafe fn backing_deallocate(&self, block: NonNull<u8>, key: Key) {
+        self.record(Action::SegmentFree, key.size(), block.as_ptr().addr());
         poison::unpoison(block, key.size());
         let _inside = reentry::inside();
         // SAFETY: the caller's contract.

@@ -301,7 +301,6 @@ impl FreeRanges {
     }
 
     /// Every free range, `(start, len)` by address.
-    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         let mut ranges: Vec<(usize, usize)> = self
             .by_start
@@ -313,7 +312,6 @@ impl FreeRanges {
     }
 
     /// Every segment, `(start, end)` by address.
-    #[cfg(test)]
     pub(crate) fn segments(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         self.segments.iter().map(|(&start, &end)| (start, end))
     }

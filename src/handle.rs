@@ -9,6 +9,7 @@ use allocator_api2::alloc::{AllocError, Allocator, Global};
 
 use crate::alloc::{RawAllocator, allocator_impls};
 use crate::cache::{Cache, Config};
+use crate::history::{Action, History};
 use crate::policy::SizePolicy;
 use crate::stats::Stats;
 use crate::sync::Arc;
@@ -103,11 +104,20 @@ impl<A: Allocator> Drop for Users<A> {
 unsafe impl<A: Allocator> RawAllocator for Users<A> {
     #[inline]
     fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
-        RawAllocator::allocate(&*self.cache, layout, zeroed)
+        let block = RawAllocator::allocate(&*self.cache, layout, zeroed);
+        if let Some(history) = self.cache.history() {
+            record_alloc(history, &block, layout);
+        }
+        block
     }
 
     #[inline]
     unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        if let Some(history) = self.cache.history()
+            && layout.size() != 0
+        {
+            history.record(Action::Free, layout.size(), ptr.as_ptr().addr());
+        }
         // SAFETY: forwarded contract.
         unsafe { RawAllocator::deallocate(&*self.cache, ptr, layout) }
     }
@@ -120,7 +130,32 @@ unsafe impl<A: Allocator> RawAllocator for Users<A> {
         zeroed: bool,
     ) -> Result<NonNull<[u8]>, AllocError> {
         // SAFETY: forwarded contract.
-        unsafe { RawAllocator::resize(&*self.cache, ptr, old, new, zeroed) }
+        let block = unsafe { RawAllocator::resize(&*self.cache, ptr, old, new, zeroed) };
+        if let Some(history) = self.cache.history()
+            && block.is_ok()
+        {
+            // A resize is a free of the old block and an allocation of the
+            // new one (at the same address when in place).
+            if old.size() != 0 {
+                history.record(Action::Free, old.size(), ptr.as_ptr().addr());
+            }
+            record_alloc(history, &block, new);
+        }
+        block
+    }
+}
+
+/// Records a successful allocation of `layout`.
+#[cold]
+fn record_alloc(history: &History, block: &Result<NonNull<[u8]>, AllocError>, layout: Layout) {
+    if let Ok(block) = block
+        && layout.size() != 0
+    {
+        history.record(
+            Action::Alloc,
+            layout.size(),
+            block.cast::<u8>().as_ptr().addr(),
+        );
     }
 }
 
@@ -213,6 +248,32 @@ impl<A: Allocator> CachingAllocator<A> {
     /// The budget this cache shares, if any.
     pub fn budget(&self) -> Option<&crate::Budget> {
         self.cache.config().budget.as_ref()
+    }
+
+    /// Every segment and block this cache holds, its stats and (with
+    /// [`Builder::record_history`](crate::Builder::record_history)) its
+    /// history, at one instant: see [`Snapshot`](crate::Snapshot), which
+    /// writes PyTorch's memory viewer's pickle and a page of its own.
+    ///
+    /// ```
+    /// use allocator_api2::vec::Vec;
+    /// use caching_allocator::{CachingAllocator, SizePolicy, snapshot::BlockState};
+    ///
+    /// let cache = CachingAllocator::builder()
+    ///     .size_policy(SizePolicy::BestFit)
+    ///     .record_history(1000)
+    ///     .build();
+    /// let kept = Vec::<u8, _>::with_capacity_in(100_000, cache.clone());
+    /// drop(Vec::<u8, _>::with_capacity_in(50_000, cache.clone()));
+    /// let snapshot = cache.snapshot();
+    /// assert_eq!(snapshot.bytes_in(BlockState::InUse), 100_032); // rounded to 64
+    /// let mut pickle = std::vec::Vec::new();
+    /// snapshot.write_pytorch(&mut pickle).unwrap();
+    /// assert_eq!(&pickle[..2], b"\x80\x02");
+    /// drop(kept);
+    /// ```
+    pub fn snapshot(&self) -> crate::Snapshot {
+        self.cache.snapshot()
     }
 
     /// Closes the decay window if it is over (see

@@ -57,7 +57,10 @@ mod front;
 #[cfg(not(loom))]
 mod global;
 mod handle;
+pub mod history;
+mod page;
 mod per_cpu;
+mod pickle;
 pub mod plan;
 mod poison;
 mod policy;
@@ -70,6 +73,7 @@ mod registry;
 #[cfg(not(loom))]
 mod scope;
 mod size_bins;
+pub mod snapshot;
 mod stats;
 mod sync;
 mod unwind;
@@ -86,6 +90,7 @@ pub use per_cpu::{MAX_BLOCK as PER_CPU_FRONT_MAX_BLOCK, MAX_SLAB_BYTES as PER_CP
 pub use policy::{MIN_ALIGN, SIZE_GRANULARITY, SizePolicy};
 #[cfg(not(loom))]
 pub use scope::{LiveBlocks, Scope};
+pub use snapshot::Snapshot;
 pub use stats::Stats;
 
 #[cfg(doctest)]

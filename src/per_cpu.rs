@@ -265,6 +265,27 @@ impl PerCpu {
         (bytes, blocks)
     }
 
+    /// Every block the slabs hold, read without stopping them (exact when
+    /// no thread is pushing or popping): `each(cpu, key, block)`.
+    pub(crate) fn for_each_block(&self, mut each: impl FnMut(usize, Key, usize)) {
+        for cpu in 0..self.cpus {
+            let slab = self.slab(cpu);
+            for bin in 0..BINS {
+                let word = (HEADER_BYTES + bin * BIN_BYTES) / 8;
+                let held = slab[word].load(Ordering::Relaxed);
+                let Some(key) = decode(held >> 8) else {
+                    continue;
+                };
+                for at in 0..((held & 0xff) as usize).min(DEPTH) {
+                    let block = slab[word + 1 + at].load(Ordering::Relaxed) as usize;
+                    if block != 0 {
+                        each(cpu, key, block);
+                    }
+                }
+            }
+        }
+    }
+
     fn looks_empty(&self, cpu: usize) -> bool {
         let slab = self.slab(cpu);
         (0..BINS).all(|bin| {

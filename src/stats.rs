@@ -34,6 +34,7 @@ use core::fmt;
 /// assert_eq!(cache.stats().bytes_cached, 4096);
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct Stats {
     /// Allocations served from a free list (best fit: that needed no new

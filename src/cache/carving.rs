@@ -117,6 +117,7 @@ impl<A: Allocator> Cache<A> {
                     Err(Refused::Backing(error)) => return Err(error),
                     Err(Refused::Limit) => {
                         self.state.lock().stats.limit_failures += 1;
+                        self.record(crate::history::Action::LimitFailure, layout.size(), 0);
                         return Err(AllocError);
                     }
                 }
@@ -196,14 +197,17 @@ impl<A: Allocator> Cache<A> {
             }
             None => return None,
         };
-        if grew {
-            state.stats.backing_allocs += 1;
-        }
+        let reserved = state.stats.bytes_reserved;
         state
             .stats
             .on_carved(layout.size(), carved.len, !carved.fresh);
         state.sync_held(self.config.budget.as_ref());
         state.note_reuse();
+        if grew {
+            state.stats.backing_allocs += 1;
+            let grown = state.stats.bytes_reserved.saturating_sub(reserved);
+            self.record(crate::history::Action::SegmentAlloc, grown, carved.start);
+        }
         let after = After {
             cached: state.stats.bytes_cached,
             stopped: state.caching_stopped,
@@ -253,6 +257,7 @@ impl<A: Allocator> Cache<A> {
         let _inside = reentry::inside();
         let arena = state.arena();
         arena.add_fixed(start, segment);
+        self.record(crate::history::Action::SegmentAlloc, segment.size(), start);
         // The segment fits the block at its start (it is at least `len`
         // bytes, aligned to at least `align`), and no other thread carved from
         // it: the lock was held since it was added.
@@ -502,6 +507,10 @@ impl<A: Allocator> Cache<A> {
             state.sync_held(self.config.budget.as_ref());
             shed
         };
+        if bytes > 0 {
+            // Segments given back, tops uncommitted, pages decommitted.
+            self.record(crate::history::Action::SegmentFree, bytes, 0);
+        }
         let _inside = reentry::inside();
         for (start, layout) in segments {
             panics.catch(|| {

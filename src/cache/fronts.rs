@@ -458,6 +458,10 @@ impl<A: Allocator> Cache<A> {
             debug_assert!(listed, "a carved block always goes back into the arena");
         });
         self.after_relist(&mut state);
+        drop(state);
+        if bytes > 0 {
+            self.record(crate::history::Action::FrontDrain, bytes, 0);
+        }
         bytes
     }
 

@@ -29,4 +29,5 @@ mod plan_nightly;
 mod plan_properties;
 mod policy;
 mod properties;
+mod snapshot;
 mod threads;

@@ -1,0 +1,196 @@
+//! A cache's history of events ([`Builder::record_history`](crate::Builder::record_history)):
+//! a ring of the last `max_entries` allocations, frees, segment growths and
+//! shrinks, decommits, releases, limit failures, front drains and decays,
+//! each with its time, size, address and thread, as PyTorch's
+//! `_record_memory_history` keeps for its CUDA allocator.
+//!
+//! Off by default, and then it costs a branch on a field that is `None`.
+//! On, an event is one atomic add to claim a place in the ring and a few
+//! plain stores: any thread records without a lock (the front caches' hit
+//! paths included), and a reader takes a consistent copy of each entry or
+//! skips it (a sequence number written last, checked on both sides of the
+//! read, as a seqlock does).
+
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::time::Instant;
+
+use allocator_api2::vec::Vec;
+
+use crate::reentry::Bookkeeping;
+use crate::sync::{AtomicU64, AtomicUsize};
+
+/// What happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum Action {
+    /// A block was handed out: `size` requested bytes at `address`.
+    Alloc,
+    /// A block was given back by its user.
+    Free,
+    /// The cache took `size` more bytes from the system or its backing
+    /// allocator (best fit: a reservation's usable part grew, or a fixed
+    /// segment was added; the free-list policies: a new block).
+    SegmentAlloc,
+    /// The cache gave `size` bytes back (a block, a segment, a
+    /// reservation's free top).
+    SegmentFree,
+    /// Best fit dropped the pages of `size` free bytes at `address` in place.
+    Decommit,
+    /// A request of `size` bytes was refused by a hard limit.
+    LimitFailure,
+    /// `size` bytes came back from the front caches to the shared cache.
+    FrontDrain,
+    /// Decay gave back `size` bytes nobody reused for a whole window.
+    Decay,
+}
+
+impl Action {
+    const ALL: [Action; 8] = [
+        Action::Alloc,
+        Action::Free,
+        Action::SegmentAlloc,
+        Action::SegmentFree,
+        Action::Decommit,
+        Action::LimitFailure,
+        Action::FrontDrain,
+        Action::Decay,
+    ];
+
+    fn code(self) -> u64 {
+        Self::ALL
+            .iter()
+            .position(|&action| action == self)
+            .unwrap_or(0) as u64
+    }
+
+    fn from_code(code: u64) -> Option<Self> {
+        Self::ALL.get(code as usize).copied()
+    }
+}
+
+/// One recorded event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
+pub struct Event {
+    /// Microseconds since the cache was built.
+    pub time_us: u64,
+    /// What happened.
+    pub action: Action,
+    /// Bytes: requested for `Alloc` and `Free`, else what the action moved.
+    pub size: usize,
+    /// The block's or the range's address (0 where there is none).
+    pub address: usize,
+    /// A number for the thread that recorded it (1 for the first thread of
+    /// the process to record anything, and so on).
+    pub thread: u64,
+}
+
+/// One place in the ring: a sequence number (its event's number plus one;
+/// 0 while being written), then the fields.
+struct Entry {
+    sequence: AtomicU64,
+    time_us: AtomicU64,
+    action_and_thread: AtomicU64,
+    size: AtomicU64,
+    address: AtomicU64,
+}
+
+/// The ring.
+pub(crate) struct History {
+    entries: Vec<Entry, Bookkeeping>,
+    /// Events recorded so far (the next one's number).
+    next: AtomicUsize,
+    start: Instant,
+}
+
+impl History {
+    /// A ring of `capacity` events (at least one).
+    pub(crate) fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        let _inside = crate::reentry::inside();
+        let mut entries = Vec::with_capacity_in(capacity, Bookkeeping);
+        entries.extend((0..capacity).map(|_| Entry {
+            sequence: AtomicU64::new(0),
+            time_us: AtomicU64::new(0),
+            action_and_thread: AtomicU64::new(0),
+            size: AtomicU64::new(0),
+            address: AtomicU64::new(0),
+        }));
+        Self {
+            entries,
+            next: AtomicUsize::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    /// Records an event.
+    #[inline]
+    pub(crate) fn record(&self, action: Action, size: usize, address: usize) {
+        let number = self.next.fetch_add(1, Relaxed);
+        let entry = &self.entries[number % self.entries.len()];
+        // 0 while the fields are written: a reader skips the entry.
+        entry.sequence.store(0, Relaxed);
+        core::sync::atomic::fence(Release);
+        let time_us = self.start.elapsed().as_micros() as u64;
+        entry.time_us.store(time_us, Relaxed);
+        entry
+            .action_and_thread
+            .store(action.code() | thread_number() << 8, Relaxed);
+        entry.size.store(size as u64, Relaxed);
+        entry.address.store(address as u64, Relaxed);
+        entry.sequence.store(number as u64 + 1, Release);
+    }
+
+    /// The recorded events still in the ring, oldest first; an entry being
+    /// written while this reads is left out.
+    pub(crate) fn events(&self) -> std::vec::Vec<Event> {
+        let next = self.next.load(Acquire);
+        let first = next.saturating_sub(self.entries.len());
+        let mut events = std::vec::Vec::with_capacity(next - first);
+        for number in first..next {
+            let entry = &self.entries[number % self.entries.len()];
+            let before = entry.sequence.load(Acquire);
+            let event = Event {
+                time_us: entry.time_us.load(Relaxed),
+                action: match Action::from_code(entry.action_and_thread.load(Relaxed) & 0xff) {
+                    Some(action) => action,
+                    None => continue,
+                },
+                size: entry.size.load(Relaxed) as usize,
+                address: entry.address.load(Relaxed) as usize,
+                thread: entry.action_and_thread.load(Relaxed) >> 8,
+            };
+            core::sync::atomic::fence(Acquire);
+            if before == number as u64 + 1 && entry.sequence.load(Relaxed) == before {
+                events.push(event);
+            }
+        }
+        events
+    }
+
+    /// Events recorded so far, dropped ones included.
+    pub(crate) fn recorded(&self) -> usize {
+        self.next.load(Relaxed)
+    }
+}
+
+/// This thread's number for events: given on its first event.
+fn thread_number() -> u64 {
+    use core::cell::Cell;
+    use core::sync::atomic::AtomicU64 as StdAtomicU64;
+    static NEXT: StdAtomicU64 = StdAtomicU64::new(1);
+    std::thread_local! {
+        static NUMBER: Cell<u64> = const { Cell::new(0) };
+    }
+    NUMBER
+        .try_with(|number| {
+            if number.get() == 0 {
+                number.set(NEXT.fetch_add(1, Relaxed));
+            }
+            number.get()
+        })
+        .unwrap_or(0)
+}

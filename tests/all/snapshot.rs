@@ -1,0 +1,248 @@
+//! Snapshots (`CachingAllocator::snapshot`), the history of events
+//! (`Builder::record_history`), PyTorch's pickle and the HTML page.
+
+use allocator_api2::vec::Vec;
+use caching_allocator::history::Action;
+use caching_allocator::snapshot::{BlockState, SegmentKind};
+use caching_allocator::{CachingAllocator, SizePolicy, Snapshot};
+
+use crate::fixture::{Held, give, l, take};
+
+/// Every segment is covered by its blocks exactly, in address order.
+fn assert_tiled(snapshot: &Snapshot) {
+    for segment in &snapshot.segments {
+        let mut at = segment.address;
+        for block in &segment.blocks {
+            assert_eq!(block.address, at, "a gap or an overlap in {segment:?}");
+            assert!(block.size > 0);
+            at += block.size;
+        }
+        assert_eq!(at, segment.address + segment.size, "{segment:?}");
+    }
+}
+
+fn best_fit(history: usize) -> caching_allocator::Builder {
+    CachingAllocator::builder()
+        .size_policy(SizePolicy::BestFit)
+        .record_history(history)
+}
+
+#[test]
+fn a_best_fit_snapshot_accounts_for_every_byte() {
+    for builder in [best_fit(10_000), best_fit(10_000).front_cache_bytes(0)] {
+        let cache = builder.build();
+        let held: std::vec::Vec<Held> = [100, 5000, 70_000, 300_000, 1000, 64]
+            .iter()
+            .cycle()
+            .take(30)
+            .map(|&size| take(&cache, l(size)))
+            .collect();
+        let (kept, freed): (std::vec::Vec<_>, std::vec::Vec<_>) =
+            held.into_iter().enumerate().partition(|(i, _)| i % 3 == 0);
+        freed.into_iter().for_each(|(_, held)| give(&cache, held));
+        cache.trim(100_000); // some pages decommitted
+        let snapshot = cache.snapshot();
+        assert_tiled(&snapshot);
+        let stats = snapshot.stats;
+        let free = snapshot.bytes_in(BlockState::Free)
+            + snapshot.bytes_in(BlockState::QuickList)
+            + snapshot
+                .segments
+                .iter()
+                .flat_map(|segment| &segment.blocks)
+                .filter(|block| matches!(block.state, BlockState::Front(_)))
+                .map(|block| block.size)
+                .sum::<usize>();
+        assert_eq!(free, stats.bytes_cached, "{stats:?}");
+        assert_eq!(
+            snapshot.bytes_in(BlockState::Decommitted),
+            stats.bytes_decommitted
+        );
+        let total: usize = snapshot.segments.iter().map(|segment| segment.size).sum();
+        assert_eq!(total, stats.bytes_reserved + stats.bytes_decommitted);
+        // The history tells the kept blocks apart, with what was asked.
+        let in_use: std::vec::Vec<_> = snapshot
+            .segments
+            .iter()
+            .flat_map(|segment| &segment.blocks)
+            .filter(|block| block.state == BlockState::InUse)
+            .collect();
+        assert_eq!(in_use.len(), kept.len(), "{in_use:?}");
+        let asked: usize = in_use.iter().map(|block| block.requested.unwrap()).sum();
+        assert_eq!(asked, stats.bytes_in_use);
+        for (_, held) in &kept {
+            assert!(in_use.iter().any(|block| block.address == held.addr()));
+        }
+        kept.into_iter().for_each(|(_, held)| give(&cache, held));
+    }
+}
+
+#[test]
+fn without_a_history_blocks_in_use_are_runs() {
+    let cache = CachingAllocator::builder()
+        .size_policy(SizePolicy::BestFit)
+        .build();
+    let a = take(&cache, l(100_000));
+    let b = take(&cache, l(100_000));
+    let snapshot = cache.snapshot();
+    assert_tiled(&snapshot);
+    assert!(snapshot.history.is_empty());
+    assert_eq!(snapshot.bytes_in(BlockState::InUse), 2 * 100_032);
+    let runs: std::vec::Vec<_> = snapshot
+        .segments
+        .iter()
+        .flat_map(|segment| &segment.blocks)
+        .filter(|block| block.state == BlockState::InUse)
+        .collect();
+    assert_eq!(runs.len(), 1, "two neighbours in use are one run: {runs:?}");
+    assert_eq!(runs[0].requested, None);
+    give(&cache, a);
+    give(&cache, b);
+}
+
+#[test]
+fn a_free_list_snapshot_lists_cached_blocks_and_the_historys_live_ones() {
+    let cache = CachingAllocator::builder().record_history(100).build();
+    let kept = take(&cache, l(4096));
+    give(&cache, take(&cache, l(8192)));
+    let snapshot = cache.snapshot();
+    assert_tiled(&snapshot);
+    assert!(
+        snapshot
+            .segments
+            .iter()
+            .all(|segment| segment.kind == SegmentKind::Block)
+    );
+    assert_eq!(snapshot.bytes_in(BlockState::Free), 8192);
+    assert_eq!(snapshot.bytes_in(BlockState::InUse), 4096);
+    give(&cache, kept);
+}
+
+#[test]
+fn the_history_records_every_kind_of_event_and_keeps_the_last() {
+    let cache = CachingAllocator::builder()
+        .size_policy(SizePolicy::BestFit)
+        .max_bytes(4 << 20)
+        .front_cache_bytes(0)
+        .record_history(64)
+        .build();
+    let mut big: Vec<u8, _> = Vec::new_in(cache.clone());
+    assert!(big.try_reserve_exact(3 << 20).is_ok());
+    let mut more: Vec<u8, _> = Vec::new_in(cache.clone());
+    assert!(more.try_reserve_exact(3 << 20).is_err());
+    drop(big);
+    cache.release_cached();
+    let events = cache.snapshot().history;
+    let actions: std::vec::Vec<Action> = events.iter().map(|event| event.action).collect();
+    for action in [
+        Action::Alloc,
+        Action::Free,
+        Action::SegmentAlloc,
+        Action::SegmentFree,
+        Action::LimitFailure,
+    ] {
+        assert!(
+            actions.contains(&action),
+            "{action:?} missing from {events:?}"
+        );
+    }
+    assert!(
+        events
+            .windows(2)
+            .all(|pair| pair[0].time_us <= pair[1].time_us)
+    );
+    // The ring keeps the last 64.
+    for _ in 0..100 {
+        drop(Vec::<u8, _>::with_capacity_in(128, cache.clone()));
+    }
+    let snapshot = cache.snapshot();
+    assert_eq!(snapshot.history.len(), 64);
+    assert!(snapshot.recorded > 200);
+}
+
+/// The pickle loads with Python's `pickle` and has the schema of
+/// `torch.cuda.memory._snapshot()` that PyTorch's viewer reads.
+#[test]
+fn the_pytorch_pickle_loads_in_python_with_its_schema() {
+    if cfg!(miri)
+        || std::process::Command::new("python3")
+            .arg("-c")
+            .arg("1")
+            .output()
+            .is_err()
+    {
+        return;
+    }
+    let cache = best_fit(1000).build();
+    let kept = take(&cache, l(300_000));
+    give(&cache, take(&cache, l(100_000)));
+    give(&cache, take(&cache, l(1000)));
+    let snapshot = cache.snapshot();
+    let path =
+        std::env::temp_dir().join(format!("caching-allocator-{}.pickle", std::process::id()));
+    let mut file = std::fs::File::create(&path).unwrap();
+    snapshot.write_pytorch(&mut file).unwrap();
+    drop(file);
+    let check = r#"
+import pickle, sys
+s = pickle.load(open(sys.argv[1], "rb"))
+assert set(s) >= {"segments", "device_traces"}, s.keys()
+for seg in s["segments"]:
+    for key in ("address", "total_size", "allocated_size", "active_size", "stream", "segment_type", "blocks", "frames"):
+        assert key in seg, key
+    assert sum(b["size"] for b in seg["blocks"]) == seg["total_size"]
+    for b in seg["blocks"]:
+        assert b["state"] in ("active_allocated", "inactive"), b
+        assert set(b) >= {"address", "size", "requested_size", "state", "frames"}
+trace = s["device_traces"][0]
+actions = {e["action"] for e in trace}
+assert {"alloc", "free_requested", "free_completed", "segment_alloc"} <= actions, actions
+for e in trace:
+    assert set(e) >= {"action", "addr", "size", "stream", "time_us", "frames"}, e
+print(len(s["segments"]), len(trace), sum(b["size"] for seg in s["segments"] for b in seg["blocks"] if b["state"] == "active_allocated"))
+"#;
+    let output = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(check)
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed = String::from_utf8_lossy(&output.stdout);
+    let allocated: usize = printed.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert_eq!(allocated, snapshot.bytes_in(BlockState::InUse));
+    give(&cache, kept);
+}
+
+#[test]
+fn the_page_shows_the_ratio_and_every_segment() {
+    let cache = best_fit(1000).build();
+    let kept = take(&cache, l(300_000));
+    give(&cache, take(&cache, l(100_000)));
+    let snapshot = cache.snapshot();
+    let mut page = std::vec::Vec::new();
+    snapshot.write_html("a <test> cache", &mut page).unwrap();
+    let page = String::from_utf8(page).unwrap();
+    assert!(page.starts_with("<!doctype html>"));
+    assert!(page.contains("a &lt;test&gt; cache"));
+    let ratio = snapshot.stats.bytes_reserved as f64 / snapshot.stats.bytes_in_use as f64;
+    assert!(page.contains(&format!("{ratio:.2}x")), "{page}");
+    assert_eq!(
+        page.matches("<polyline").count(),
+        2,
+        "in use and held over time"
+    );
+    let blocks: usize = snapshot
+        .segments
+        .iter()
+        .map(|segment| segment.blocks.len())
+        .sum();
+    assert_eq!(page.matches("<rect").count(), blocks);
+    assert!(!page.contains("http"), "nothing fetched at view time");
+    give(&cache, kept);
+}

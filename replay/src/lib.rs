@@ -16,6 +16,7 @@ pub mod allocators;
 pub mod burst;
 pub mod engine;
 pub mod measure;
+pub mod page;
 pub mod plot;
 pub mod report;
 pub mod trace;

@@ -64,6 +64,12 @@ struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = caching_allocator::FRONT_CACHE_BYTES)]
     front_bytes: usize,
 
+    /// Replay the trace through a best-fit cache that records its history
+    /// and write the crate's memory page of it, with a snapshot at the last
+    /// pass's peak, to FILE (and PyTorch's pickle to FILE.pickle)
+    #[arg(long, value_name = "FILE.html")]
+    html: Option<PathBuf>,
+
     /// A burst, an idle gap, then a trickle: resident memory over time for
     /// each allocator (see `burst.rs`); with --plot, drawn over time
     #[arg(long)]
@@ -118,6 +124,7 @@ fn main() -> ExitCode {
         (Some(kind), _) => child(&args, *kind),
         (None, Some(row)) => burst_child(&args, row),
         (None, None) if args.burst => burst_parent(&args),
+        (None, None) if args.html.is_some() => html(&args),
         (None, None) => parent(&args),
     };
     match result {
@@ -138,6 +145,29 @@ fn schedule(args: &Args, short_only: bool) -> replay::burst::Schedule {
         short_only,
         touch: args.touch,
     }
+}
+
+/// `--html`: the page of the first trace given (or the first bundled one).
+fn html(args: &Args) -> Result<ExitCode, String> {
+    let path = trace_paths(args)?
+        .into_iter()
+        .next()
+        .ok_or("no trace to replay")?;
+    let trace = Trace::from_path(&path).map_err(|error| error.to_string())?;
+    let passes = args
+        .passes
+        .map_or(2 * trace.passes.len().max(1), |n| n as usize);
+    let file = args.html.clone().unwrap_or_default();
+    let snapshot = replay::page::write(&trace, passes, &file)?;
+    println!(
+        "{}: {} segments, {} events in the history; page {}, pickle {}",
+        trace.name,
+        snapshot.segments.len(),
+        snapshot.history.len(),
+        file.display(),
+        file.with_extension("pickle").display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Burst child: one row's burst run (or its trickle alone), one JSON line.

@@ -77,23 +77,22 @@ fn timeline(snapshot: &Snapshot, svg: &mut String) {
         );
         return;
     }
-    let (t0, t1) = (
-        points[0].0 as f64,
-        points[points.len() - 1].0.max(points[0].0 + 1) as f64,
-    );
+    // Along the events (as PyTorch's active memory timeline), not the
+    // clock: a pass's allocations take the width they have events for.
     let top = points
         .iter()
         .map(|p| p.1.max(p.2))
         .max()
         .unwrap_or(1)
         .max(1) as f64;
-    let x = |t: u64| (t as f64 - t0) / (t1 - t0) * (WIDTH - 20.0) + 10.0;
+    let last = (points.len() - 1).max(1) as f64;
+    let x = |at: usize| at as f64 / last * (WIDTH - 20.0) + 10.0;
     let y = |v: i64| height - v as f64 / top * (height - 20.0) + 5.0;
     for (index, color, label) in [(1, "#d62728", "in use"), (2, "#1f77b4", "held")] {
         let mut path = String::new();
-        for point in &points {
+        for (at, point) in points.iter().enumerate() {
             let value = if index == 1 { point.1 } else { point.2 };
-            let _ = write!(path, "{:.1},{:.1} ", x(point.0), y(value));
+            let _ = write!(path, "{:.1},{:.1} ", x(at), y(value));
         }
         let _ = write!(
             svg,
@@ -102,9 +101,10 @@ fn timeline(snapshot: &Snapshot, svg: &mut String) {
     }
     let _ = write!(
         svg,
-        r#"<text x="10" y="{}" font-size="12">0 to {:.1} ms; top {:.2} MiB; red: in use, blue: held</text></svg>"#,
+        r#"<text x="10" y="{}" font-size="12">{} events over {:.1} ms; top {:.2} MiB; red: in use, blue: held</text></svg>"#,
         height + 22.0,
-        (t1 - t0) / 1e3,
+        points.len(),
+        (points[points.len() - 1].0 - points[0].0) as f64 / 1e3,
         mib(top as usize)
     );
 }

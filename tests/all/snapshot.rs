@@ -246,3 +246,27 @@ fn the_page_shows_the_ratio_and_every_segment() {
     assert!(!page.contains("http"), "nothing fetched at view time");
     give(&cache, kept);
 }
+
+/// With the `serde` feature, a server exports its stats and snapshots as
+/// JSON (and reads them back).
+#[cfg(feature = "serde")]
+#[test]
+fn stats_and_snapshots_round_trip_through_json() {
+    let cache = best_fit(100).build();
+    let kept = take(&cache, l(10_000));
+    let stats = cache.stats();
+    let json = serde_json::to_string(&stats).unwrap();
+    assert!(json.contains("\"bytes_in_use\":10000"), "{json}");
+    assert_eq!(
+        serde_json::from_str::<caching_allocator::Stats>(&json).unwrap(),
+        stats
+    );
+    let snapshot = cache.snapshot();
+    let json = serde_json::to_string(&snapshot).unwrap();
+    assert!(
+        json.contains("\"state\":\"in_use\"") && json.contains("\"action\":\"alloc\""),
+        "{json}"
+    );
+    assert_eq!(serde_json::from_str::<Snapshot>(&json).unwrap(), snapshot);
+    give(&cache, kept);
+}

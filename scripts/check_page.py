@@ -6,6 +6,7 @@ page's own text from the DOM (the held-over-live ratio and the legend), and
 a screenshot whose pixels must show the segments' colours.
 
 Usage: python3 scripts/check_page.py [--chromium /usr/bin/chromium] [--keep DIR]
+(`--keep docs` writes the README's picture, docs/page-resnet18.png.)
 Exit status 0 when the page rendered as it should.
 """
 
@@ -71,7 +72,7 @@ def main():
     args = parser.parse_args()
     work = args.keep or tempfile.mkdtemp()
     os.makedirs(work, exist_ok=True)
-    page = os.path.join(work, "resnet18.html")
+    page = os.path.join(work, "page-resnet18.html")
     subprocess.run(
         ["cargo", "run", "--release", "-q", "-p", "replay", "--", "--html", page,
          os.path.join(ROOT, "traces", "resnet18.trace")],
@@ -84,7 +85,7 @@ def main():
     ]
     dom = subprocess.run(flags + ["--dump-dom", "file://" + page], capture_output=True, text=True, timeout=120)
     text = re.sub(r"<[^>]+>", " ", dom.stdout)
-    shot = os.path.join(work, "resnet18.png")
+    shot = os.path.join(work, "page-resnet18.png")
     subprocess.run(
         flags + [f"--screenshot={shot}", "--window-size=1100,900", "file://" + page],
         capture_output=True, timeout=120,

@@ -139,6 +139,9 @@ fn segments(snapshot: &Snapshot, svg: &mut String) {
 
 /// Writes the page.
 pub(crate) fn write(snapshot: &Snapshot, title: &str, out: &mut impl Write) -> io::Result<()> {
+    // The page is built in memory of the inner allocator's (a scope's cache
+    // never serves the crate's own bookkeeping).
+    let _inside = crate::reentry::inside();
     let stats = &snapshot.stats;
     let mut body = String::new();
     let _ = write!(

@@ -477,3 +477,31 @@ fn a_request_past_a_scopes_limit_is_an_ordinary_allocation_failure() {
     assert_eq!(stats.limit_failures, 1, "{stats:?}");
     assert!(stats.peak_bytes_reserved <= 1 << 20, "{stats:?}");
 }
+
+/// A snapshot taken inside the cache's own scope allocates nothing from
+/// it: its books go to the inner allocator.
+#[test]
+fn a_snapshot_inside_its_caches_scope_takes_nothing_from_the_cache() {
+    let cache = CachingAllocator::builder()
+        .size_policy(caching_allocator::SizePolicy::BestFit)
+        .record_history(10_000)
+        .build();
+    let _scope = cache.enter();
+    let kept: Vec<Vec<u8>> = (0..50).map(|i| vec![i as u8; 8192]).collect();
+    let before = cache.stats();
+    let snapshot = cache.snapshot();
+    // Writing it uses no memory of the cache's either (the output is the
+    // caller's: a sink that allocates nothing).
+    snapshot.write_pytorch(&mut std::io::sink()).unwrap();
+    snapshot
+        .write_html("in scope", &mut std::io::sink())
+        .unwrap();
+    let after = cache.stats();
+    assert_eq!(
+        (after.hits, after.misses, after.bytes_in_use),
+        (before.hits, before.misses, before.bytes_in_use),
+        "the snapshot allocated from the cache it describes"
+    );
+    assert!(snapshot.bytes_in(caching_allocator::snapshot::BlockState::InUse) >= 50 * 8192);
+    drop(kept);
+}

@@ -78,6 +78,9 @@ pub(crate) struct Shed {
     pub(crate) pieces: u64,
     /// Backing calls made or to make: segments and uncommitted tops.
     pub(crate) segment_frees: u64,
+    /// The uncommitted tops of reservations, `(start, len)` (for the
+    /// history).
+    pub(crate) unmapped: Vec<(usize, usize)>,
 }
 
 /// Best fit's memory. See the module documentation.
@@ -106,6 +109,9 @@ pub(crate) struct Arena {
     /// The page size commits, decommits and pinned bytes are computed in
     /// (`reservation::page_size`; tests pass larger ones).
     page: usize,
+    /// The range the last growth of a reservation committed, `(start, len)`,
+    /// until the cache records it (`take_growth`).
+    last_growth: Option<(usize, usize)>,
     /// Every block exactly its request's length: tails always go back to
     /// the free ranges, `extra` stays empty. Set for a cache with front
     /// caches, which know a block's length only from its layout.
@@ -129,6 +135,7 @@ impl Arena {
     pub(crate) fn with_page(reserves: bool, exact_blocks: bool, page: usize) -> Self {
         Self {
             page,
+            last_growth: None,
             exact_blocks,
             ranges: FreeRanges::new(),
             extra: HashMap::with_hasher_in(FixedState::default(), Bookkeeping),
@@ -326,6 +333,7 @@ impl Arena {
             reservation.collapse(chunk);
         }
         poison::poison_at(top, needed - committed);
+        self.last_growth = Some((top, needed - committed));
         if committed == 0 {
             self.ranges.add_segment(base, needed);
         } else {
@@ -492,6 +500,7 @@ impl Arena {
             // SAFETY: `[base + keep, base + committed)` was the free top of
             // the segment and just left the index: nobody uses it.
             unsafe { self.reservations[index].uncommit(keep) };
+            shed.unmapped.push((base + keep, committed - keep));
             shed.bytes += before - cached(self);
             shed.pieces += 1;
             shed.segment_frees += 1;
@@ -569,6 +578,11 @@ impl Arena {
                 poison::unpoison_at(start, layout.size());
             })
             .collect()
+    }
+
+    /// The range the last growth of a reservation committed, once.
+    pub(crate) fn take_growth(&mut self) -> Option<(usize, usize)> {
+        self.last_growth.take()
     }
 
     /// The bytes each longer block in use holds beyond its request's

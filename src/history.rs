@@ -33,9 +33,14 @@ pub enum Action {
     /// allocator (best fit: a reservation's usable part grew, or a fixed
     /// segment was added; the free-list policies: a new block).
     SegmentAlloc,
-    /// The cache gave `size` bytes back (a block, a segment, a
-    /// reservation's free top).
+    /// The cache gave `size` bytes back (a block, a segment).
     SegmentFree,
+    /// Best fit's reservation grew in place: `size` bytes at `address`
+    /// became usable (PyTorch's expandable segments' `segment_map`).
+    SegmentMap,
+    /// Best fit gave back the free top of a reservation: `size` bytes at
+    /// `address` (`segment_unmap`).
+    SegmentUnmap,
     /// Best fit dropped the pages of `size` free bytes at `address` in place.
     Decommit,
     /// A request of `size` bytes was refused by a hard limit.
@@ -47,11 +52,13 @@ pub enum Action {
 }
 
 impl Action {
-    const ALL: [Action; 8] = [
+    const ALL: [Action; 10] = [
         Action::Alloc,
         Action::Free,
         Action::SegmentAlloc,
         Action::SegmentFree,
+        Action::SegmentMap,
+        Action::SegmentUnmap,
         Action::Decommit,
         Action::LimitFailure,
         Action::FrontDrain,

@@ -42,8 +42,8 @@ fn curves(snapshot: &Snapshot) -> Vec<(u64, i64, i64)> {
         match event.action {
             Action::Alloc => in_use += size,
             Action::Free => in_use -= size,
-            Action::SegmentAlloc => held += size,
-            Action::SegmentFree | Action::Decay => held -= size,
+            Action::SegmentAlloc | Action::SegmentMap => held += size,
+            Action::SegmentFree | Action::SegmentUnmap => held -= size,
             _ => continue,
         }
         points.push((event.time_us, in_use, held));

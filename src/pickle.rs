@@ -177,9 +177,13 @@ pub(crate) fn write_snapshot(snapshot: &Snapshot, out: &mut impl Write) -> io::R
                         Action::Alloc => "alloc",
                         Action::Free => "free_requested",
                         Action::SegmentAlloc => "segment_alloc",
-                        Action::SegmentFree | Action::Decommit | Action::Decay => "segment_free",
+                        Action::SegmentFree => "segment_free",
+                        Action::SegmentMap => "segment_map",
+                        Action::SegmentUnmap => "segment_unmap",
                         Action::LimitFailure => "oom",
-                        Action::FrontDrain => continue,
+                        // Nothing PyTorch's segments show: pages dropped in
+                        // place, blocks moved between the cache's own lists.
+                        Action::Decommit | Action::Decay | Action::FrontDrain => continue,
                     };
                     p.dict(|p| {
                         p.key_str("action", action)?;

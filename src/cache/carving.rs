@@ -197,7 +197,6 @@ impl<A: Allocator> Cache<A> {
             }
             None => return None,
         };
-        let reserved = state.stats.bytes_reserved;
         state
             .stats
             .on_carved(layout.size(), carved.len, !carved.fresh);
@@ -205,8 +204,9 @@ impl<A: Allocator> Cache<A> {
         state.note_reuse();
         if grew {
             state.stats.backing_allocs += 1;
-            let grown = state.stats.bytes_reserved.saturating_sub(reserved);
-            self.record(crate::history::Action::SegmentAlloc, grown, carved.start);
+            if let Some((start, len)) = state.arena().take_growth() {
+                self.record(crate::history::Action::SegmentMap, len, start);
+            }
         }
         let after = After {
             cached: state.stats.bytes_cached,
@@ -486,7 +486,10 @@ impl<A: Allocator> Cache<A> {
     /// and gives the emptied fixed segments back; the bytes shed.
     pub(super) fn shed_carved(&self, target: usize, count: Count, panics: &mut Deferred) -> usize {
         let Shed {
-            segments, bytes, ..
+            segments,
+            bytes,
+            unmapped,
+            ..
         } = {
             let mut state = self.state.lock();
             let _inside = reentry::inside();
@@ -507,9 +510,21 @@ impl<A: Allocator> Cache<A> {
             state.sync_held(self.config.budget.as_ref());
             shed
         };
-        if bytes > 0 {
-            // Segments given back, tops uncommitted, pages decommitted.
-            self.record(crate::history::Action::SegmentFree, bytes, 0);
+        if self.history().is_some() {
+            use crate::history::Action;
+            let mut given = 0;
+            for &(start, layout) in &segments {
+                self.record(Action::SegmentFree, layout.size(), start);
+                given += layout.size();
+            }
+            for &(start, len) in &unmapped {
+                self.record(Action::SegmentUnmap, len, start);
+                given += len;
+            }
+            if bytes > given {
+                // The rest: pages decommitted in place.
+                self.record(Action::Decommit, bytes - given, 0);
+            }
         }
         let _inside = reentry::inside();
         for (start, layout) in segments {

@@ -137,8 +137,8 @@ fn the_history_records_every_kind_of_event_and_keeps_the_last() {
     for action in [
         Action::Alloc,
         Action::Free,
-        Action::SegmentAlloc,
-        Action::SegmentFree,
+        Action::SegmentMap,
+        Action::SegmentUnmap,
         Action::LimitFailure,
     ] {
         assert!(
@@ -146,6 +146,47 @@ fn the_history_records_every_kind_of_event_and_keeps_the_last() {
             "{action:?} missing from {events:?}"
         );
     }
+    // Best fit's reservation grows and shrinks in place: the mapped and
+    // unmapped ranges are where the block was, as PyTorch's expandable
+    // segments record them.
+    let mapped = events
+        .iter()
+        .find(|event| event.action == Action::SegmentMap)
+        .unwrap();
+    let alloc = events
+        .iter()
+        .find(|event| event.action == Action::Alloc)
+        .unwrap();
+    assert!(mapped.address <= alloc.address);
+    assert!(alloc.address + alloc.size <= mapped.address + mapped.size);
+    let unmapped = events
+        .iter()
+        .find(|event| event.action == Action::SegmentUnmap)
+        .unwrap();
+    assert_eq!(
+        (unmapped.address, unmapped.size),
+        (mapped.address, mapped.size)
+    );
+    // A free-list cache takes and gives back whole segments.
+    let lists = CachingAllocator::builder()
+        .size_policy(SizePolicy::Exact)
+        .record_history(16)
+        .build();
+    drop(Vec::<u8, _>::with_capacity_in(1 << 20, lists.clone()));
+    lists.release_cached();
+    let events = lists.snapshot().history;
+    let segment_alloc = events
+        .iter()
+        .find(|event| event.action == Action::SegmentAlloc)
+        .unwrap_or_else(|| panic!("no segment_alloc in {events:?}"));
+    let segment_free = events
+        .iter()
+        .find(|event| event.action == Action::SegmentFree)
+        .unwrap_or_else(|| panic!("no segment_free in {events:?}"));
+    assert_eq!(
+        (segment_alloc.address, segment_alloc.size),
+        (segment_free.address, segment_free.size)
+    );
     assert!(
         events
             .windows(2)
@@ -196,9 +237,15 @@ for seg in s["segments"]:
         assert set(b) >= {"address", "size", "requested_size", "state", "frames"}
 trace = s["device_traces"][0]
 actions = {e["action"] for e in trace}
-assert {"alloc", "free_requested", "free_completed", "segment_alloc"} <= actions, actions
+assert {"alloc", "free_requested", "free_completed", "segment_map"} <= actions, actions
 for e in trace:
     assert set(e) >= {"action", "addr", "size", "stream", "time_us", "frames"}, e
+# Nothing was unmapped: every mapped range lies inside a segment of the
+# snapshot, which PyTorch's viewer needs to draw the segment's growth.
+for e in trace:
+    if e["action"] == "segment_map":
+        assert any(seg["address"] <= e["addr"] and e["addr"] + e["size"] <= seg["address"] + seg["total_size"]
+                   for seg in s["segments"]), (e, [(seg["address"], seg["total_size"]) for seg in s["segments"]])
 print(len(s["segments"]), len(trace), sum(b["size"] for seg in s["segments"] for b in seg["blocks"] if b["state"] == "active_allocated"))
 "#;
     let output = std::process::Command::new("python3")

@@ -317,3 +317,28 @@ fn stats_and_snapshots_round_trip_through_json() {
     assert_eq!(serde_json::from_str::<Snapshot>(&json).unwrap(), snapshot);
     give(&cache, kept);
 }
+
+/// Events' times are microseconds since the cache was built, whatever
+/// clock recorded them (the time-stamp counter where it is invariant).
+#[test]
+fn event_times_are_microseconds() {
+    let cache = CachingAllocator::builder().record_history(8).build();
+    let started = std::time::Instant::now();
+    drop(Vec::<u8, _>::with_capacity_in(64, cache.clone()));
+    std::thread::sleep(std::time::Duration::from_millis(if cfg!(miri) {
+        2
+    } else {
+        30
+    }));
+    drop(Vec::<u8, _>::with_capacity_in(64, cache.clone()));
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    let events = cache.snapshot().history;
+    let (first, last) = (events.first().unwrap(), events.last().unwrap());
+    let gap = last.time_us - first.time_us;
+    let slept = if cfg!(miri) { 2_000 } else { 30_000 };
+    assert!(
+        (slept..=elapsed_us + 1_000).contains(&gap),
+        "{gap} µs between events {slept} µs apart (the test took {elapsed_us} µs)"
+    );
+    assert!(last.time_us <= elapsed_us + 1_000);
+}

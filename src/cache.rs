@@ -37,7 +37,7 @@ use crate::poison;
 use crate::policy::{Key, SizePolicy};
 use crate::reentry::{self, Bookkeeping};
 use crate::stats::Stats;
-use crate::sync::{AtomicU64, Mutex};
+use crate::sync::{AtomicU32, AtomicU64, Mutex};
 use crate::unwind::Deferred;
 use core::sync::atomic::Ordering;
 use core::time::Duration;
@@ -146,6 +146,9 @@ pub(crate) struct Cache<A: Allocator> {
     /// When the decay window closes (the clock's nanoseconds; `u64::MAX`:
     /// no decay): read on slow paths without the lock.
     decay_deadline: AtomicU64,
+    /// Slow-path calls since the clock was last read (counted without a
+    /// read-modify-write: a lost count only delays a look).
+    decay_calls: AtomicU32,
     /// The history of events, if recorded.
     history: Option<History>,
     config: Config,
@@ -335,6 +338,7 @@ impl<A: Allocator> Cache<A> {
             state: Mutex::new(State::new(&config, fronts.is_some())),
             fronts,
             decay_deadline: AtomicU64::new(decay_deadline),
+            decay_calls: AtomicU32::new(0),
             history: config.history.map(History::new),
             config,
             backing,
@@ -359,7 +363,27 @@ impl<A: Allocator> Cache<A> {
     #[inline]
     fn decay_if_due(&self) {
         let deadline = self.decay_deadline.load(Ordering::Relaxed);
-        if deadline != u64::MAX && self.config.clock.now() >= deadline {
+        if deadline == u64::MAX {
+            return;
+        }
+        if self.config.clock.is_system() {
+            // The clock read is most of a slow path's cost of decay: once
+            // in `CHECK_EVERY` calls.
+            let calls = self.decay_calls.load(Ordering::Relaxed) + 1;
+            if calls < crate::decay::CHECK_EVERY {
+                self.decay_calls.store(calls, Ordering::Relaxed);
+                return;
+            }
+            self.decay_calls.store(0, Ordering::Relaxed);
+        }
+        self.decay_if_past(deadline);
+    }
+
+    /// Runs decay if the clock reads past `deadline`.
+    #[cold]
+    #[inline(never)]
+    fn decay_if_past(&self, deadline: u64) {
+        if self.config.clock.now() >= deadline {
             self.decay();
         }
     }

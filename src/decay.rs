@@ -13,8 +13,9 @@
 //! is the anchor.
 //!
 //! **When it runs.** On the cache's own slow paths (a miss, a free that
-//! reaches the shared cache), which read a coarse clock and compare it with
-//! the window's end: never on a front hit. An idle server makes no calls at
+//! reaches the shared cache), which read a coarse clock every
+//! [`CHECK_EVERY`] calls (a read costs a few nanoseconds, a window lasts
+//! seconds) and compare it with the window's end: never on a front hit. An idle server makes no calls at
 //! all, so [`spawn`] starts one background thread for every cache with
 //! decay, stopped when its [`Decay`] handle drops; no thread runs unless
 //! asked.
@@ -27,6 +28,10 @@ use core::sync::atomic::Ordering;
 use core::time::Duration;
 
 use crate::sync::{Arc, AtomicU64};
+
+/// A cache's slow paths look at the system clock once in this many calls
+/// (a manual clock, on every call).
+pub(crate) const CHECK_EVERY: u32 = 32;
 
 #[cfg(not(loom))]
 pub use background::{Decay, spawn};
@@ -88,6 +93,13 @@ impl Clock {
                 Ordering::AcqRel,
             );
         }
+    }
+
+    /// Whether reading the time costs a system clock read (a few ns), not
+    /// a load.
+    #[inline]
+    pub(crate) fn is_system(&self) -> bool {
+        self.manual.is_none()
     }
 
     /// The time since an arbitrary start, in nanoseconds.

@@ -207,3 +207,35 @@ fn the_background_thread_gives_back_what_an_idle_program_holds() {
         .unwrap();
     assert!(first >= 1 << 20);
 }
+
+/// With the system's clock, the slow paths look at it once in a few dozen
+/// calls: a program that keeps calling still decays, without the thread.
+#[test]
+fn slow_paths_read_the_system_clock_often_enough() {
+    for policy in policies() {
+        let cache = CachingAllocator::builder()
+            .size_policy(policy)
+            .release_after(Duration::from_millis(20))
+            .build();
+        let idle = take(&cache, l(300_000));
+        give(&cache, idle);
+        // Two windows pass: the first closes with the idle block free, the
+        // second with it still unused.
+        let started = Instant::now();
+        while cache.stats().decays < 2 && started.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(25));
+            // A few dozen slow-path calls (blocks too large for any front).
+            for _ in 0..64 {
+                give(&cache, take(&cache, l(100_000)));
+            }
+        }
+        let stats = cache.stats();
+        assert!(stats.decays >= 2, "{policy:?}: {stats}");
+        // Best fit carves the busy blocks out of the idle one's range: what
+        // stays free all along is the rest of it.
+        assert!(
+            stats.bytes_decayed >= 150_000,
+            "{policy:?}: the idle block stayed: {stats}"
+        );
+    }
+}

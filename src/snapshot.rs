@@ -83,6 +83,9 @@ pub enum SegmentKind {
     /// One block of a free-list policy, as the backing allocator handed it
     /// out.
     Block,
+    /// The arena of a [`Planned`](crate::plan::Planned) allocator: its
+    /// blocks are the plan's slots in use.
+    Plan,
 }
 
 /// A segment and its pieces, by address, covering it exactly.

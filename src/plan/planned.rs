@@ -285,6 +285,84 @@ impl<A: Allocator> Planned<A> {
         self.inner.state.lock().stats
     }
 
+    /// The arena at this instant, as a [`Snapshot`](crate::Snapshot): one
+    /// segment of kind [`Plan`](crate::snapshot::SegmentKind::Plan), its
+    /// blocks in use (with their requested sizes, from the arena's own
+    /// books) and the free gaps between them. Blocks of unplanned requests
+    /// live in the backing allocator and are counted in the `Stats` only.
+    /// The lock is held while the live blocks are copied; nothing comes
+    /// from the arena.
+    ///
+    /// ```
+    /// use caching_allocator::plan::{Planned, Recorder};
+    /// use caching_allocator::snapshot::BlockState;
+    /// use allocator_api2::vec::Vec;
+    ///
+    /// let recorder = Recorder::new();
+    /// drop(Vec::<u8, _>::with_capacity_in(1000, recorder.clone()));
+    /// let planned = Planned::new(&recorder.plan());
+    /// let _pass = planned.pass();
+    /// let block = Vec::<u8, _>::with_capacity_in(1000, planned.clone());
+    /// let snapshot = planned.snapshot();
+    /// assert_eq!(snapshot.bytes_in(BlockState::InUse), 1000);
+    /// drop(block);
+    /// assert_eq!(planned.snapshot().bytes_in(BlockState::InUse), 0);
+    /// ```
+    pub fn snapshot(&self) -> crate::Snapshot {
+        use crate::snapshot::{Block, BlockState, Segment, SegmentKind};
+        let _inside = reentry::inside();
+        let (stats, live) = {
+            let state = self.inner.state.lock();
+            let live: std::vec::Vec<(usize, usize)> = state
+                .live
+                .iter()
+                .map(|(&start, &end)| (start, end))
+                .collect();
+            (state.stats, live)
+        };
+        let segments = match self.inner.base {
+            Some(base) => {
+                let (address, size) = (base.as_ptr().addr(), self.inner.layout.size());
+                let mut blocks = std::vec::Vec::with_capacity(2 * live.len() + 1);
+                let mut at = 0;
+                let free = |from: usize, to: usize| Block {
+                    address: address + from,
+                    size: to - from,
+                    requested: None,
+                    state: BlockState::Free,
+                };
+                for (start, end) in live {
+                    if start > at {
+                        blocks.push(free(at, start));
+                    }
+                    blocks.push(Block {
+                        address: address + start,
+                        size: end - start,
+                        requested: Some(end - start),
+                        state: BlockState::InUse,
+                    });
+                    at = end;
+                }
+                if at < size {
+                    blocks.push(free(at, size));
+                }
+                vec![Segment {
+                    address,
+                    size,
+                    kind: SegmentKind::Plan,
+                    blocks,
+                }]
+            }
+            None => std::vec::Vec::new(),
+        };
+        crate::Snapshot {
+            stats,
+            segments,
+            history: std::vec::Vec::new(),
+            recorded: 0,
+        }
+    }
+
     /// How the current pass (or the last one, once it ended) followed the
     /// plan: how many allocations deviated, and the first that did.
     pub fn last_pass(&self) -> PassReport {

@@ -342,3 +342,64 @@ fn event_times_are_microseconds() {
     );
     assert!(last.time_us <= elapsed_us + 1_000);
 }
+
+/// A planned arena's snapshot: one segment, its live slots with their
+/// requested sizes at the addresses handed out, free gaps between.
+#[test]
+fn a_planned_arena_snapshot_shows_its_live_slots() {
+    use crate::plan_support::{give, take};
+    use caching_allocator::plan::{Planned, Recorder};
+    let recorder = Recorder::new();
+    let sizes = [4096, 1000, 64 * 1024, 300];
+    {
+        let blocks: std::vec::Vec<_> = sizes.iter().map(|&n| take(&recorder, n, 64, 1)).collect();
+        for block in blocks {
+            give(&recorder, block);
+        }
+    }
+    let plan = recorder.plan();
+    let planned = Planned::new(&plan);
+    let pass = planned.pass();
+    let blocks: std::vec::Vec<_> = sizes.iter().map(|&n| take(&planned, n, 64, 2)).collect();
+    // An unplanned one: from the backing allocator, not in the arena.
+    let unplanned = take(&planned, 1 << 20, 64, 3);
+    let (kept, given): (std::vec::Vec<_>, std::vec::Vec<_>) = blocks
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % 2 == 0);
+    for (_, block) in given {
+        give(&planned, block);
+    }
+    let snapshot = planned.snapshot();
+    assert_tiled(&snapshot);
+    assert_eq!(snapshot.segments.len(), 1);
+    let segment = &snapshot.segments[0];
+    assert_eq!(segment.kind, SegmentKind::Plan);
+    assert_eq!(segment.size, plan.arena_bytes());
+    let in_use: std::vec::Vec<_> = segment
+        .blocks
+        .iter()
+        .filter(|block| block.state == BlockState::InUse)
+        .map(|block| (block.address, block.requested))
+        .collect();
+    let mut expected: std::vec::Vec<_> = kept
+        .iter()
+        .map(|(i, block)| (block.ptr.as_ptr().addr(), Some(sizes[*i])))
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(in_use, expected);
+    assert_eq!(
+        snapshot.bytes_in(BlockState::InUse),
+        sizes[0] + sizes[2],
+        "the unplanned block is not in the arena"
+    );
+    assert_eq!(snapshot.stats.bytes_in_use, sizes[0] + sizes[2] + (1 << 20));
+    let mut pickle = std::vec::Vec::new();
+    snapshot.write_pytorch(&mut pickle).unwrap();
+    for (_, block) in kept {
+        give(&planned, block);
+    }
+    give(&planned, unplanned);
+    drop(pass);
+    assert_eq!(planned.snapshot().bytes_in(BlockState::InUse), 0);
+}

@@ -13,8 +13,8 @@
 //! is the anchor.
 //!
 //! **When it runs.** On the cache's own slow paths (a miss, a free that
-//! reaches the shared cache), which read a coarse clock every
-//! [`CHECK_EVERY`] calls (a read costs a few nanoseconds, a window lasts
+//! reaches the shared cache), which read a coarse clock once in 32
+//! calls (a read costs a few nanoseconds, a window lasts
 //! seconds) and compare it with the window's end: never on a front hit. An idle server makes no calls at
 //! all, so [`spawn`] starts one background thread for every cache with
 //! decay, stopped when its [`Decay`] handle drops; no thread runs unless

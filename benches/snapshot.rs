@@ -6,7 +6,8 @@
 //!   held while its books are copied, the rest runs outside it.
 //! - `history/off` and `history/on`: a hit-and-free pair of 64 bytes on a
 //!   best-fit cache without and with `record_history` (each recorded event
-//!   is an atomic add and a few stores).
+//!   is an atomic add and a few stores); with `--features backtrace`,
+//!   `history/on_frames_16` also walks 16 frames of the stack an event.
 
 use std::hint::black_box;
 
@@ -44,11 +45,20 @@ fn snapshot(c: &mut Criterion) {
 fn history(c: &mut Criterion) {
     let layout = Layout::from_size_align(64, 64).unwrap();
     let mut group = c.benchmark_group("history");
-    for (name, history) in [("off", None), ("on", Some(1 << 16))] {
+    let mut cases = vec![("off", None, 0), ("on", Some(1 << 16), 0)];
+    if cfg!(feature = "backtrace") {
+        cases.push(("on_frames_16", Some(1 << 16), 16));
+    }
+    for (name, history, frames) in cases {
         let mut builder = CachingAllocator::builder().size_policy(SizePolicy::BestFit);
         if let Some(entries) = history {
             builder = builder.record_history(entries);
         }
+        #[cfg(feature = "backtrace")]
+        if frames > 0 {
+            builder = builder.record_frames(frames);
+        }
+        let _ = frames;
         let cache = builder.build();
         group.bench_function(name, |b| {
             b.iter(|| {

@@ -207,6 +207,42 @@ impl Builder {
         self
     }
 
+    /// Keeps the stack of each recorded event, up to `depth` frames
+    /// ([`frames::MAX_FRAMES`](crate::frames::MAX_FRAMES) at most), for
+    /// [`Snapshot::frames`](crate::Snapshot::frames) and the `frames` of
+    /// PyTorch's pickle: where each block was allocated, as
+    /// `_record_memory_history(stacks="all")` shows. Needs
+    /// [`record_history`](Self::record_history). Walking a stack costs
+    /// microseconds an event, not nanoseconds: for finding a problem, not
+    /// for a server's every request. Names, files and lines are looked up
+    /// when a snapshot is taken (the binary needs its debug info for files
+    /// and lines).
+    ///
+    /// ```
+    /// use allocator_api2::vec::Vec;
+    /// use caching_allocator::CachingAllocator;
+    ///
+    /// #[inline(never)]
+    /// fn load_weights(cache: &CachingAllocator) -> Vec<u8, CachingAllocator> {
+    ///     Vec::with_capacity_in(1 << 20, cache.clone())
+    /// }
+    ///
+    /// let cache = CachingAllocator::builder()
+    ///     .record_history(1000)
+    ///     .record_frames(32)
+    ///     .build();
+    /// let weights = load_weights(&cache);
+    /// let snapshot = cache.snapshot();
+    /// let stack = &snapshot.frames[0];
+    /// assert!(stack.iter().any(|frame| frame.name.ends_with("load_weights")));
+    /// # drop(weights);
+    /// ```
+    #[cfg(feature = "backtrace")]
+    pub fn record_frames(mut self, depth: usize) -> Self {
+        self.config.frames = depth;
+        self
+    }
+
     /// The clock decay reads (the system's monotonic clock unless set):
     /// [`decay::Clock::manual`](crate::decay::Clock::manual) lets a test move
     /// time by hand.

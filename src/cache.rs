@@ -76,6 +76,8 @@ pub(crate) struct Config {
     pub(crate) clock: Clock,
     /// Record a history of this many events (`None`: no history).
     pub(crate) history: Option<usize>,
+    /// Return addresses kept with each event (`Builder::record_frames`).
+    pub(crate) frames: usize,
 }
 
 impl Config {
@@ -339,7 +341,9 @@ impl<A: Allocator> Cache<A> {
             fronts,
             decay_deadline: AtomicU64::new(decay_deadline),
             decay_calls: AtomicU32::new(0),
-            history: config.history.map(History::new),
+            history: config
+                .history
+                .map(|entries| History::new(entries, config.frames)),
             config,
             backing,
         }
@@ -524,12 +528,11 @@ impl<A: Allocator> Cache<A> {
                 }
             });
         }
-        let (history, recorded) = self
-            .history
-            .as_ref()
-            .map_or((std::vec::Vec::new(), 0), |history| {
-                (history.events(), history.recorded())
-            });
+        let ((history, stacks), recorded) = self.history.as_ref().map_or(
+            ((std::vec::Vec::new(), std::vec::Vec::new()), 0),
+            |history| (history.events(), history.recorded()),
+        );
+        let frames = crate::frames::resolve(&stacks, self.config.frames);
         if !self.carves() {
             // Blocks in use of the free-list policies: the history's.
             let mut live = std::collections::BTreeMap::new();
@@ -553,7 +556,7 @@ impl<A: Allocator> Cache<A> {
             }
         }
         segments.sort_unstable_by_key(|&(address, ..)| address);
-        crate::Snapshot::assemble(stats, segments, pieces, &extras, history, recorded)
+        crate::Snapshot::assemble(stats, segments, pieces, &extras, history, frames, recorded)
     }
 
     pub(crate) fn is_caching_stopped(&self) -> bool {

@@ -111,6 +111,12 @@ struct Entry {
 /// The ring.
 pub(crate) struct History {
     entries: Vec<Entry, Bookkeeping>,
+    /// Return addresses kept per event (`Builder::record_frames` and room
+    /// for the cache's own; 0: none).
+    depth: usize,
+    /// Each entry's stack, `depth` places an entry, written and read under
+    /// its sequence number as the other fields.
+    stacks: Vec<AtomicUsize, Bookkeeping>,
     /// Events recorded so far (the next one's number).
     next: AtomicUsize,
     clock: Clock,
@@ -186,9 +192,16 @@ fn counter() -> Option<u64> {
 }
 
 impl History {
-    /// A ring of `capacity` events (at least one).
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// A ring of `capacity` events (at least one), each with a stack of
+    /// `frames` frames below the cache's own (at most
+    /// `frames::MAX_FRAMES`): room for `frames::OWN_FRAMES` more is kept,
+    /// as which frames are the cache's is known only once resolved.
+    pub(crate) fn new(capacity: usize, frames: usize) -> Self {
         let capacity = capacity.max(1);
+        let depth = match frames.min(crate::frames::MAX_FRAMES) {
+            0 => 0,
+            frames => frames + crate::frames::OWN_FRAMES,
+        };
         let _inside = crate::reentry::inside();
         let mut entries = Vec::with_capacity_in(capacity, Bookkeeping);
         entries.extend((0..capacity).map(|_| Entry {
@@ -198,8 +211,12 @@ impl History {
             size: AtomicU64::new(0),
             address: AtomicU64::new(0),
         }));
+        let mut stacks = Vec::with_capacity_in(capacity * depth, Bookkeeping);
+        stacks.extend((0..capacity * depth).map(|_| AtomicUsize::new(0)));
         Self {
             entries,
+            depth,
+            stacks,
             next: AtomicUsize::new(0),
             clock: Clock::new(),
         }
@@ -209,7 +226,8 @@ impl History {
     #[inline]
     pub(crate) fn record(&self, action: Action, size: usize, address: usize) {
         let number = self.next.fetch_add(1, Relaxed);
-        let entry = &self.entries[number % self.entries.len()];
+        let place = number % self.entries.len();
+        let entry = &self.entries[place];
         // 0 while the fields are written: a reader skips the entry.
         entry.sequence.store(0, Relaxed);
         core::sync::atomic::fence(Release);
@@ -219,18 +237,24 @@ impl History {
             .store(action.code() | thread_number() << 8, Relaxed);
         entry.size.store(size as u64, Relaxed);
         entry.address.store(address as u64, Relaxed);
+        if self.depth > 0 {
+            crate::frames::capture(&self.stacks[place * self.depth..][..self.depth]);
+        }
         entry.sequence.store(number as u64 + 1, Release);
     }
 
-    /// The recorded events still in the ring, oldest first; an entry being
-    /// written while this reads is left out.
-    pub(crate) fn events(&self) -> std::vec::Vec<Event> {
+    /// The recorded events still in the ring, oldest first, with their
+    /// stacks' return addresses (empty without `record_frames`); an entry
+    /// being written while this reads is left out.
+    pub(crate) fn events(&self) -> (std::vec::Vec<Event>, std::vec::Vec<std::vec::Vec<usize>>) {
         let next = self.next.load(Acquire);
         let first = next.saturating_sub(self.entries.len());
         let mut events = std::vec::Vec::with_capacity(next - first);
+        let mut stacks = std::vec::Vec::with_capacity(next - first);
         let ticks_per_us = self.clock.ticks_per_us();
         for number in first..next {
-            let entry = &self.entries[number % self.entries.len()];
+            let place = number % self.entries.len();
+            let entry = &self.entries[place];
             let before = entry.sequence.load(Acquire);
             let event = Event {
                 time_us: (entry.ticks.load(Relaxed) as f64 / ticks_per_us) as u64,
@@ -242,12 +266,18 @@ impl History {
                 address: entry.address.load(Relaxed) as usize,
                 thread: entry.action_and_thread.load(Relaxed) >> 8,
             };
+            let stack: std::vec::Vec<usize> = self.stacks[place * self.depth..][..self.depth]
+                .iter()
+                .map(|ip| ip.load(Relaxed))
+                .take_while(|&ip| ip != 0)
+                .collect();
             core::sync::atomic::fence(Acquire);
             if before == number as u64 + 1 && entry.sequence.load(Relaxed) == before {
                 events.push(event);
+                stacks.push(stack);
             }
         }
-        events
+        (events, stacks)
     }
 
     /// Events recorded so far, dropped ones included.

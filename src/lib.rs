@@ -52,6 +52,7 @@ mod builder;
 mod cache;
 pub mod decay;
 mod eviction;
+pub mod frames;
 mod free_ranges;
 mod front;
 #[cfg(not(loom))]

@@ -4,8 +4,10 @@
 //! strings, integers, booleans: the opcodes Python's `pickle` has read since
 //! 2.3).
 
+use std::collections::HashMap;
 use std::io::{self, Write};
 
+use crate::frames::Frame;
 use crate::history::Action;
 use crate::snapshot::{BlockState, Snapshot};
 
@@ -91,9 +93,18 @@ impl<W: Write> Pickler<'_, W> {
         self.str(value)
     }
 
-    fn empty_frames(&mut self) -> io::Result<()> {
+    fn frames(&mut self, frames: &[Frame]) -> io::Result<()> {
         self.str("frames")?;
-        self.list(|_| Ok(()))
+        self.list(|p| {
+            for frame in frames {
+                p.dict(|p| {
+                    p.key_str("name", &frame.name)?;
+                    p.key_str("filename", &frame.filename)?;
+                    p.key_int("line", frame.line as usize)
+                })?;
+            }
+            Ok(())
+        })
     }
 
     fn pool_id(&mut self) -> io::Result<()> {
@@ -113,6 +124,21 @@ fn state(state: BlockState) -> &'static str {
 
 /// Writes `snapshot` as `torch.cuda.memory._snapshot()`'s dictionary.
 pub(crate) fn write_snapshot(snapshot: &Snapshot, out: &mut impl Write) -> io::Result<()> {
+    let no_frames: Vec<Frame> = Vec::new();
+    let frames_of = |index: usize| snapshot.frames.get(index).unwrap_or(&no_frames);
+    // Where each block in use was allocated: its allocation's stack.
+    let mut allocated_at: HashMap<usize, usize> = HashMap::new();
+    for (index, event) in snapshot.history.iter().enumerate() {
+        match event.action {
+            Action::Alloc => {
+                allocated_at.insert(event.address, index);
+            }
+            Action::Free => {
+                allocated_at.remove(&event.address);
+            }
+            _ => {}
+        }
+    }
     let mut p = Pickler { out };
     p.byte(PROTO)?;
     p.byte(2)?;
@@ -151,7 +177,7 @@ pub(crate) fn write_snapshot(snapshot: &Snapshot, out: &mut impl Write) -> io::R
                     p.pool_id()?;
                     p.str("is_expandable")?;
                     p.bool(segment.kind == crate::snapshot::SegmentKind::Reserved)?;
-                    p.empty_frames()?;
+                    p.frames(&no_frames)?;
                     p.str("blocks")?;
                     p.list(|p| {
                         for block in &segment.blocks {
@@ -160,7 +186,11 @@ pub(crate) fn write_snapshot(snapshot: &Snapshot, out: &mut impl Write) -> io::R
                                 p.key_int("size", block.size)?;
                                 p.key_int("requested_size", block.requested.unwrap_or(block.size))?;
                                 p.key_str("state", state(block.state))?;
-                                p.empty_frames()
+                                let at = match block.state {
+                                    BlockState::InUse => allocated_at.get(&block.address),
+                                    _ => None,
+                                };
+                                p.frames(at.map_or(&no_frames, |&index| frames_of(index)))
                             })?;
                         }
                         Ok(())
@@ -172,7 +202,7 @@ pub(crate) fn write_snapshot(snapshot: &Snapshot, out: &mut impl Write) -> io::R
         p.str("device_traces")?;
         p.list(|p| {
             p.list(|p| {
-                for event in &snapshot.history {
+                for (index, event) in snapshot.history.iter().enumerate() {
                     let action = match event.action {
                         Action::Alloc => "alloc",
                         Action::Free => "free_requested",
@@ -194,7 +224,7 @@ pub(crate) fn write_snapshot(snapshot: &Snapshot, out: &mut impl Write) -> io::R
                         if event.action == Action::LimitFailure {
                             p.key_int("device_free", 0)?;
                         }
-                        p.empty_frames()
+                        p.frames(frames_of(index))
                     })?;
                     if event.action == Action::Free {
                         // The memory is reusable at once (no stream to wait
@@ -206,7 +236,7 @@ pub(crate) fn write_snapshot(snapshot: &Snapshot, out: &mut impl Write) -> io::R
                             p.key_int("size", event.size)?;
                             p.key_int("stream", 0)?;
                             p.key_int("time_us", event.time_us as usize)?;
-                            p.empty_frames()
+                            p.frames(frames_of(index))
                         })?;
                     }
                 }

@@ -27,6 +27,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 
+use crate::frames::Frame;
 use crate::history::{Action, Event};
 use crate::stats::Stats;
 
@@ -115,6 +116,11 @@ pub struct Snapshot {
     /// The history's events still in its ring, oldest first (empty without
     /// [`Builder::record_history`](crate::Builder::record_history)).
     pub history: Vec<Event>,
+    /// The stack of each event of `history`, innermost frame first, from
+    /// the code that called into the cache (empty lists unless the
+    /// `backtrace` feature is on and
+    /// [`Builder::record_frames`](crate::Builder::record_frames) set).
+    pub frames: Vec<Vec<Frame>>,
     /// Events the history recorded in all, the ones the ring dropped
     /// included.
     pub recorded: usize,
@@ -141,6 +147,7 @@ impl Snapshot {
         mut pieces: Vec<Piece>,
         extra: &BTreeMap<usize, usize>,
         history: Vec<Event>,
+        frames: Vec<Vec<Frame>>,
         recorded: usize,
     ) -> Self {
         pieces.sort_unstable_by_key(|piece| piece.address);
@@ -193,6 +200,7 @@ impl Snapshot {
             stats,
             segments,
             history,
+            frames,
             recorded,
         }
     }

@@ -359,6 +359,7 @@ impl<A: Allocator> Planned<A> {
             stats,
             segments,
             history: std::vec::Vec::new(),
+            frames: std::vec::Vec::new(),
             recorded: 0,
         }
     }

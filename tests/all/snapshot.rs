@@ -403,3 +403,72 @@ fn a_planned_arena_snapshot_shows_its_live_slots() {
     drop(pass);
     assert_eq!(planned.snapshot().bytes_in(BlockState::InUse), 0);
 }
+
+#[inline(never)]
+fn allocate_the_kv_cache(cache: &CachingAllocator) -> Held {
+    take(cache, l(200_000))
+}
+
+/// With `record_frames` (the `backtrace` feature) each event keeps the
+/// stack that led to it, from the caller's frame: the pickle gives a block
+/// in use its allocation's frames, as PyTorch's viewer shows them.
+#[cfg(feature = "backtrace")]
+#[test]
+fn events_keep_their_stacks_with_record_frames() {
+    let cache = best_fit(100).record_frames(32).build();
+    let kv = allocate_the_kv_cache(&cache);
+    give(&cache, take(&cache, l(1000)));
+    let snapshot = cache.snapshot();
+    assert_eq!(snapshot.frames.len(), snapshot.history.len());
+    let alloc = snapshot
+        .history
+        .iter()
+        .position(|event| event.action == Action::Alloc && event.address == kv.addr())
+        .unwrap();
+    let stack = &snapshot.frames[alloc];
+    assert!(
+        !stack[0].name.contains("caching_allocator::"),
+        "the cache's own frames are left out: {stack:#?}"
+    );
+    assert!(
+        stack
+            .iter()
+            .any(|frame| frame.name.ends_with("allocate_the_kv_cache")
+                && frame.filename.ends_with("snapshot.rs")
+                && frame.line > 0),
+        "{stack:#?}"
+    );
+    let mut pickle = std::vec::Vec::new();
+    snapshot.write_pytorch(&mut pickle).unwrap();
+    let text = String::from_utf8_lossy(&pickle);
+    assert!(text.contains("allocate_the_kv_cache"));
+    give(&cache, kv);
+    // A shallow depth still reaches past the cache's own frames, even for
+    // an event recorded deep inside it (the reservation's growth).
+    let shallow = best_fit(100).record_frames(3).build();
+    let kv = allocate_the_kv_cache(&shallow);
+    let snapshot = shallow.snapshot();
+    for (event, stack) in snapshot.history.iter().zip(&snapshot.frames) {
+        assert!((1..=3).contains(&stack.len()), "{event:?}: {stack:#?}");
+        assert!(!stack[0].name.contains("caching_allocator::"), "{stack:#?}");
+    }
+    assert!(
+        snapshot
+            .history
+            .iter()
+            .any(|event| event.action == Action::SegmentMap)
+    );
+    give(&shallow, kv);
+}
+
+/// Without `record_frames` every event's stack is empty, and there is one.
+#[test]
+fn without_record_frames_every_stack_is_empty() {
+    let cache = best_fit(100).build();
+    let kv = allocate_the_kv_cache(&cache);
+    let snapshot = cache.snapshot();
+    assert_eq!(snapshot.frames.len(), snapshot.history.len());
+    assert!(!snapshot.history.is_empty());
+    assert!(snapshot.frames.iter().all(|stack| stack.is_empty()));
+    give(&cache, kv);
+}

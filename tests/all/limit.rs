@@ -259,3 +259,133 @@ fn a_budgets_hard_limit_holds_over_several_caches() {
     }
     assert_eq!(budget.bytes_reserved(), 0);
 }
+
+/// Resident memory of this process, from `/proc/self/statm`.
+#[cfg(all(target_os = "linux", not(miri), not(asan), not(tsan)))]
+fn resident_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // SAFETY: sysconf only reads a configuration value.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize
+}
+
+/// The limit as the system sees it: four threads write every block they
+/// get from a best-fit cache (per-CPU fronts, per-thread fronts, none), and
+/// after every step, all of them parked, the process's resident memory has
+/// grown by at most the limit and a little bookkeeping. Best fit maps its
+/// memory itself and gives pages back to the system; the free-list
+/// policies give blocks to malloc, which may keep them resident, so only
+/// `bytes_reserved` is theirs to hold. Run in a child process of its own,
+/// so that no other test's memory counts; not under a sanitizer, whose
+/// shadow memory is resident too.
+#[cfg(all(target_os = "linux", not(miri), not(asan), not(tsan)))]
+#[test]
+fn resident_memory_stays_within_the_limit_under_four_threads() {
+    const CHILD: &str = "CACHING_ALLOCATOR_RSS_CHILD";
+    const CASE: &str = "limit::resident_memory_stays_within_the_limit_under_four_threads";
+    // The threads' stacks, the cache's tables, the test's own vectors.
+    const BOOKKEEPING: usize = 1 << 20;
+    const THREADS: usize = 4;
+    const STEPS: usize = 300;
+    if std::env::var(CHILD).is_err() {
+        // The child's output goes to a file, so that a hang (a worker that
+        // died leaves the others at the barrier) ends in a failure that
+        // shows it, not in a CI timeout.
+        let log = std::env::temp_dir().join(format!("rss-limit-{}.log", std::process::id()));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", CASE, "--test-threads=1", "--nocapture"])
+            .env(CHILD, "1")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if started.elapsed() > std::time::Duration::from_secs(300) {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let output = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        assert!(
+            status.is_some_and(|status| status.success()) && output.contains("1 passed"),
+            "child {status:?}:\n{output}"
+        );
+        return;
+    }
+    for (what, builder) in limited()
+        .into_iter()
+        .filter(|(what, _)| what.starts_with("best fit"))
+    {
+        let cache = builder.build();
+        let mut base = 0;
+        let parked = Barrier::new(THREADS + 1);
+        let checked = Barrier::new(THREADS + 1);
+        let mut peak = 0;
+        let mut violation = None;
+        std::thread::scope(|threads| {
+            for t in 0..THREADS {
+                let (cache, parked, checked) = (&cache, &parked, &checked);
+                threads.spawn(move || {
+                    let mut rng = Rng::new(t as u64 + 11);
+                    // The thread's own memory (its stack, its malloc arena,
+                    // this list) is there before the base is read.
+                    let mut held: std::vec::Vec<Held> = std::vec::Vec::with_capacity(STEPS);
+                    parked.wait();
+                    for _ in 0..STEPS {
+                        if rng.below(2) == 0 || held.is_empty() {
+                            let layout = l(SIZES[rng.below(SIZES.len())]);
+                            if let Ok(block) = cache.allocate(layout) {
+                                let mut block = Held {
+                                    ptr: block.cast(),
+                                    layout,
+                                };
+                                // Every page written: resident, as a tensor's.
+                                block.bytes_mut().fill(t as u8);
+                                held.push(block);
+                            }
+                        } else {
+                            give(cache, held.swap_remove(rng.below(held.len())));
+                        }
+                        parked.wait();
+                        checked.wait();
+                    }
+                    held.into_iter().for_each(|held| give(cache, held));
+                });
+            }
+            // Every round completes even after a violation (an assert here
+            // would leave the workers waiting at the barrier forever).
+            parked.wait();
+            base = resident_bytes();
+            for step in 0..STEPS {
+                parked.wait();
+                let (stats, resident) = (cache.stats(), resident_bytes());
+                peak = peak.max(resident.saturating_sub(base));
+                checked.wait();
+                if violation.is_none()
+                    && (stats.bytes_reserved > MAX || resident > base + MAX + BOOKKEEPING)
+                {
+                    violation = Some(format!(
+                        "{what}, step {step}: resident {resident} vs {base} + {MAX} + \
+                         {BOOKKEEPING}: {stats:?}"
+                    ));
+                }
+            }
+        });
+        assert_eq!(violation, None);
+        // The traffic did reach the limit, so the check meant something.
+        assert!(
+            peak > MAX / 2 && cache.stats().limit_failures > 0,
+            "{what}: peak growth {peak}, {:?}",
+            cache.stats()
+        );
+        drop(cache);
+    }
+}

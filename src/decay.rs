@@ -199,19 +199,60 @@ mod background {
     /// so the registry keeps no cache alive.
     static MEMBERS: Mutex<Vec<Weak<dyn Member>>> = Mutex::new(Vec::new());
 
-    /// Adds a cache to the background thread's list.
+    /// The running threads' signals, so that a new cache wakes them: a
+    /// thread napping for a second (or a long window) would otherwise leave
+    /// a cache with a short window undecayed that long.
+    static THREADS: Mutex<Vec<Weak<Signal>>> = Mutex::new(Vec::new());
+
+    /// How a thread is told to stop, or to look at the list again.
+    #[derive(Default)]
+    struct Signal {
+        state: Mutex<Flags>,
+        wake: Condvar,
+    }
+
+    #[derive(Default)]
+    struct Flags {
+        stopped: bool,
+        /// A cache joined since the thread last read the list.
+        joined: bool,
+    }
+
+    impl Signal {
+        fn flags(&self) -> std::sync::MutexGuard<'_, Flags> {
+            self.state
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        }
+    }
+
+    /// Adds a cache to the background thread's list, and wakes the threads.
     pub(crate) fn register(member: Weak<dyn Member>) {
-        let mut members = MEMBERS
+        {
+            let mut members = MEMBERS
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            members.retain(|member| member.strong_count() > 0);
+            members.push(member);
+        }
+        // After the push: a thread that read the list before it finds the
+        // flag set before it naps (the flag is read under the same lock).
+        let threads: Vec<Arc<Signal>> = THREADS
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        members.retain(|member| member.strong_count() > 0);
-        members.push(member);
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for signal in threads {
+            signal.flags().joined = true;
+            signal.wake.notify_all();
+        }
     }
 
     /// The background thread of [`spawn`]; stops (and is joined) when dropped.
     #[must_use = "the thread stops when the handle drops"]
     pub struct Decay {
-        stop: Arc<(Mutex<bool>, Condvar)>,
+        signal: Arc<Signal>,
         thread: Option<JoinHandle<()>>,
     }
 
@@ -240,16 +281,22 @@ mod background {
     /// assert_eq!(cache.stats().bytes_cached, 0);
     /// ```
     pub fn spawn() -> Decay {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let signal = Arc::clone(&stop);
+        let signal = Arc::new(Signal::default());
+        {
+            let mut threads = THREADS
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            threads.retain(|thread| thread.strong_count() > 0);
+            threads.push(Arc::downgrade(&signal));
+        }
+        let theirs = Arc::clone(&signal);
         let thread = std::thread::Builder::new()
             .name("caching-allocator-decay".into())
             .spawn(move || {
-                let (stopped, wake) = &*signal;
-                let mut stopped = stopped
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                while !*stopped {
+                let signal = theirs;
+                let mut flags = signal.flags();
+                while !flags.stopped {
+                    flags.joined = false;
                     let members: Vec<Arc<dyn Member>> = {
                         let mut members = MEMBERS
                             .lock()
@@ -258,7 +305,7 @@ mod background {
                         members.iter().filter_map(Weak::upgrade).collect()
                     };
                     let shortest = members.iter().map(|member| member.window()).min();
-                    drop(stopped);
+                    drop(flags);
                     for member in &members {
                         // A backing allocator that panics stops no other cache's
                         // decay, nor the thread (the hook reported it).
@@ -272,29 +319,24 @@ mod background {
                         Duration::from_nanos(window / 4)
                             .clamp(Duration::from_millis(1), Duration::from_secs(1))
                     });
-                    stopped = signal
-                        .0
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    if !*stopped {
-                        stopped = wake
-                            .wait_timeout(stopped, nap)
+                    flags = signal.flags();
+                    if !flags.stopped && !flags.joined {
+                        flags = signal
+                            .wake
+                            .wait_timeout(flags, nap)
                             .unwrap_or_else(|poisoned| poisoned.into_inner())
                             .0;
                     }
                 }
             })
             .ok();
-        Decay { stop, thread }
+        Decay { signal, thread }
     }
 
     impl Drop for Decay {
         fn drop(&mut self) {
-            let (stopped, wake) = &*self.stop;
-            *stopped
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
-            wake.notify_all();
+            self.signal.flags().stopped = true;
+            self.signal.wake.notify_all();
             if let Some(thread) = self.thread.take() {
                 let _ = thread.join();
             }

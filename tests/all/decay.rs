@@ -208,6 +208,35 @@ fn the_background_thread_gives_back_what_an_idle_program_holds() {
     assert!(first >= 1 << 20);
 }
 
+/// A cache built while the thread naps (a second, with no cache of a short
+/// window to look after) wakes it: its memory goes back within a few of its
+/// windows, not after the nap. Run alone, a thread that is not woken fails
+/// this; beside other tests, their short windows may wake it earlier, which
+/// only makes it pass.
+#[test]
+fn a_new_cache_wakes_the_napping_thread() {
+    if cfg!(miri) {
+        return; // real time, and Miri's clock is slow
+    }
+    let window = Duration::from_millis(20);
+    let _decay = decay::spawn();
+    std::thread::sleep(Duration::from_millis(100)); // it naps now
+    let cache = CachingAllocator::builder()
+        .size_policy(SizePolicy::BestFit)
+        .release_after(window)
+        .build();
+    drop(Vec::<u8, _>::with_capacity_in(1 << 20, cache.clone()));
+    let started = Instant::now();
+    while cache.stats().bytes_cached > 0 {
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "not given back in 800 ms: {}",
+            cache.stats()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// With the system's clock, the slow paths look at it once in a few dozen
 /// calls: a program that keeps calling still decays, without the thread.
 #[test]

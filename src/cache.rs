@@ -535,18 +535,7 @@ impl<A: Allocator> Cache<A> {
         let frames = crate::frames::resolve(&stacks, self.config.frames);
         if !self.carves() {
             // Blocks in use of the free-list policies: the history's.
-            let mut live = std::collections::BTreeMap::new();
-            for event in &history {
-                match event.action {
-                    Action::Alloc => {
-                        live.insert(event.address, event.size);
-                    }
-                    Action::Free => {
-                        live.remove(&event.address);
-                    }
-                    _ => {}
-                }
-            }
+            let live = crate::snapshot::live_blocks(&history);
             for (&address, &size) in &live {
                 if let Some(key) =
                     self.key(Layout::from_size_align(size, 1).unwrap_or(Layout::new::<u8>()))
@@ -685,27 +674,34 @@ impl<A: Allocator> Cache<A> {
     }
 
     fn allocate_from_backing(&self, key: Key, zeroed: bool) -> Result<NonNull<u8>, AllocError> {
-        let layout = key.block_layout();
+        self.backing_allocate_or_retry(key.block_layout(), zeroed)
+            .map(NonNull::cast)
+    }
+
+    /// `layout` from the backing allocator; if that fails, the cache is
+    /// released and it is tried once more (c10's out-of-memory path). A
+    /// second failure is counted, and stops caching if the config says so.
+    pub(crate) fn backing_allocate_or_retry(
+        &self,
+        layout: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
         let attempt = || reentry::allocate_from(&self.backing, layout, zeroed);
         if let Ok(block) = attempt() {
-            return Ok(block.cast());
+            return Ok(block);
         }
         self.state.lock().stats.retries += 1;
         self.release_cached();
-        match attempt() {
-            Ok(block) => Ok(block.cast()),
-            Err(error) => {
-                let mut state = self.state.lock();
-                state.stats.failures += 1;
-                if self.config.stop_caching_after_failure {
-                    state.caching_stopped = true;
-                    if let Some(fronts) = &self.fronts {
-                        fronts.stop();
-                    }
+        attempt().inspect_err(|_| {
+            let mut state = self.state.lock();
+            state.stats.failures += 1;
+            if self.config.stop_caching_after_failure {
+                state.caching_stopped = true;
+                if let Some(fronts) = &self.fronts {
+                    fronts.stop();
                 }
-                Err(error)
             }
-        }
+        })
     }
 
     /// Frees a block in use straight to the backing allocator.

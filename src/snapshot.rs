@@ -236,7 +236,7 @@ impl Snapshot {
 
 /// The blocks the history shows in use at its end: address -> requested
 /// bytes (an allocation with no free after it).
-fn live_blocks(history: &[Event]) -> BTreeMap<usize, usize> {
+pub(crate) fn live_blocks(history: &[Event]) -> BTreeMap<usize, usize> {
     let mut live = BTreeMap::new();
     for event in history {
         match event.action {

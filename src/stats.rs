@@ -432,6 +432,28 @@ impl fmt::Display for Bytes {
     }
 }
 
+/// `value` moved by `delta` (a front's counter differences wrap as the
+/// counters they come from do).
+#[inline]
+pub(crate) fn add(value: usize, delta: i64) -> usize {
+    value.wrapping_add(delta as usize)
+}
+
+impl Stats {
+    /// Adds the counters a front slot kept without the lock (its hits and
+    /// frees) to these books: the one place a slot's `Deltas` meets `Stats`.
+    /// The bytes the fronts hold and the peaks are the caller's: they need
+    /// the shared books around them.
+    pub(crate) fn apply(&mut self, deltas: &crate::front::Deltas) {
+        self.hits += deltas.hits;
+        self.frees += deltas.frees;
+        self.bytes_hit += deltas.bytes_hit;
+        self.bytes_in_use = add(self.bytes_in_use, deltas.in_use());
+        self.blocks_in_use = add(self.blocks_in_use, deltas.blocks_in_use());
+        self.bytes_lost_to_rounding = add(self.bytes_lost_to_rounding, deltas.lost());
+    }
+}
+
 /// Raises `peak` to `value`, unless `value` is "below zero". The shared
 /// books' in-use fields wrap: with front caches they are the true figures
 /// less what the fronts have not folded yet, and a block hit from one

@@ -247,7 +247,7 @@ impl<A: Allocator> Cache<A> {
             self.state.lock().stats.failures += 1;
             return Err(Refused::Backing(AllocError));
         };
-        let taken = self.take_segment(segment);
+        let taken = self.backing_allocate_or_retry(segment, false);
         // Out of `pending` in the same breath as the segment joins the
         // arena (or fails).
         let mut state = self.state.lock();
@@ -276,28 +276,6 @@ impl<A: Allocator> Cache<A> {
             stopped: state.caching_stopped,
         };
         Ok((carved, after))
-    }
-
-    /// A new fixed segment from the backing allocator; if that fails, the
-    /// cache is released and it is tried once more (c10's out-of-memory
-    /// path).
-    fn take_segment(&self, segment: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        let attempt = || reentry::allocate_from(&self.backing, segment, false);
-        if let Ok(memory) = attempt() {
-            return Ok(memory);
-        }
-        self.state.lock().stats.retries += 1;
-        self.release_cached();
-        attempt().inspect_err(|_| {
-            let mut state = self.state.lock();
-            state.stats.failures += 1;
-            if self.config.stop_caching_after_failure {
-                state.caching_stopped = true;
-                if let Some(fronts) = &self.fronts {
-                    fronts.stop();
-                }
-            }
-        })
     }
 
     /// # Safety

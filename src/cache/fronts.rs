@@ -22,7 +22,7 @@ use crate::per_cpu::{self, PerCpu};
 use crate::poison;
 use crate::policy::Key;
 use crate::reentry;
-use crate::stats::{Stats, raise};
+use crate::stats::{Stats, add, raise};
 use crate::unwind::Deferred;
 
 /// Blocks taken out of per-CPU fronts on their way to the shared side: at
@@ -53,11 +53,6 @@ impl Extend<(Key, NonNull<u8>)> for Taken {
 /// Blocks a front miss takes from the shared lists beyond the one it serves.
 const REFILL: usize = DEPTH / 2;
 
-#[inline]
-fn add(value: usize, delta: i64) -> usize {
-    value.wrapping_add(delta as usize)
-}
-
 impl State {
     /// Adds a slot's counters to the stats (see `front::Deltas`).
     pub(super) fn fold(&mut self, deltas: &Deltas) {
@@ -73,12 +68,7 @@ impl State {
                 deltas.peak_front,
             ),
         );
-        stats.hits += deltas.hits;
-        stats.frees += deltas.frees;
-        stats.bytes_hit += deltas.bytes_hit;
-        stats.bytes_in_use = add(stats.bytes_in_use, deltas.in_use());
-        stats.blocks_in_use = add(stats.blocks_in_use, deltas.blocks_in_use());
-        stats.bytes_lost_to_rounding = add(stats.bytes_lost_to_rounding, deltas.lost());
+        stats.apply(deltas);
         self.front_bytes = add(self.front_bytes, deltas.front_bytes());
         self.front_blocks = add(self.front_blocks, deltas.front_blocks());
     }
@@ -101,12 +91,7 @@ pub(super) fn with_fronts(
     for deltas in slots {
         peak = add(peak, deltas.peak_in_use);
         peak_cached = add(peak_cached, deltas.peak_front);
-        stats.hits += deltas.hits;
-        stats.frees += deltas.frees;
-        stats.bytes_hit += deltas.bytes_hit;
-        stats.bytes_in_use = add(stats.bytes_in_use, deltas.in_use());
-        stats.blocks_in_use = add(stats.blocks_in_use, deltas.blocks_in_use());
-        stats.bytes_lost_to_rounding = add(stats.bytes_lost_to_rounding, deltas.lost());
+        stats.apply(deltas);
         bytes = add(bytes, deltas.front_bytes());
         blocks = add(blocks, deltas.front_blocks());
     }

@@ -165,16 +165,22 @@ fn pass(cache: &CachingAllocator, step: usize) {
 }
 
 /// `threads` threads take turns running passes, then park (stay alive):
-/// the bytes the cache holds once they all wait.
+/// the bytes the cache holds once they all wait. Thread `i` runs on the
+/// `i`-th CPU (round robin): a thread the scheduler moved mid-pass would
+/// free its blocks into another CPU's front than it took them from, and
+/// how often that happens depends on the machine's load, not the cache.
 fn held_after_turns(threads: usize) -> usize {
     let cache = best_fit().build();
     let turn = Mutex::new(());
     let parked = Barrier::new(threads + 1);
     let release = Barrier::new(threads + 1);
+    let cpus = cpus();
     thread::scope(|scope| {
-        for _ in 0..threads {
+        for i in 0..threads {
             let (cache, turn, parked, release) = (&cache, &turn, &parked, &release);
+            let cpu = cpus[i % cpus.len()];
             scope.spawn(move || {
+                pin(cpu);
                 for step in 0..4 {
                     let _mine = turn.lock().unwrap();
                     pass(cache, step);

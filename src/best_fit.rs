@@ -83,6 +83,19 @@ pub(crate) struct Shed {
     pub(crate) unmapped: Vec<(usize, usize)>,
 }
 
+/// The memory an arena holds ([`Arena::held`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Held {
+    /// Committed bytes less the decommitted ones.
+    pub(crate) reserved: usize,
+    /// Free bytes that hold memory.
+    pub(crate) cached: usize,
+    /// Free ranges and quick-listed blocks: `Stats::blocks_cached`.
+    pub(crate) free_ranges: usize,
+    /// Free bytes whose pages went back to the system.
+    pub(crate) decommitted: usize,
+}
+
 /// Best fit's memory. See the module documentation.
 pub(crate) struct Arena {
     ranges: FreeRanges,
@@ -152,16 +165,16 @@ impl Arena {
         }
     }
 
-    /// `(reserved, cached, free ranges, decommitted)` as `Stats` reports
-    /// them: decommitted free bytes hold no memory.
-    pub(crate) fn held(&self) -> (usize, usize, usize, usize) {
+    /// What the arena holds, as `Stats` reports it: decommitted free bytes
+    /// hold no memory.
+    pub(crate) fn held(&self) -> Held {
         let segments = self.committed_bytes();
-        (
-            segments - self.decommitted_bytes,
-            self.ranges.free_bytes() + self.quick_bytes - self.decommitted_bytes,
-            self.ranges.len() + self.quick_blocks,
-            self.decommitted_bytes,
-        )
+        Held {
+            reserved: segments - self.decommitted_bytes,
+            cached: self.ranges.free_bytes() + self.quick_bytes - self.decommitted_bytes,
+            free_ranges: self.ranges.len() + self.quick_blocks,
+            decommitted: self.decommitted_bytes,
+        }
     }
 
     fn committed_bytes(&self) -> usize {
@@ -437,7 +450,7 @@ impl Arena {
     pub(crate) fn shed(&mut self, target: usize) -> Shed {
         let mut shed = Shed::default();
         self.flush();
-        let cached = |arena: &Self| arena.held().1;
+        let cached = |arena: &Self| arena.held().cached;
         // Whole fixed segments: no memory stays behind.
         let free_fixed: Vec<usize> = self
             .fixed
@@ -892,7 +905,7 @@ mod tests {
                     }
                 }
                 _ => {
-                    let cached = arena.held().1;
+                    let cached = arena.held().cached;
                     arena.shed(if next(2) == 0 { 0 } else { cached / 2 });
                     check(&arena, &live, page);
                 }

@@ -423,7 +423,7 @@ impl<A: Allocator> Cache<A> {
         };
 
         let mut panics = Deferred::new();
-        let _ = self.drain_fronts(false, &mut panics);
+        let _ = self.drain_fronts(fronts::Drain::Live, &mut panics);
         let decayed = if unused == 0 {
             0
         } else {
@@ -743,7 +743,7 @@ impl<A: Allocator> Cache<A> {
     /// every block is handed back, then the first panic is resumed.
     pub(crate) fn release_cached(&self) -> usize {
         let mut panics = Deferred::new();
-        let _ = self.drain_fronts(false, &mut panics);
+        let _ = self.drain_fronts(fronts::Drain::Live, &mut panics);
         let bytes = if self.carves() {
             self.release_carved(&mut panics)
         } else {
@@ -792,7 +792,7 @@ impl<A: Allocator> Cache<A> {
     /// then the first panic is resumed.
     pub(crate) fn trim(&self, target_bytes: usize) -> usize {
         let mut panics = Deferred::new();
-        let _ = self.drain_fronts(false, &mut panics);
+        let _ = self.drain_fronts(fronts::Drain::Live, &mut panics);
         let trimmed = if self.carves() {
             self.trim_carved(target_bytes, &mut panics)
         } else {
@@ -1080,7 +1080,7 @@ impl<A: Allocator> Cache<A> {
                     // drain returns it), at most twice.
                     if credit_out > 0 && drains < 2 {
                         drains += 1;
-                        let _ = self.drain_fronts(false, &mut panics);
+                        let _ = self.drain_fronts(fronts::Drain::Live, &mut panics);
                         continue;
                     }
                     self.unreserve(key.size());
@@ -1215,7 +1215,7 @@ impl<A: Allocator + Send + Sync> Cache<A> {
         let evicted = self.state.lock().evict(Victim::Oldest);
         if evicted.is_none() && credit_out > 0 {
             // Drained fronts give their credit back to the budget.
-            let drained = self.drain_fronts(false, &mut panics) > 0;
+            let drained = self.drain_fronts(fronts::Drain::Live, &mut panics) > 0;
             panics.resume();
             return drained;
         }
@@ -1243,7 +1243,7 @@ impl<A: Allocator> Drop for Cache<A> {
         // stops none of it (every front is drained, every segment given
         // back), and is resumed only if the thread is not unwinding already.
         let mut panics = Deferred::new();
-        let _ = self.drain_fronts(true, &mut panics);
+        let _ = self.drain_fronts(fronts::Drain::Orphaned, &mut panics);
         self.release_into(&mut panics);
         if self.carves() {
             self.drop_segments(&mut panics);

@@ -321,23 +321,15 @@ impl Stats {
         self.remove_in_use(requested, block);
     }
 
-    /// Best fit's memory now: `reserved` bytes of segments hold memory,
-    /// `cached` of them are free in `ranges` free ranges, and `decommitted`
-    /// free bytes hold none.
+    /// Best fit's memory now, as the arena counts it.
     #[inline]
-    pub(crate) fn set_held(
-        &mut self,
-        reserved: usize,
-        cached: usize,
-        ranges: usize,
-        decommitted: usize,
-    ) {
-        self.bytes_reserved = reserved;
-        self.bytes_cached = cached;
-        self.blocks_cached = ranges;
-        self.bytes_decommitted = decommitted;
-        self.peak_bytes_reserved = self.peak_bytes_reserved.max(reserved);
-        self.peak_bytes_cached = self.peak_bytes_cached.max(cached);
+    pub(crate) fn set_held(&mut self, held: crate::best_fit::Held) {
+        self.bytes_reserved = held.reserved;
+        self.bytes_cached = held.cached;
+        self.blocks_cached = held.free_ranges;
+        self.bytes_decommitted = held.decommitted;
+        self.peak_bytes_reserved = self.peak_bytes_reserved.max(held.reserved);
+        self.peak_bytes_cached = self.peak_bytes_cached.max(held.cached);
     }
 
     #[inline]

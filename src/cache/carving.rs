@@ -45,10 +45,10 @@ impl State {
     /// a budget can always find them.
     pub(super) fn sync_held(&mut self, budget: Option<&Budget>) {
         let arena = self.arena.as_mut().expect("a best-fit cache has an arena");
-        let (reserved, cached, ranges, decommitted) = arena.held();
+        let held = arena.held();
         let aged = arena.cached_since.is_some();
-        self.stats.set_held(reserved, cached, ranges, decommitted);
-        if cached == 0 {
+        self.stats.set_held(held);
+        if held.cached == 0 {
             self.arena().cached_since = None;
         } else if !aged {
             let age = self.next_age(budget);

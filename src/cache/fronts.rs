@@ -53,6 +53,27 @@ impl Extend<(Key, NonNull<u8>)> for Taken {
 /// Blocks a front miss takes from the shared lists beyond the one it serves.
 const REFILL: usize = DEPTH / 2;
 
+/// Why a front is drained, which says whether its owner may still write it
+/// and where its blocks go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Drain {
+    /// Its thread exited, or the cache drops: nobody writes it any more.
+    /// Its blocks go to the shared cache.
+    Orphaned,
+    /// A trim, a decay or a limit while its owner lives: the drain
+    /// protocol takes its blocks to the shared cache.
+    Live,
+    /// A budget's eviction, its owner alive: its blocks go back to the
+    /// backing allocator.
+    Evicted,
+}
+
+impl Drain {
+    fn owner_gone(self) -> bool {
+        self == Drain::Orphaned
+    }
+}
+
 impl State {
     /// Adds a slot's counters to the stats (see `front::Deltas`).
     pub(super) fn fold(&mut self, deltas: &Deltas) {
@@ -672,7 +693,11 @@ impl<A: Allocator> Cache<A> {
     /// the slots are also marked dead and leave the registry. Returns the
     /// credit the fronts gave back. A panicking backing `deallocate` stops
     /// no drain: it is kept in `panics`.
-    pub(super) fn drain_fronts(&self, dead: bool, panics: &mut Deferred) -> usize {
+    /// Drains every front (`Orphaned` or `Live`); returns the credit given
+    /// back.
+    pub(super) fn drain_fronts(&self, why: Drain, panics: &mut Deferred) -> usize {
+        debug_assert!(why != Drain::Evicted, "a budget evicts one front at a time");
+        let dead = why.owner_gone();
         let Some(fronts) = &self.fronts else {
             return 0;
         };
@@ -683,7 +708,7 @@ impl<A: Allocator> Cache<A> {
             // (an exited thread's, or any once the cache drops) is taken in.
             if dead {
                 for slot in fronts.take_all_slots().iter() {
-                    self.drain_slot(slot, true, false, panics);
+                    self.drain_slot(slot, Drain::Orphaned, panics);
                 }
             } else {
                 self.adopt_orphans(panics);
@@ -697,7 +722,7 @@ impl<A: Allocator> Cache<A> {
             fronts.slots(false)
         };
         for slot in slots.iter() {
-            credit += self.drain_slot(slot, dead, false, panics);
+            credit += self.drain_slot(slot, why, panics);
         }
         if !dead {
             fronts.prune();
@@ -720,7 +745,7 @@ impl<A: Allocator> Cache<A> {
         let Some(slot) = self.fronts.as_ref().and_then(Fronts::oldest_slot) else {
             return false;
         };
-        let credit = self.drain_slot(&slot, false, true, panics);
+        let credit = self.drain_slot(&slot, Drain::Evicted, panics);
         self.fronts.as_ref().map(Fronts::prune);
         credit > 0
     }
@@ -734,18 +759,18 @@ impl<A: Allocator> Cache<A> {
     }
 
     /// Drains one front round by round (a chunk of bins each), taking each
-    /// round in (`evict`: giving its blocks back); returns the credit it
+    /// round in (an eviction gives its blocks back); returns the credit it
     /// gave back. An owner still freeing into it can keep it from ending
     /// empty: the rounds stop after one pass over its bins.
-    fn drain_slot(&self, slot: &Slot, dead: bool, evict: bool, panics: &mut Deferred) -> usize {
+    fn drain_slot(&self, slot: &Slot, why: Drain, panics: &mut Deferred) -> usize {
         let mut credit = 0;
         for _ in 0..=crate::front::BINS / crate::front::CHUNK {
-            let Some(drained) = slot.drain(dead) else {
+            let Some(drained) = slot.drain(why.owner_gone()) else {
                 break;
             };
             credit += drained.credit;
             let more = drained.more;
-            self.take_in(drained, evict, panics);
+            self.take_in(drained, why == Drain::Evicted, panics);
             if !more {
                 break;
             }
@@ -762,7 +787,7 @@ impl<A: Allocator> Cache<A> {
             return;
         }
         for slot in fronts.slots(true).iter() {
-            self.drain_slot(slot, true, false, panics);
+            self.drain_slot(slot, Drain::Orphaned, panics);
         }
     }
 

@@ -125,9 +125,7 @@ pub(crate) struct Arena {
     /// The range the last growth of a reservation committed, `(start, len)`,
     /// until the cache records it (`take_growth`).
     last_growth: Option<(usize, usize)>,
-    /// Every block exactly its request's length: tails always go back to
-    /// the free ranges, `extra` stays empty. Set for a cache with front
-    /// caches, which know a block's length only from its layout.
+    /// Every block exactly its request's length (see `keeps_tail`).
     exact_blocks: bool,
     /// Bytes of `bytes_cached` reserved on the cache's budget.
     pub(crate) budget_held: usize,
@@ -255,7 +253,7 @@ impl Arena {
         };
         let mut taken = taken;
         if taken.len > len {
-            if !self.exact_blocks && self.extra.try_reserve(1).is_ok() {
+            if self.keeps_tail(taken.len - len) && self.extra.try_reserve(1).is_ok() {
                 self.extra.insert(taken.start, taken.len - len);
             } else {
                 // Nowhere to record the tail: it stays free instead.
@@ -420,6 +418,18 @@ impl Arena {
         len + self.extra.get(&start).copied().unwrap_or(0)
     }
 
+    /// The one rule for a block's length: a carve or a shrink in place
+    /// leaves a tail under [`SPLIT_MIN`](crate::free_ranges::SPLIT_MIN)
+    /// with the block (recorded in `extra`: a free range that small is
+    /// waste), unless the arena keeps `exact_blocks` (a cache with fronts,
+    /// which knows a block's length only from its layout): then every tail
+    /// goes back and a block is always its request's length. The free
+    /// ranges' `take` leaves no larger tail; the fronts' relist and the
+    /// cache's choice of `exact_blocks` rely on this and point here.
+    fn keeps_tail(&self, tail: usize) -> bool {
+        tail > 0 && tail < crate::free_ranges::SPLIT_MIN && !self.exact_blocks
+    }
+
     /// Makes the live block at `start` (carved for `old` bytes) serve a
     /// request of `new` bytes (`block_of`, at most its whole length) in
     /// place: a tail worth keeping goes back to the free ranges. Its whole
@@ -427,7 +437,7 @@ impl Arena {
     pub(crate) fn shrink(&mut self, start: usize, old: usize, new: usize) -> Option<usize> {
         let whole = self.block_len(start, old);
         let tail = whole.checked_sub(new)?;
-        if tail >= crate::free_ranges::SPLIT_MIN || (self.exact_blocks && tail > 0) {
+        if tail > 0 && !self.keeps_tail(tail) {
             self.extra.remove(&start);
             poison::poison_at(start + new, tail);
             self.ranges.give(start + new, tail);

@@ -194,8 +194,8 @@ struct State {
 unsafe impl Send for State {}
 
 impl State {
-    /// `exact_blocks`: the cache has fronts (best fit keeps every block its
-    /// layout's length, see `Arena`).
+    /// `exact_blocks`: the cache has fronts, so best fit keeps every block
+    /// its layout's length (`Arena::keeps_tail`).
     fn new(config: &Config, exact_blocks: bool) -> Self {
         Self {
             free_lists: empty_free_lists(),

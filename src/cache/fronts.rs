@@ -589,8 +589,8 @@ impl<A: Allocator> Cache<A> {
         if self.carves() {
             let _inside = reentry::inside();
             let len = state.arena().uncarve(block.as_ptr().addr(), key.size());
-            // With front caches the arena keeps every block exactly its
-            // key's length (`exact_blocks`): nothing to correct.
+            // With front caches every block is its key's length
+            // (`Arena::keeps_tail`): nothing to correct.
             debug_assert_eq!(len, key.size());
             return true;
         }

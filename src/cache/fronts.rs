@@ -689,12 +689,11 @@ impl<A: Allocator> Cache<A> {
     }
 
     /// Brings every front cache's blocks to the shared side: the drainer's
-    /// side of the protocol, slot by slot. With `dead` (the cache drops),
-    /// the slots are also marked dead and leave the registry. Returns the
-    /// credit the fronts gave back. A panicking backing `deallocate` stops
-    /// no drain: it is kept in `panics`.
-    /// Drains every front (`Orphaned` or `Live`); returns the credit given
-    /// back.
+    /// side of the protocol, slot by slot. With `Drain::Orphaned` (the
+    /// cache drops), the slots are also marked dead and leave the registry
+    /// (`Drain::Evicted` is one front's, see `evict_oldest_front`). Returns
+    /// the credit the fronts gave back. A panicking backing `deallocate`
+    /// stops no drain: it is kept in `panics`.
     pub(super) fn drain_fronts(&self, why: Drain, panics: &mut Deferred) -> usize {
         debug_assert!(why != Drain::Evicted, "a budget evicts one front at a time");
         let dead = why.owner_gone();

@@ -127,11 +127,6 @@ pub(crate) struct Arena {
     last_growth: Option<(usize, usize)>,
     /// Every block exactly its request's length (see `keeps_tail`).
     exact_blocks: bool,
-    /// Bytes of `bytes_cached` reserved on the cache's budget.
-    pub(crate) budget_held: usize,
-    /// The budget tick at which the free bytes last rose from zero: the age
-    /// a budget sees (see `Member for Cache`).
-    pub(crate) cached_since: Option<u64>,
 }
 
 impl Arena {
@@ -158,8 +153,6 @@ impl Arena {
             fixed: BTreeMap::new(),
             reservations: Vec::new(),
             reserves,
-            budget_held: 0,
-            cached_since: None,
         }
     }
 

@@ -332,6 +332,95 @@ impl Stats {
         self.peak_bytes_cached = self.peak_bytes_cached.max(held.cached);
     }
 
+    /// A front's counters join the shared books, `front_bytes` held in
+    /// fronts so far: the front's peaks over the books as they stand, then
+    /// its counters (see `front::Deltas`).
+    pub(crate) fn fold(&mut self, deltas: &crate::front::Deltas, front_bytes: usize) {
+        raise(
+            &mut self.peak_bytes_in_use,
+            add(self.bytes_in_use, deltas.peak_in_use),
+        );
+        raise(
+            &mut self.peak_bytes_cached,
+            add(
+                self.bytes_cached.wrapping_add(front_bytes),
+                deltas.peak_front,
+            ),
+        );
+        self.apply(deltas);
+    }
+
+    /// Peaks a report reached (with the fronts' counters added) stay
+    /// reported.
+    pub(crate) fn keep_peaks(&mut self, reported: &Stats) {
+        raise(&mut self.peak_bytes_in_use, reported.peak_bytes_in_use);
+        raise(&mut self.peak_bytes_cached, reported.peak_bytes_cached);
+    }
+
+    /// A request failed: an absurd layout, or the backing refused it twice.
+    pub(crate) fn on_failure(&mut self) {
+        self.failures += 1;
+    }
+
+    /// A request failed at the hard limit (`Builder::max_bytes`).
+    pub(crate) fn on_limit_failure(&mut self) {
+        self.limit_failures += 1;
+    }
+
+    /// The backing refused once: the cache is released and asks again.
+    pub(crate) fn on_retry(&mut self) {
+        self.retries += 1;
+    }
+
+    /// A decay window closed.
+    pub(crate) fn on_decay(&mut self) {
+        self.decays += 1;
+    }
+
+    /// Best fit took new memory: a fixed segment, or a reservation grew.
+    pub(crate) fn on_growth(&mut self) {
+        self.backing_allocs += 1;
+    }
+
+    /// Best fit shed `bytes` of free memory in `pieces` pieces, with
+    /// `backing_frees` backing calls; `count` says which counters learn it.
+    pub(crate) fn on_shed(&mut self, count: Count, pieces: u64, bytes: usize, backing_frees: u64) {
+        self.backing_frees += backing_frees;
+        match count {
+            Count::Release => {
+                self.releases += 1;
+                self.bytes_released += bytes as u64;
+            }
+            Count::Evict => {
+                self.evictions += pieces;
+                self.bytes_evicted += bytes as u64;
+            }
+            Count::Decay => self.bytes_decayed += bytes as u64,
+        }
+    }
+
+    /// A cached block of `block` bytes left the shared lists for a front
+    /// (a refill): the front's books count it from now on.
+    pub(crate) fn on_moved_to_front(&mut self, block: usize) {
+        self.bytes_cached -= block;
+        self.blocks_cached -= 1;
+    }
+
+    /// A block of `block` bytes came from a front onto the shared lists.
+    pub(crate) fn on_moved_from_front(&mut self, block: usize) {
+        self.bytes_cached += block;
+        self.blocks_cached += 1;
+    }
+
+    /// A block of `block` bytes from a front went back to the backing
+    /// allocator (evicted, or it could not be listed).
+    pub(crate) fn on_front_block_given_back(&mut self, block: usize) {
+        self.evictions += 1;
+        self.bytes_evicted += block as u64;
+        self.backing_frees += 1;
+        self.bytes_reserved -= block;
+    }
+
     #[inline]
     fn add_in_use(&mut self, requested: usize, block: usize) {
         self.bytes_in_use = self.bytes_in_use.wrapping_add(requested);
@@ -348,6 +437,17 @@ impl Stats {
         self.blocks_in_use = self.blocks_in_use.wrapping_sub(1);
     }
 }
+/// Which counters free memory given back feeds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Count {
+    /// `release_cached` (and the flush before a retry): `releases`.
+    Release,
+    /// A trim, the cap, the budget: `evictions`.
+    Evict,
+    /// Decay: `bytes_decayed`.
+    Decay,
+}
+
 /// A short human summary: the numbers a person tuning memory reads first.
 ///
 /// ```

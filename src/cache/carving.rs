@@ -15,47 +15,15 @@ use core::ptr::{self, NonNull};
 
 use allocator_api2::alloc::{AllocError, Allocator};
 
-use super::{Cache, State};
+use super::state::{Reconcile, State};
+use super::{Cache, hand_out};
 use crate::alloc::RawAllocator;
-use crate::best_fit::{self, Arena, Carved, Shed};
+use crate::best_fit::{self, Carved, Shed};
 use crate::budget::Budget;
 use crate::front::Deltas;
 use crate::reentry;
+use crate::stats::Count;
 use crate::unwind::Deferred;
-
-/// Which counters a shed feeds.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Count {
-    /// `release_cached` (and the flush before a retry): `releases`.
-    Release,
-    /// A trim, the cap, the budget: `evictions`.
-    Evict,
-    /// Decay: `bytes_decayed`.
-    Decay,
-}
-
-impl State {
-    pub(super) fn arena(&mut self) -> &mut Arena {
-        self.arena.as_mut().expect("a best-fit cache has an arena")
-    }
-
-    /// Copies the arena's memory into the stats, and ages its free bytes:
-    /// they are as old as the moment they last rose from zero, however they
-    /// came (a free, a shrink in place, a gap left by an aligned carve), so
-    /// a budget can always find them.
-    pub(super) fn sync_held(&mut self, budget: Option<&Budget>) {
-        let arena = self.arena.as_mut().expect("a best-fit cache has an arena");
-        let held = arena.held();
-        let aged = arena.cached_since.is_some();
-        self.stats.set_held(held);
-        if held.cached == 0 {
-            self.arena().cached_since = None;
-        } else if !aged {
-            let age = self.next_age(budget);
-            self.arena().cached_since = Some(age);
-        }
-    }
-}
 
 /// Brings the budget's hard limit in step when dropped (at the end of an
 /// operation that may have shed).
@@ -83,6 +51,15 @@ struct After {
     stopped: bool,
 }
 
+impl After {
+    fn of(state: &State) -> Self {
+        After {
+            cached: state.stats().bytes_cached,
+            stopped: state.caching_stopped(),
+        }
+    }
+}
+
 impl<A: Allocator> Cache<A> {
     pub(super) fn allocate_carved(
         &self,
@@ -102,7 +79,7 @@ impl<A: Allocator> Cache<A> {
     ) -> Result<NonNull<[u8]>, AllocError> {
         self.decay_if_due();
         let Some((len, align)) = best_fit::block_of(layout) else {
-            self.state.lock().stats.failures += 1;
+            self.state.lock().count().on_failure();
             return Err(AllocError);
         };
         let (carved, after) = match self.carve_anywhere(layout, len, align, &mut fold) {
@@ -116,7 +93,7 @@ impl<A: Allocator> Cache<A> {
                     Ok(done) => done,
                     Err(Refused::Backing(error)) => return Err(error),
                     Err(Refused::Limit) => {
-                        self.state.lock().stats.limit_failures += 1;
+                        self.state.lock().count().on_limit_failure();
                         self.record(crate::history::Action::LimitFailure, layout.size(), 0);
                         return Err(AllocError);
                     }
@@ -127,13 +104,9 @@ impl<A: Allocator> Cache<A> {
         // SAFETY: a carved block lies inside a segment of the arena, and is
         // used only while it is live (its segment stays until it is freed).
         let block = unsafe { best_fit::pointer(carved.start) };
-        if zeroed {
-            // SAFETY: the block was just carved for us: nobody else
-            // references it, and it holds `carved.len >= layout.size()`
-            // writable bytes.
-            unsafe { ptr::write_bytes(block.as_ptr(), 0, layout.size()) };
-        }
-        Ok(NonNull::slice_from_raw_parts(block, layout.size()))
+        // SAFETY: the block was just carved for us: nobody else references
+        // it, and it holds `carved.len >= layout.size()` writable bytes.
+        Ok(unsafe { hand_out(block, layout, zeroed) })
     }
 
     /// A block from the free ranges; or, before the arena grows, from the
@@ -198,21 +171,17 @@ impl<A: Allocator> Cache<A> {
             None => return None,
         };
         state
-            .stats
+            .count()
             .on_carved(layout.size(), carved.len, !carved.fresh);
         state.sync_held(self.config.budget.as_ref());
         state.note_reuse();
         if grew {
-            state.stats.backing_allocs += 1;
+            state.count().on_growth();
             if let Some((start, len)) = state.arena().take_growth() {
                 self.record(crate::history::Action::SegmentMap, len, start);
             }
         }
-        let after = After {
-            cached: state.stats.bytes_cached,
-            stopped: state.caching_stopped,
-        };
-        Some((carved, after))
+        Some((carved, After::of(&state)))
     }
 
     /// A block from a new fixed segment taken from the backing allocator; if
@@ -237,21 +206,21 @@ impl<A: Allocator> Cache<A> {
                     return Err(Refused::Limit);
                 }
                 Some(segment) => {
-                    state.pending += segment.size();
+                    state.begin_pending(segment.size());
                     Some(segment)
                 }
                 None => None,
             }
         };
         let Some(segment) = segment else {
-            self.state.lock().stats.failures += 1;
+            self.state.lock().count().on_failure();
             return Err(Refused::Backing(AllocError));
         };
         let taken = self.backing_allocate_or_retry(segment, false);
         // Out of `pending` in the same breath as the segment joins the
         // arena (or fails).
         let mut state = self.state.lock();
-        state.pending -= segment.size();
+        state.end_pending(segment.size());
         let memory = taken.map_err(Refused::Backing)?;
         let start = memory.cast::<u8>().as_ptr().expose_provenance();
         let _inside = reentry::inside();
@@ -262,20 +231,16 @@ impl<A: Allocator> Cache<A> {
         // bytes, aligned to at least `align`), and no other thread carved from
         // it: the lock was held since it was added.
         let carved = arena.carve(len, align);
-        state.stats.backing_allocs += 1;
+        state.count().on_growth();
         let Some(carved) = carved else {
             // Only if the live-block table could not grow.
-            state.stats.failures += 1;
+            state.count().on_failure();
             state.sync_held(self.config.budget.as_ref());
             return Err(Refused::Backing(AllocError));
         };
-        state.stats.on_carved(layout.size(), carved.len, false);
+        state.count().on_carved(layout.size(), carved.len, false);
         state.sync_held(self.config.budget.as_ref());
-        let after = After {
-            cached: state.stats.bytes_cached,
-            stopped: state.caching_stopped,
-        };
-        Ok((carved, after))
+        Ok((carved, After::of(&state)))
     }
 
     /// # Safety
@@ -307,14 +272,10 @@ impl<A: Allocator> Cache<A> {
             let Some((len, _)) = best_fit::block_of(layout) else {
                 return;
             };
-            let arena = state.arena();
-            let len = arena.uncarve(block.as_ptr().addr(), len);
-            state.stats.on_uncarved(layout.size(), len);
+            let len = state.arena().uncarve(block.as_ptr().addr(), len);
+            state.count().on_uncarved(layout.size(), len);
             state.sync_held(self.config.budget.as_ref());
-            After {
-                cached: state.stats.bytes_cached,
-                stopped: state.caching_stopped,
-            }
+            After::of(&state)
         };
         self.settle(after);
     }
@@ -346,16 +307,13 @@ impl<A: Allocator> Cache<A> {
                 let old_len = arena.block_len(start, old_request);
                 match (len <= old_len).then(|| arena.shrink(start, old_request, len)) {
                     Some(Some(new_len)) => {
-                        state.stats.resize_in_use(
+                        state.count().resize_in_use(
                             old.size(),
                             new.size(),
                             new_len.wrapping_sub(old_len),
                         );
                         state.sync_held(self.config.budget.as_ref());
-                        Some(After {
-                            cached: state.stats.bytes_cached,
-                            stopped: state.caching_stopped,
-                        })
+                        Some(After::of(&state))
                     }
                     _ => None,
                 }
@@ -421,27 +379,21 @@ impl<A: Allocator> Cache<A> {
     /// a best-fit cache learns its free bytes only once the range merged.
     fn reconcile(&self, budget: &Budget, panics: &mut Deferred) {
         for _ in 0..8 {
-            let shortfall = {
-                let mut state = self.state.lock();
-                let cached = state.stats.bytes_cached;
-                let arena = state.arena();
-                if cached <= arena.budget_held {
-                    let surplus = arena.budget_held - cached;
-                    arena.budget_held = cached;
-                    drop(state);
+            let shortfall = match self.state.lock().reconcile() {
+                Reconcile::Surplus(surplus) => {
                     budget.unreserve(surplus);
                     return;
                 }
-                cached - arena.budget_held
+                Reconcile::Shortfall(shortfall) => shortfall,
             };
             if panics.catch(|| budget.reserve(shortfall)) == Some(true) {
-                self.state.lock().arena().budget_held += shortfall;
+                self.state.lock().reserved_on_budget(shortfall);
                 continue;
             }
-            let held = self.state.lock().arena().budget_held;
+            let held = self.state.lock().reserved();
             if self.shed_carved(held, Count::Evict, panics) == 0 {
                 budget.force(shortfall);
-                self.state.lock().arena().budget_held += shortfall;
+                self.state.lock().reserved_on_budget(shortfall);
             }
         }
     }
@@ -449,14 +401,7 @@ impl<A: Allocator> Cache<A> {
     /// Gives the budget back what the cache no longer holds (after an
     /// eviction the budget asked for: never reserves, so never recurses).
     fn unreserve_surplus(&self, budget: &Budget) {
-        let surplus = {
-            let mut state = self.state.lock();
-            let cached = state.stats.bytes_cached;
-            let arena = state.arena();
-            let surplus = arena.budget_held.saturating_sub(cached);
-            arena.budget_held -= surplus;
-            surplus
-        };
+        let surplus = self.state.lock().take_budget_surplus();
         budget.unreserve(surplus);
     }
 
@@ -472,19 +417,9 @@ impl<A: Allocator> Cache<A> {
             let mut state = self.state.lock();
             let _inside = reentry::inside();
             let shed = state.arena().shed(target);
-            let stats = &mut state.stats;
-            stats.backing_frees += shed.segment_frees;
-            match count {
-                Count::Release => {
-                    stats.releases += 1;
-                    stats.bytes_released += shed.bytes as u64;
-                }
-                Count::Evict => {
-                    stats.evictions += shed.pieces;
-                    stats.bytes_evicted += shed.bytes as u64;
-                }
-                Count::Decay => stats.bytes_decayed += shed.bytes as u64,
-            }
+            state
+                .count()
+                .on_shed(count, shed.pieces, shed.bytes, shed.segment_frees);
             state.sync_held(self.config.budget.as_ref());
             shed
         };
@@ -517,20 +452,9 @@ impl<A: Allocator> Cache<A> {
         bytes
     }
 
-    pub(super) fn release_carved(&self, panics: &mut Deferred) -> usize {
-        self.trim_or_release(0, Count::Release, panics)
-    }
-
-    pub(super) fn trim_carved(&self, target: usize, panics: &mut Deferred) -> usize {
-        self.trim_or_release(target, Count::Evict, panics)
-    }
-
-    pub(super) fn trim_or_release(
-        &self,
-        target: usize,
-        count: Count,
-        panics: &mut Deferred,
-    ) -> usize {
+    /// The arena's side of `Cache::give_back_free`: sheds down to
+    /// `target`, then gives the budget back what it no longer holds.
+    pub(super) fn shed_arena(&self, target: usize, count: Count, panics: &mut Deferred) -> usize {
         let bytes = self.shed_carved(target, count, panics);
         if let Some(budget) = &self.config.budget {
             self.unreserve_surplus(budget);
@@ -538,28 +462,15 @@ impl<A: Allocator> Cache<A> {
         bytes
     }
 
-    /// The age a budget sees: when the free bytes last rose from zero, if
-    /// any of them can be shed.
-    pub(super) fn oldest_carved(&self) -> Option<u64> {
-        let mut state = self.state.lock();
-        let cached = state.stats.bytes_cached;
-        let arena = state.arena();
-        if cached > arena.pinned() {
-            arena.cached_since
-        } else {
-            None
-        }
-    }
-
     /// One piece of free memory back, for the budget: whether any was.
     pub(super) fn evict_carved(&self) -> bool {
-        let cached = self.state.lock().stats.bytes_cached;
+        let cached = self.state.lock().stats().bytes_cached;
         let mut panics = Deferred::new();
         let mut shed = self.shed_carved(cached.saturating_sub(1), Count::Evict, &mut panics);
         if shed == 0 && self.drain_cpu_fronts_for(1) {
             // The arena had nothing left to shed: what its per-CPU fronts
             // held (an idle model's, say) comes back into it and goes.
-            let cached = self.state.lock().stats.bytes_cached;
+            let cached = self.state.lock().stats().bytes_cached;
             shed = self.shed_carved(cached.saturating_sub(1), Count::Evict, &mut panics);
         }
         if let Some(budget) = &self.config.budget {
@@ -573,18 +484,18 @@ impl<A: Allocator> Cache<A> {
     /// is left), the fixed ones to the backing allocator, and the budget
     /// gets back every byte it counted for this cache.
     pub(super) fn drop_segments(&self, panics: &mut Deferred) {
-        let (fixed, reservations, budget_held) = {
+        let (fixed, reservations, reserved) = {
             let mut state = self.state.lock();
             let _inside = reentry::inside();
+            let reserved = state.take_reserved_on_budget();
             let arena = state.arena();
-            let budget_held = core::mem::take(&mut arena.budget_held);
             // SAFETY: the cache is dropping: no user is left to hold a block
             // in a reservation, and nothing carves after this.
             let reservations = unsafe { arena.take_reservations() };
-            (arena.take_fixed(), reservations, budget_held)
+            (arena.take_fixed(), reservations, reserved)
         };
         drop(reservations);
-        self.unreserve(budget_held);
+        self.unreserve(reserved);
         let _inside = reentry::inside();
         for (start, layout) in fixed {
             panics.catch(|| {

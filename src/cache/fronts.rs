@@ -15,9 +15,10 @@ use core::ptr::{self, NonNull};
 
 use allocator_api2::alloc::{AllocError, Allocator};
 
-use super::{Cache, State};
+use super::state::Kind;
+use super::{Cache, hand_out};
 use crate::eviction::Victim;
-use crate::front::{Batch, DEPTH, Deltas, Drained, Fronts, Owner, Slot};
+use crate::front::{Batch, Deltas, Drained, Fronts, Owner, Slot};
 use crate::per_cpu::{self, PerCpu};
 use crate::poison;
 use crate::policy::Key;
@@ -50,9 +51,6 @@ impl Extend<(Key, NonNull<u8>)> for Taken {
     }
 }
 
-/// Blocks a front miss takes from the shared lists beyond the one it serves.
-const REFILL: usize = DEPTH / 2;
-
 /// Why a front is drained, which says whether its owner may still write it
 /// and where its blocks go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,27 +69,6 @@ pub(super) enum Drain {
 impl Drain {
     fn owner_gone(self) -> bool {
         self == Drain::Orphaned
-    }
-}
-
-impl State {
-    /// Adds a slot's counters to the stats (see `front::Deltas`).
-    pub(super) fn fold(&mut self, deltas: &Deltas) {
-        let stats = &mut self.stats;
-        raise(
-            &mut stats.peak_bytes_in_use,
-            add(stats.bytes_in_use, deltas.peak_in_use),
-        );
-        raise(
-            &mut stats.peak_bytes_cached,
-            add(
-                stats.bytes_cached.wrapping_add(self.front_bytes),
-                deltas.peak_front,
-            ),
-        );
-        stats.apply(deltas);
-        self.front_bytes = add(self.front_bytes, deltas.front_bytes());
-        self.front_blocks = add(self.front_blocks, deltas.front_blocks());
     }
 }
 
@@ -166,13 +143,10 @@ impl<A: Allocator> Cache<A> {
             None => self.count_hit_shared(layout.size(), slot.len()),
         }
         poison::unpoison(block, slot.len());
-        if zeroed {
-            // SAFETY: the block was just taken from a front, so nobody else
-            // references it, and it holds `slot.len() >= layout.size()`
-            // writable bytes.
-            unsafe { ptr::write_bytes(block.as_ptr(), 0, layout.size()) };
-        }
-        NonNull::slice_from_raw_parts(block, layout.size())
+        // SAFETY: the block was just taken from a front, so nobody else
+        // references it, and it holds `slot.len() >= layout.size()`
+        // writable bytes.
+        unsafe { hand_out(block, layout, zeroed) }
     }
 
     /// A front hit by a thread with no slot (its thread-locals are being
@@ -290,54 +264,12 @@ impl<A: Allocator> Cache<A> {
         self.adopt_orphans(panics);
         self.touch_front(slot);
         let deltas = slot.take_counters();
-        if self.carves() {
-            return self.allocate_carved_folding(layout, zeroed, Some(deltas));
-        }
-        let mut refill = [ptr::null_mut(); REFILL];
-        let mut taken = 0;
-        let popped = {
-            let mut state = self.state.lock();
-            state.fold(&deltas);
-            let popped = state.pop(key);
-            if popped.is_some() {
-                state.stats.on_hit(layout.size(), key.size());
-                state.note_reuse();
-                while taken < REFILL {
-                    let Some(block) = state.pop(key) else { break };
-                    refill[taken] = block.as_ptr();
-                    taken += 1;
-                    state.stats.bytes_cached -= key.size();
-                    state.stats.blocks_cached -= 1;
-                }
+        match self.kind {
+            Kind::Lists => {
+                self.allocate_listed_for_front(slot, key, layout, zeroed, deltas, panics)
             }
-            popped
-        };
-        let Some(block) = popped else {
-            let block = self.allocate_block(key, layout.size(), zeroed)?;
-            return Ok(NonNull::slice_from_raw_parts(block, layout.size()));
-        };
-        let kept = slot.refill(key, &refill[..taken]);
-        // The user's block and the kept ones left the shared lists: the
-        // budget counted them as cached; now one is in use and the others
-        // sit in the front's credit.
-        if let Some(budget) = &self.config.budget {
-            budget.unreserve(key.size() * (1 + kept));
+            Kind::Arena => self.allocate_carved_folding(layout, zeroed, Some(deltas)),
         }
-        if kept < taken {
-            let mut batch = Batch::EMPTY;
-            batch.key = Some(key);
-            batch.len = taken - kept;
-            batch.blocks[..batch.len].copy_from_slice(&refill[kept..taken]);
-            // Listed again: they left the lists above, uncounted as moves.
-            self.relist_batch(&Deltas::default(), &batch, false, panics);
-        }
-        poison::unpoison(block, key.size());
-        if zeroed {
-            // SAFETY: the block just left the free lists, so nobody else
-            // references it; it holds `key.size() >= layout.size()` bytes.
-            unsafe { ptr::write_bytes(block.as_ptr(), 0, layout.size()) };
-        }
-        Ok(NonNull::slice_from_raw_parts(block, layout.size()))
     }
 
     /// A free the front had no room for: moves what stands in the way to
@@ -416,21 +348,19 @@ impl<A: Allocator> Cache<A> {
     fn relist_taken(&self, deltas: &Deltas, taken: &Taken, panics: &mut Deferred) {
         let mut unlisted = Taken::default();
         {
+            let budget = self.config.budget.as_ref();
             let mut state = self.state.lock();
             state.fold(deltas);
             for (key, block) in taken.iter() {
-                // The block leaves the fronts before it joins the shared
-                // side, so no moment counts it twice.
-                state.front_bytes = state.front_bytes.wrapping_sub(key.size());
-                state.front_blocks = state.front_blocks.wrapping_sub(1);
-                if !self.relist(&mut state, key, block, false) {
+                state.left_front(key.size());
+                if !state.relist(key, block, false, budget) {
                     unlisted.extend(Some((key, block)));
                 }
             }
-            self.after_relist(&mut state);
+            state.sync_held(budget);
         }
         for (key, block) in unlisted.iter() {
-            self.give_back_unlisted(key, block, panics);
+            self.give_back_from_front(key, block, panics);
         }
     }
 
@@ -452,18 +382,17 @@ impl<A: Allocator> Cache<A> {
     /// fronts are best fit's, whose blocks always go back into the arena:
     /// no backing call.
     fn drain_cpus(&self, per_cpu: &PerCpu) -> usize {
-        debug_assert!(self.carves());
         let mut bytes = 0;
+        let budget = self.config.budget.as_ref();
         let mut state = self.state.lock();
         let _inside = reentry::inside();
         per_cpu.drain(|key, block| {
             bytes += key.size();
-            state.front_bytes = state.front_bytes.wrapping_sub(key.size());
-            state.front_blocks = state.front_blocks.wrapping_sub(1);
-            let listed = self.relist(&mut state, key, block, false);
+            state.left_front(key.size());
+            let listed = state.relist(key, block, false, budget);
             debug_assert!(listed, "a carved block always goes back into the arena");
         });
-        self.after_relist(&mut state);
+        state.sync_held(budget);
         drop(state);
         if bytes > 0 {
             self.record(crate::history::Action::FrontDrain, bytes, 0);
@@ -516,31 +445,26 @@ impl<A: Allocator> Cache<A> {
             }
         }
         let Some(cap) = self.config.max_cached_bytes else {
-            self.state.lock().credit_out += granted;
+            self.state.lock().grant_credit(granted);
             return granted;
         };
         let mut panics = Deferred::new();
         let mut counted = 0;
         loop {
             let mut state = self.state.lock();
-            let room = cap.saturating_sub(state.stats.bytes_cached + state.credit_out);
+            let room = cap.saturating_sub(state.stats().bytes_cached + state.credit_out());
             if room >= needed {
                 counted = granted.min(room);
-                state.credit_out += counted;
+                state.grant_credit(counted);
                 break;
             }
             // The cheapest shared block goes back, with the lock released
             // around the backing call, as for a free.
-            let Some((key, block)) = state.evict(Victim::Cheapest) else {
+            let Some(evicted) = state.evict(Victim::Cheapest) else {
                 break;
             };
             drop(state);
-            self.unreserve(key.size());
-            panics.catch(|| {
-                // SAFETY: the block left the free lists under the lock: ours
-                // alone, taken with its key's layout.
-                unsafe { self.backing_deallocate(block, key) }
-            });
+            self.give_back_evicted(evicted, &mut panics);
         }
         // The budget's share beyond what the cap let through goes back.
         self.unreserve(granted - counted);
@@ -551,28 +475,35 @@ impl<A: Allocator> Cache<A> {
     /// Folds `deltas` and lists a batch from a front; blocks that cannot be
     /// listed go back to the backing allocator. With `credited`, the blocks
     /// bring their front credit with them (a batch the owner moved out).
-    fn relist_batch(&self, deltas: &Deltas, batch: &Batch, credited: bool, panics: &mut Deferred) {
+    pub(super) fn relist_batch(
+        &self,
+        deltas: &Deltas,
+        batch: &Batch,
+        credited: bool,
+        panics: &mut Deferred,
+    ) {
         let mut unlisted = Batch::EMPTY;
         unlisted.key = batch.key;
         {
+            let budget = self.config.budget.as_ref();
             let mut state = self.state.lock();
             state.fold(deltas);
             if credited && self.fronts_hold_credit() {
                 let bytes: usize = batch.iter().map(|(key, _)| key.size()).sum();
-                state.credit_out -= bytes;
+                state.return_credit(bytes);
             }
             for (key, block) in batch.iter() {
-                if !self.relist(&mut state, key, block, false) {
+                if !state.relist(key, block, false, budget) {
                     unlisted.blocks[unlisted.len] = block.as_ptr();
                     unlisted.len += 1;
                 }
             }
-            self.after_relist(&mut state);
+            state.sync_held(budget);
         }
         for (key, block) in unlisted.iter() {
             // Reserved on the budget as cached (or as credit) until now.
             self.unreserve(key.size());
-            self.give_back_unlisted(key, block, panics);
+            self.give_back_from_front(key, block, panics);
         }
     }
 
@@ -581,55 +512,14 @@ impl<A: Allocator> Cache<A> {
         self.config.evicts()
     }
 
-    /// Lists one block that came back from a front, under the lock; false
-    /// if it must go back to the backing allocator instead.
-    fn relist(&self, state: &mut State, key: Key, block: NonNull<u8>, evict: bool) -> bool {
-        // A carved block has no backing allocation of its own: it always
-        // goes back into the arena.
-        if self.carves() {
-            let _inside = reentry::inside();
-            let len = state.arena().uncarve(block.as_ptr().addr(), key.size());
-            // With front caches every block is its key's length
-            // (`Arena::keeps_tail`): nothing to correct.
-            debug_assert_eq!(len, key.size());
-            return true;
-        }
-        // Ages are unique on the budget's one clock, or on the cache's own.
-        let age = match &self.config.budget {
-            Some(budget) if !evict => budget.tick(),
-            _ => {
-                state.clock += 1;
-                state.clock
-            }
-        };
-        let cached = state.stamp(key, block, age);
-        if evict || state.caching_stopped || state.push(key, cached).is_err() {
-            state.stats.evictions += 1;
-            state.stats.bytes_evicted += key.size() as u64;
-            state.stats.backing_frees += 1;
-            state.stats.bytes_reserved -= key.size();
-            return false;
-        }
-        state.stats.bytes_cached += key.size();
-        state.stats.blocks_cached += 1;
-        true
-    }
-
-    /// After a run of `relist`s: a best-fit arena's held memory into the
-    /// stats.
-    fn after_relist(&self, state: &mut State) {
-        if self.carves() {
-            state.sync_held(self.config.budget.as_ref());
-        }
-    }
-
-    /// Gives back a block `relist` refused (its books are already done).
-    fn give_back_unlisted(&self, key: Key, block: NonNull<u8>, panics: &mut Deferred) {
+    /// Gives back a block `State::relist` refused (its books are already
+    /// done).
+    fn give_back_from_front(&self, key: Key, block: NonNull<u8>, panics: &mut Deferred) {
         panics.catch(|| {
             // SAFETY: the block came out of a front, where the cache owned
             // it alone; it was taken with its key's layout and is listed
             // nowhere.
-            unsafe { self.backing_deallocate(block, key) }
+            unsafe { self.give_back(block, key) }
         });
     }
 
@@ -650,9 +540,10 @@ impl<A: Allocator> Cache<A> {
             .map(|bin| bin.held().map(|(key, _)| key.size()).sum::<usize>())
             .sum();
         {
+            let budget = self.config.budget.as_ref();
             let mut state = self.state.lock();
             state.fold(deltas);
-            state.credit_out -= credit;
+            state.return_credit(credit);
             // The blocks leave the front before they join the lists, so no
             // moment counts them twice (peaks included).
             let mut moved = Deltas::default();
@@ -668,12 +559,12 @@ impl<A: Allocator> Cache<A> {
                     let Some(block) = NonNull::new(bin.blocks[at]) else {
                         continue;
                     };
-                    if self.relist(&mut state, key, block, evict) {
+                    if state.relist(key, block, evict, budget) {
                         bin.blocks[at] = ptr::null_mut();
                     }
                 }
             }
-            self.after_relist(&mut state);
+            state.sync_held(budget);
         }
         // The credit the blocks did not use goes back to the budget (the
         // listed blocks stay reserved, now as cached).
@@ -683,7 +574,7 @@ impl<A: Allocator> Cache<A> {
                 if credit > 0 {
                     self.unreserve(key.size());
                 }
-                self.give_back_unlisted(key, block, panics);
+                self.give_back_from_front(key, block, panics);
             }
         }
     }
@@ -794,14 +685,10 @@ impl<A: Allocator> Cache<A> {
     pub(super) fn stats_with_fronts(&self, fronts: &Fronts) -> Stats {
         let slots = fronts.read_all();
         let mut state = self.state.lock();
-        let mut stats = state.stats;
-        if let Some(arena) = &state.arena {
-            stats.bytes_pinned = arena.pinned();
-        }
-        let stats = with_fronts(stats, state.front_bytes, state.front_blocks, &slots);
+        let (front_bytes, front_blocks) = state.front_books();
+        let stats = with_fronts(state.report(), front_bytes, front_blocks, &slots);
         // A peak once reported stays reported.
-        raise(&mut state.stats.peak_bytes_in_use, stats.peak_bytes_in_use);
-        raise(&mut state.stats.peak_bytes_cached, stats.peak_bytes_cached);
+        state.keep_peaks(&stats);
         stats
     }
 }

@@ -517,7 +517,7 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
         // everything else is out of line.
         if let Some(per_cpu) = self.per_cpu()
             && layout.size() != 0
-            && let Some(slot) = per_cpu::Slot::for_best_fit(layout)
+            && let Some(slot) = per_cpu::Class::for_best_fit(layout)
             && let Some(block) = per_cpu.pop(slot)
         {
             return Ok(self.hit_from_cpu(block, slot, layout, zeroed));
@@ -538,7 +538,7 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
     unsafe fn deallocate(&self, block: NonNull<u8>, layout: Layout) {
         if let Some(per_cpu) = self.per_cpu()
             && layout.size() != 0
-            && let Some(slot) = per_cpu::Slot::for_best_fit(layout)
+            && let Some(slot) = per_cpu::Class::for_best_fit(layout)
             && let Some(owner) = self.front()
             && !self.fronts.as_ref().is_some_and(Fronts::is_stopped)
         {
@@ -553,7 +553,8 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
         unsafe { self.deallocate_slow(block, layout) }
     }
 
-    /// `resize` and its in-place test, and the slow paths of `deallocate`.
+    /// `grow` and `shrink`, in place where the block allows, else through
+    /// a new block, copying.
     unsafe fn resize(
         &self,
         block: NonNull<u8>,
@@ -561,8 +562,15 @@ unsafe impl<A: Allocator> RawAllocator for Cache<A> {
         new: Layout,
         zeroed: bool,
     ) -> Result<NonNull<[u8]>, AllocError> {
-        // SAFETY: this function's contract.
-        unsafe { self.resize_shared(block, old, new, zeroed) }
+        match self.kind {
+            // SAFETY: this function's contract.
+            Kind::Lists => unsafe { self.resize_listed(block, old, new, zeroed) },
+            Kind::Arena => {
+                self.fold_mine();
+                // SAFETY: this function's contract.
+                unsafe { self.resize_carved(block, old, new, zeroed) }
+            }
+        }
     }
 }
 
@@ -575,7 +583,7 @@ impl<A: Allocator> Cache<A> {
             return Ok(dangling(layout));
         }
         if self.per_cpu().is_some() {
-            if per_cpu::Slot::for_best_fit(layout).is_some() {
+            if per_cpu::Class::for_best_fit(layout).is_some() {
                 return self.allocate_behind_cpu_front(layout, zeroed);
             }
             // Too large for a front: the arena, the thread's counters folded
@@ -612,7 +620,7 @@ impl<A: Allocator> Cache<A> {
             return;
         }
         if let Some(per_cpu) = self.per_cpu() {
-            if let Some(slot) = per_cpu::Slot::for_best_fit(layout) {
+            if let Some(slot) = per_cpu::Class::for_best_fit(layout) {
                 // SAFETY: this function's contract.
                 return unsafe { self.free_behind_cpu(per_cpu, slot, block, layout) };
             }
@@ -649,30 +657,6 @@ impl<A: Allocator> Cache<A> {
             Kind::Lists => unsafe { self.deallocate_listed(block, layout) },
             // SAFETY: this function's contract.
             Kind::Arena => unsafe { self.deallocate_carved(block, layout) },
-        }
-    }
-
-    /// `grow` and `shrink`, in place where the block allows, else through
-    /// a new block, copying.
-    ///
-    /// # Safety
-    ///
-    /// `block` is live and was handed out by this cache for `old`.
-    unsafe fn resize_shared(
-        &self,
-        block: NonNull<u8>,
-        old: Layout,
-        new: Layout,
-        zeroed: bool,
-    ) -> Result<NonNull<[u8]>, AllocError> {
-        match self.kind {
-            // SAFETY: this function's contract.
-            Kind::Lists => unsafe { self.resize_listed(block, old, new, zeroed) },
-            Kind::Arena => {
-                self.fold_mine();
-                // SAFETY: this function's contract.
-                unsafe { self.resize_carved(block, old, new, zeroed) }
-            }
         }
     }
 }

@@ -2,17 +2,17 @@
 //! cache), in front of the shared, locked cache.
 //!
 //! A hit and a free on the owning thread touch only the thread's own
-//! [`Slot`]: no lock, no atomic read-modify-write. Blocks move between a slot
+//! [`ThreadFront`]: no lock, no atomic read-modify-write. Blocks move between a slot
 //! and the shared cache in batches (a bin's older half, a whole bin), on the
 //! owner's slow path, with the shared lock taken once a batch.
 //!
 //! **The drain protocol.** `release_cached`, `trim` and the drop of a cache
 //! must reach the blocks of every thread's slot, idle threads' included. The
 //! owner brackets each magazine access with a plain store of `active` and a
-//! load of `drain`, separated by a *light* fence (a compiler fence); a drainer
-//! stores `drain`, runs a *heavy* fence (Linux `membarrier`, which runs a full
+//! load of `drain_wanted`, separated by a *light* fence (a compiler fence); a
+//! drainer stores `drain_wanted`, runs a *heavy* fence (Linux `membarrier`, which runs a full
 //! fence on every thread of the process), then waits for `active` to be
-//! clear. Either the owner sees `drain` and takes the slot's lock (its slow
+//! clear. Either the owner sees `drain_wanted` and takes the slot's lock (its slow
 //! path), or the drainer sees `active` and waits the few nanoseconds until
 //! the owner is out; never both missing each other (the asymmetric Dekker
 //! pattern of tcmalloc's and liburcu's `membarrier` use). Where `membarrier`
@@ -51,11 +51,12 @@ pub(crate) const DEPTH: usize = 8;
 /// Bins of a slot: `SETS` sets of `WAYS`, a key's bin in the set its hash
 /// picks (set-associative, so a pass with a few hundred distinct sizes
 /// rarely evicts one key's bin for another's).
-pub(crate) const BINS: usize = SETS * WAYS;
+pub(crate) const MAGAZINE_BINS: usize = SETS * WAYS;
 const SETS: usize = 64;
 const WAYS: usize = 4;
 
-/// One key's freed blocks, most recent last.
+/// One key's freed blocks, most recent last: a bin of a front's magazine,
+/// or up to one bin of blocks on their way to the shared cache.
 #[derive(Clone, Copy)]
 pub(crate) struct Bin {
     pub(crate) key: Option<Key>,
@@ -64,7 +65,7 @@ pub(crate) struct Bin {
 }
 
 impl Bin {
-    const EMPTY: Bin = Bin {
+    pub(crate) const EMPTY: Bin = Bin {
         key: None,
         len: 0,
         blocks: [core::ptr::null_mut(); DEPTH],
@@ -72,27 +73,6 @@ impl Bin {
 
     /// The blocks held, with their key.
     pub(crate) fn held(&self) -> impl Iterator<Item = (Key, NonNull<u8>)> + '_ {
-        self.blocks[..self.len]
-            .iter()
-            .filter_map(move |&block| Some((self.key?, NonNull::new(block)?)))
-    }
-}
-
-/// Up to one bin of blocks on their way to the shared cache.
-pub(crate) struct Batch {
-    pub(crate) key: Option<Key>,
-    pub(crate) len: usize,
-    pub(crate) blocks: [*mut u8; DEPTH],
-}
-
-impl Batch {
-    pub(crate) const EMPTY: Batch = Batch {
-        key: None,
-        len: 0,
-        blocks: [core::ptr::null_mut(); DEPTH],
-    };
-
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (Key, NonNull<u8>)> + '_ {
         self.blocks[..self.len]
             .iter()
             .filter_map(move |&block| Some((self.key?, NonNull::new(block)?)))
@@ -169,8 +149,8 @@ impl Magazine {
     fn new(limit: usize, credited: bool) -> Option<Self> {
         let mut blocks = Vec::new_in(Bookkeeping);
         if limit > 0 {
-            blocks.try_reserve_exact(BINS).ok()?;
-            blocks.resize(BINS, [core::ptr::null_mut(); DEPTH]);
+            blocks.try_reserve_exact(MAGAZINE_BINS).ok()?;
+            blocks.resize(MAGAZINE_BINS, [core::ptr::null_mut(); DEPTH]);
         }
         Some(Self {
             tags: [Tags::EMPTY; SETS],
@@ -248,8 +228,8 @@ impl Magazine {
     /// the set's turn points at), or (over the limit) the next non-empty
     /// bin. Empty when nothing does. Short credit is not its business
     /// (blocks take their credit with them): the shared cache grants more.
-    fn make_room(&mut self, key: Key) -> Batch {
-        let mut out = Batch::EMPTY;
+    fn make_room(&mut self, key: Key) -> Bin {
+        let mut out = Bin::EMPTY;
         // Over the limit, give back down to half of it, a bin per call (the
         // caller keeps calling while `shrinking`): a front full of sizes
         // that do not come back then pays one slow path for many frees,
@@ -261,9 +241,9 @@ impl Magazine {
             self.shrinking = false;
         }
         if self.shrinking {
-            for _ in 0..BINS {
+            for _ in 0..MAGAZINE_BINS {
                 let at = self.cursor;
-                self.cursor = (self.cursor + 1) % BINS;
+                self.cursor = (self.cursor + 1) % MAGAZINE_BINS;
                 let len = usize::from(self.tags[at / WAYS].lens[at % WAYS]);
                 if len != 0 {
                     self.take_bin(at, len, &mut out);
@@ -291,7 +271,7 @@ impl Magazine {
     }
 
     /// Moves the `count` oldest blocks of bin `at` into `out`.
-    fn take_bin(&mut self, at: usize, count: usize, out: &mut Batch) {
+    fn take_bin(&mut self, at: usize, count: usize, out: &mut Bin) {
         let tags = &mut self.tags[at / WAYS];
         let way = at % WAYS;
         let len = usize::from(tags.lens[way]);
@@ -326,7 +306,7 @@ impl Magazine {
     fn take_chunk(&mut self, out: &mut [Bin; CHUNK]) -> (usize, usize, bool) {
         let mut taken = 0;
         let mut credit = 0;
-        for at in 0..BINS {
+        for at in 0..MAGAZINE_BINS {
             if taken == CHUNK {
                 break;
             }
@@ -511,11 +491,11 @@ impl Counters {
     }
 }
 
-/// What `Slot::make_room` did and found.
+/// What `ThreadFront::make_room` did and found.
 pub(crate) struct Room {
     /// Blocks moved out, on their way to the shared cache (their credit
     /// with them).
-    pub(crate) batch: Batch,
+    pub(crate) batch: Bin,
     /// The owner's counters to fold.
     pub(crate) deltas: Deltas,
     /// Credit the front still lacks to keep the block (0 without a cap or a
@@ -535,12 +515,12 @@ const ORPHANED: u8 = 1;
 const DEAD: u8 = 2;
 
 /// One thread's front cache of one cache.
-pub(crate) struct Slot {
+pub(crate) struct ThreadFront {
     /// Set by the owner around each magazine access (plain stores).
     active: AtomicBool,
     /// Set by a drainer that wants the magazine; the owner then goes through
     /// `lock`.
-    drain: AtomicBool,
+    drain_wanted: AtomicBool,
     /// The slot's life (`LIVE`, `ORPHANED`, `DEAD`); held by drainers for
     /// their whole access, and by the owner when it finds a drain under way.
     lock: Mutex<u8>,
@@ -556,9 +536,9 @@ pub(crate) struct Slot {
 // SAFETY: the magazine is accessed only by the owner inside the protocol or by
 // a drainer holding the slot exclusively (see the module docs); the blocks it
 // holds are owned by the cache and may move to any thread.
-unsafe impl Sync for Slot {}
+unsafe impl Sync for ThreadFront {}
 // SAFETY: as above; nothing in a slot is tied to a thread.
-unsafe impl Send for Slot {}
+unsafe impl Send for ThreadFront {}
 
 /// Bins a drain takes at a time: a few KiB of stack, not a whole magazine
 /// (loom's coroutines, and threads with small stacks, have little).
@@ -576,12 +556,12 @@ pub(crate) struct Drained {
     pub(crate) more: bool,
 }
 
-impl Slot {
+impl ThreadFront {
     /// `None` if bookkeeping memory ran out.
     pub(crate) fn new(limit: usize, credited: bool, orphans: Arc<AtomicUsize>) -> Option<Self> {
         Some(Self {
             active: AtomicBool::new(false),
-            drain: AtomicBool::new(false),
+            drain_wanted: AtomicBool::new(false),
             lock: Mutex::new(LIVE),
             magazine: UnsafeCell::new(Magazine::new(limit, credited)?),
             counters: Counters::default(),
@@ -601,7 +581,7 @@ impl Slot {
             return None;
         }
         let orphaned = *life == ORPHANED;
-        self.drain.store(true, Relaxed);
+        self.drain_wanted.store(true, Relaxed);
         asymmetric::heavy();
         while self.active.load(Acquire) {
             crate::sync::spin();
@@ -622,7 +602,7 @@ impl Slot {
                 more: !empty,
             }
         });
-        self.drain.store(false, Release);
+        self.drain_wanted.store(false, Release);
         if !drained.more && (dead || orphaned) {
             *life = DEAD;
             if orphaned {
@@ -663,9 +643,9 @@ impl Slot {
 /// table, and `!Send` and `!Sync`, so it never leaves the thread that owns
 /// the slot: that is what makes its plain stores of `active` and its
 /// lock-free magazine accesses sound (only the owner may take them; a
-/// drainer from another thread goes through [`Slot::drain`]).
+/// drainer from another thread goes through [`ThreadFront::drain`]).
 pub(crate) struct Owner<'a> {
-    slot: &'a Slot,
+    slot: &'a ThreadFront,
     /// The cache's per-CPU fronts, if its fronts are per CPU: then the
     /// slot's magazine is inert and only its counters count.
     per_cpu: Option<&'a PerCpu>,
@@ -684,7 +664,7 @@ impl Owner<'_> {
         let slot = self.slot;
         slot.active.store(true, Relaxed);
         asymmetric::light();
-        if !slot.drain.load(Acquire) {
+        if !slot.drain_wanted.load(Acquire) {
             // SAFETY: only the owner (this thread: an `Owner` never leaves
             // the thread whose table holds the slot) sets `active`; a drainer
             // touches the magazine only after it set `drain`, fenced
@@ -710,7 +690,7 @@ impl Owner<'_> {
     #[inline(always)]
     pub(crate) fn pop(&self, key: Key, requested: usize) -> Option<NonNull<u8>> {
         if let Some(per_cpu) = self.per_cpu {
-            let block = per_cpu.pop(per_cpu::Slot::of(key)?)?;
+            let block = per_cpu.pop(per_cpu::Class::of(key)?)?;
             // Per CPU, no drainer touches a live slot: the owner alone
             // writes its counters.
             self.slot.counters.on_hit(requested, key.size());
@@ -733,7 +713,7 @@ impl Owner<'_> {
     #[inline(always)]
     pub(crate) fn push(&self, key: Key, block: NonNull<u8>, requested: usize) -> bool {
         if let Some(per_cpu) = self.per_cpu {
-            let kept = per_cpu::Slot::of(key).is_some_and(|slot| per_cpu.push(slot, block));
+            let kept = per_cpu::Class::of(key).is_some_and(|slot| per_cpu.push(slot, block));
             if kept {
                 self.slot.counters.on_free(requested, key.size());
             }
@@ -833,7 +813,7 @@ pub(crate) struct Fronts {
     limit: usize,
     /// Whether fronts hold credit (the cache has a cap or a budget).
     credited: bool,
-    slots: Mutex<Vec<Arc<Slot>, Bookkeeping>>,
+    slots: Mutex<Vec<Arc<ThreadFront>, Bookkeeping>>,
     orphans: Arc<AtomicUsize>,
     /// The per-CPU fronts, where the system has restartable sequences and
     /// the cache asked for them: then threads' slots only count.
@@ -917,7 +897,7 @@ impl Fronts {
     /// Every slot, by strong count (to drain or read without the registry
     /// lock). With `orphans_only`, the slots of exited threads, which are
     /// also taken out of the registry.
-    pub(crate) fn slots(&self, orphans_only: bool) -> Vec<Arc<Slot>, Bookkeeping> {
+    pub(crate) fn slots(&self, orphans_only: bool) -> Vec<Arc<ThreadFront>, Bookkeeping> {
         let _inside = reentry::inside();
         let mut slots = self.slots.lock();
         if orphans_only {
@@ -941,7 +921,7 @@ impl Fronts {
     }
 
     /// The slot whose owner was on its slow path least recently.
-    pub(crate) fn oldest_slot(&self) -> Option<Arc<Slot>> {
+    pub(crate) fn oldest_slot(&self) -> Option<Arc<ThreadFront>> {
         let _inside = reentry::inside();
         let slots = self.slots.lock();
         slots.iter().min_by_key(|slot| slot.age()).cloned()
@@ -954,7 +934,7 @@ impl Fronts {
     }
 
     /// Takes every slot out of the registry (the cache is dropping).
-    pub(crate) fn take_all_slots(&self) -> Vec<Arc<Slot>, Bookkeeping> {
+    pub(crate) fn take_all_slots(&self) -> Vec<Arc<ThreadFront>, Bookkeeping> {
         let _inside = reentry::inside();
         mem::replace(&mut *self.slots.lock(), Vec::new_in(Bookkeeping))
     }
@@ -974,7 +954,7 @@ impl Fronts {
 
 /// A thread's slots, one per cache it used.
 struct Table {
-    slots: RefCell<Vec<(u64, Arc<Slot>), Bookkeeping>>,
+    slots: RefCell<Vec<(u64, Arc<ThreadFront>), Bookkeeping>>,
 }
 
 /// The last slot this thread looked up, `(cache id, slot)` (id 0: none),
@@ -985,24 +965,24 @@ struct Table {
 mod last {
     use core::cell::Cell;
 
-    use super::Slot;
+    use super::ThreadFront;
 
     #[cfg(not(loom))]
     std::thread_local! {
-        static LAST: Cell<(u64, *const Slot)> = const { Cell::new((0, core::ptr::null())) };
+        static LAST: Cell<(u64, *const ThreadFront)> = const { Cell::new((0, core::ptr::null())) };
     }
 
     #[cfg(loom)]
     loom::thread_local! {
-        static LAST: Cell<(u64, *const Slot)> = Cell::new((0, core::ptr::null()));
+        static LAST: Cell<(u64, *const ThreadFront)> = Cell::new((0, core::ptr::null()));
     }
 
     #[inline]
-    pub(super) fn get() -> (u64, *const Slot) {
+    pub(super) fn get() -> (u64, *const ThreadFront) {
         LAST.try_with(Cell::get).unwrap_or((0, core::ptr::null()))
     }
 
-    pub(super) fn set(id: u64, slot: *const Slot) {
+    pub(super) fn set(id: u64, slot: *const ThreadFront) {
         let _ = LAST.try_with(|last| last.set((id, slot)));
     }
 }
@@ -1015,7 +995,7 @@ impl Table {
     }
 
     #[cold]
-    fn find_or_insert(&self, fronts: &Fronts) -> Option<*const Slot> {
+    fn find_or_insert(&self, fronts: &Fronts) -> Option<*const ThreadFront> {
         // Busy further up this thread's stack (a free from inside the
         // table's own bookkeeping): no slot this time.
         let mut slots = self.slots.try_borrow_mut().ok()?;
@@ -1027,7 +1007,7 @@ impl Table {
                 let mut registry = fronts.slots.lock();
                 registry.try_reserve(1).ok()?;
                 slots.try_reserve(1).ok()?;
-                let slot = Arc::new(Slot::new(
+                let slot = Arc::new(ThreadFront::new(
                     fronts.limit,
                     fronts.credited,
                     fronts.orphans.clone(),

@@ -2,7 +2,7 @@
 //! shared cache, reached without a lock or an atomic read-modify-write
 //! through restartable sequences (`rseq.rs`).
 //!
-//! Each CPU has a slab of [`BINS`] bins (`rseq::layout`); a block's key
+//! Each CPU has a slab of [`SLAB_BINS`] bins (`rseq::layout`); a block's key
 //! picks its bin by hash, and a bin holds up to [`cap`] blocks of one key
 //! (fewer for larger blocks), most recent last. A free pushes onto its bin
 //! on the CPU the thread runs on, a request pops from it: both are one
@@ -41,7 +41,7 @@ const BIN_LIMIT: usize = 16 << 10;
 /// The most one CPU's front can hold (8 MiB: every bin full of blocks of
 /// its limit, which a pass rarely comes near; a release, a trim or an arena
 /// that would otherwise grow takes it back).
-pub const MAX_SLAB_BYTES: usize = BINS * BIN_LIMIT;
+pub const MAX_SLAB_BYTES: usize = SLAB_BINS * BIN_LIMIT;
 
 /// A key as a bin stores it (`size / 64 | align_log << 40`), or `None` if no
 /// front keeps such blocks.
@@ -65,7 +65,7 @@ fn decode(code: u64) -> Option<Key> {
 /// The byte offset of `code`'s bin in a slab.
 #[inline]
 fn bin_of(code: u64) -> usize {
-    let bin = code.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - BINS.trailing_zeros());
+    let bin = code.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SLAB_BINS.trailing_zeros());
     HEADER_BYTES + bin as usize * BIN_BYTES
 }
 
@@ -81,19 +81,19 @@ fn cap(size: usize) -> usize {
 /// A request or a free, ready for the sequences: the bin, the key as the bin
 /// stores it, the cap, and the block's length.
 #[derive(Clone, Copy)]
-pub(crate) struct Slot {
+pub(crate) struct Class {
     bin: usize,
     key_word: u64,
     cap: usize,
     len: usize,
 }
 
-impl Slot {
+impl Class {
     /// `None` if no front keeps blocks of `key`.
     #[inline]
-    pub(crate) fn of(key: Key) -> Option<Slot> {
+    pub(crate) fn of(key: Key) -> Option<Class> {
         let code = code(key)?;
-        Some(Slot {
+        Some(Class {
             bin: bin_of(code),
             key_word: code << 8,
             cap: cap(key.size()),
@@ -105,14 +105,14 @@ impl Slot {
     /// `Key::for_layout(layout, SizePolicy::BestFit)`, computed without
     /// going through the policy): `None` if no front keeps it.
     #[inline(always)]
-    pub(crate) fn for_best_fit(layout: Layout) -> Option<Slot> {
+    pub(crate) fn for_best_fit(layout: Layout) -> Option<Class> {
         if layout.size() > MAX_BLOCK {
             return None;
         }
         let len = layout.size().next_multiple_of(64);
         let align = layout.align().max(64).trailing_zeros() as u64;
         let code = (len as u64 / 64) | (align << 40);
-        Some(Slot {
+        Some(Class {
             bin: bin_of(code),
             key_word: code << 8,
             cap: cap(len),
@@ -169,7 +169,7 @@ impl PerCpu {
 
     /// Takes the most recently freed block of `slot`'s key on this CPU.
     #[inline]
-    pub(crate) fn pop(&self, slot: Slot) -> Option<NonNull<u8>> {
+    pub(crate) fn pop(&self, slot: Class) -> Option<NonNull<u8>> {
         // SAFETY: `base` holds `cpus` slabs laid out as `rseq::layout` says
         // for as long as `self` lives, written only by the sequences and by
         // a thread that stopped the slab; `slot.bin` is a bin's offset.
@@ -179,7 +179,7 @@ impl PerCpu {
     /// Keeps `block` on this CPU if its bin holds its key (or nothing) and
     /// has room.
     #[inline]
-    pub(crate) fn push(&self, slot: Slot, block: NonNull<u8>) -> bool {
+    pub(crate) fn push(&self, slot: Class, block: NonNull<u8>) -> bool {
         // SAFETY: as in `pop`; `cap` is at most `DEPTH`.
         unsafe {
             rseq::push(
@@ -196,7 +196,7 @@ impl PerCpu {
     /// A free found `slot`'s bin full or holding another key: takes out of
     /// the bin (on whatever CPU this thread runs now) the older half of its
     /// blocks of `slot`'s key, or every block of another key, into `out`.
-    pub(crate) fn make_room(&self, slot: Slot, out: &mut impl Extend<(Key, NonNull<u8>)>) {
+    pub(crate) fn make_room(&self, slot: Class, out: &mut impl Extend<(Key, NonNull<u8>)>) {
         let mut taken = 0;
         while taken < DEPTH {
             // SAFETY: as in `pop`.
@@ -227,7 +227,7 @@ impl PerCpu {
             rseq::membarrier_rseq::fence(cpu);
             // Every sequence on `cpu` finished or will see `stopped`: the
             // bins are ours until it is cleared.
-            for bin in 0..BINS {
+            for bin in 0..SLAB_BINS {
                 let word = &slab[(HEADER_BYTES + bin * BIN_BYTES) / 8];
                 let held = word.load(Ordering::Relaxed);
                 let len = (held & 0xff) as usize;
@@ -253,7 +253,7 @@ impl PerCpu {
         let (mut bytes, mut blocks) = (0, 0);
         for cpu in 0..self.cpus {
             let slab = self.slab(cpu);
-            for bin in 0..BINS {
+            for bin in 0..SLAB_BINS {
                 let held = slab[(HEADER_BYTES + bin * BIN_BYTES) / 8].load(Ordering::Relaxed);
                 let len = (held & 0xff) as usize;
                 if let Some(key) = decode(held >> 8) {
@@ -270,7 +270,7 @@ impl PerCpu {
     pub(crate) fn for_each_block(&self, mut each: impl FnMut(usize, Key, usize)) {
         for cpu in 0..self.cpus {
             let slab = self.slab(cpu);
-            for bin in 0..BINS {
+            for bin in 0..SLAB_BINS {
                 let word = (HEADER_BYTES + bin * BIN_BYTES) / 8;
                 let held = slab[word].load(Ordering::Relaxed);
                 let Some(key) = decode(held >> 8) else {
@@ -288,7 +288,7 @@ impl PerCpu {
 
     fn looks_empty(&self, cpu: usize) -> bool {
         let slab = self.slab(cpu);
-        (0..BINS).all(|bin| {
+        (0..SLAB_BINS).all(|bin| {
             slab[(HEADER_BYTES + bin * BIN_BYTES) / 8].load(Ordering::Relaxed) & 0xff == 0
         })
     }

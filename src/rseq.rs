@@ -29,7 +29,7 @@
 /// between them and `per_cpu.rs`.
 ///
 /// A slab is `SLAB_BYTES`: a cache line of header (its first word is
-/// `stopped`), then `BINS` bins of `BIN_BYTES`. A bin is a word (`key << 8 |
+/// `stopped`), then `SLAB_BINS` bins of `BIN_BYTES`. A bin is a word (`key << 8 |
 /// len`; 0 when empty) and `DEPTH` block pointers, most recent last.
 pub(crate) mod layout {
     /// Blocks a bin holds at most.
@@ -37,11 +37,11 @@ pub(crate) mod layout {
     /// A bin: its word and its pointers.
     pub(crate) const BIN_BYTES: usize = 8 * (1 + DEPTH);
     /// Bins of a slab.
-    pub(crate) const BINS: usize = 512;
+    pub(crate) const SLAB_BINS: usize = 512;
     /// The header: `stopped`, alone on its cache line.
     pub(crate) const HEADER_BYTES: usize = 64;
     /// A slab: its header and bins.
-    pub(crate) const SLAB_BYTES: usize = HEADER_BYTES + BINS * BIN_BYTES;
+    pub(crate) const SLAB_BYTES: usize = HEADER_BYTES + SLAB_BINS * BIN_BYTES;
     const _: () = assert!(DEPTH < 256 && SLAB_BYTES < 1 << 31);
 }
 

@@ -18,7 +18,7 @@ use allocator_api2::alloc::{AllocError, Allocator};
 use super::state::Kind;
 use super::{Cache, hand_out};
 use crate::eviction::Victim;
-use crate::front::{Batch, Deltas, Drained, Fronts, Owner, Slot};
+use crate::front::{Bin, Deltas, Drained, Fronts, Owner, ThreadFront};
 use crate::per_cpu::{self, PerCpu};
 use crate::poison;
 use crate::policy::Key;
@@ -134,7 +134,7 @@ impl<A: Allocator> Cache<A> {
     pub(super) fn hit_from_cpu(
         &self,
         block: NonNull<u8>,
-        slot: per_cpu::Slot,
+        slot: per_cpu::Class,
         layout: Layout,
         zeroed: bool,
     ) -> NonNull<[u8]> {
@@ -199,7 +199,7 @@ impl<A: Allocator> Cache<A> {
     pub(super) unsafe fn free_behind_cpu(
         &self,
         per_cpu: &PerCpu,
-        slot: per_cpu::Slot,
+        slot: per_cpu::Class,
         block: NonNull<u8>,
         layout: Layout,
     ) {
@@ -312,7 +312,7 @@ impl<A: Allocator> Cache<A> {
         self.touch_front(slot);
         // Each round empties one bin or half of one, or takes credit: at
         // most every bin once, then the credit.
-        for _ in 0..=2 * crate::front::BINS + 1 {
+        for _ in 0..=2 * crate::front::MAGAZINE_BINS + 1 {
             let Some(room) = slot.make_room(key) else {
                 // Larger than a whole front: the shared side takes it.
                 self.fold_mine();
@@ -478,21 +478,21 @@ impl<A: Allocator> Cache<A> {
     pub(super) fn relist_batch(
         &self,
         deltas: &Deltas,
-        batch: &Batch,
+        batch: &Bin,
         credited: bool,
         panics: &mut Deferred,
     ) {
-        let mut unlisted = Batch::EMPTY;
+        let mut unlisted = Bin::EMPTY;
         unlisted.key = batch.key;
         {
             let budget = self.config.budget.as_ref();
             let mut state = self.state.lock();
             state.fold(deltas);
             if credited && self.fronts_hold_credit() {
-                let bytes: usize = batch.iter().map(|(key, _)| key.size()).sum();
+                let bytes: usize = batch.held().map(|(key, _)| key.size()).sum();
                 state.return_credit(bytes);
             }
-            for (key, block) in batch.iter() {
+            for (key, block) in batch.held() {
                 if !state.relist(key, block, false, budget) {
                     unlisted.blocks[unlisted.len] = block.as_ptr();
                     unlisted.len += 1;
@@ -500,7 +500,7 @@ impl<A: Allocator> Cache<A> {
             }
             state.sync_held(budget);
         }
-        for (key, block) in unlisted.iter() {
+        for (key, block) in unlisted.held() {
             // Reserved on the budget as cached (or as credit) until now.
             self.unreserve(key.size());
             self.give_back_from_front(key, block, panics);
@@ -652,9 +652,9 @@ impl<A: Allocator> Cache<A> {
     /// round in (an eviction gives its blocks back); returns the credit it
     /// gave back. An owner still freeing into it can keep it from ending
     /// empty: the rounds stop after one pass over its bins.
-    fn drain_slot(&self, slot: &Slot, why: Drain, panics: &mut Deferred) -> usize {
+    fn drain_slot(&self, slot: &ThreadFront, why: Drain, panics: &mut Deferred) -> usize {
         let mut credit = 0;
-        for _ in 0..=crate::front::BINS / crate::front::CHUNK {
+        for _ in 0..=crate::front::MAGAZINE_BINS / crate::front::CHUNK {
             let Some(drained) = slot.drain(why.owner_gone()) else {
                 break;
             };

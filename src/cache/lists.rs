@@ -16,7 +16,7 @@ use super::state::Evicted;
 use super::{Cache, fronts, hand_out};
 use crate::alloc::RawAllocator;
 use crate::eviction::Victim;
-use crate::front::{Batch, DEPTH, Deltas, Owner};
+use crate::front::{Bin, DEPTH, Deltas, Owner};
 use crate::history::Action;
 use crate::poison;
 use crate::policy::Key;
@@ -104,7 +104,7 @@ impl<A: Allocator> Cache<A> {
             budget.unreserve(key.size() * (1 + kept));
         }
         if kept < taken {
-            let mut batch = Batch::EMPTY;
+            let mut batch = Bin::EMPTY;
             batch.key = Some(key);
             batch.len = taken - kept;
             batch.blocks[..batch.len].copy_from_slice(&refill[kept..taken]);

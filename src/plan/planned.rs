@@ -66,10 +66,12 @@ use crate::sync::{Arc, Mutex};
 /// assert_eq!(plan.arena_bytes(), 2 * 4096 * 4);
 /// ```
 pub struct Planned<A: Allocator = Global> {
-    pub(crate) inner: Arc<Arena<A>>,
+    pub(crate) inner: Arc<PlanArena<A>>,
 }
 
-pub(crate) struct Arena<A: Allocator> {
+/// The arena a [`Planned`] serves its plan's slots from (named apart from
+/// best fit's `best_fit::Arena`).
+pub(crate) struct PlanArena<A: Allocator> {
     plan: Plan,
     /// Slot indices by slot size, ascending: where a pass that deviated
     /// from the recording finds the slot of a request again.
@@ -89,9 +91,9 @@ pub(crate) struct Arena<A: Allocator> {
 // SAFETY: `base` is memory owned by the arena (freed in `Drop`); which thread
 // holds the arena does not matter to it. Access to the blocks carved from it
 // is arbitrated under `state`'s lock.
-unsafe impl<A: Allocator + Send> Send for Arena<A> {}
-// SAFETY: as above; `&Arena` only hands out disjoint blocks, under the lock.
-unsafe impl<A: Allocator + Sync> Sync for Arena<A> {}
+unsafe impl<A: Allocator + Send> Send for PlanArena<A> {}
+// SAFETY: as above; `&PlanArena` only hands out disjoint blocks, under the lock.
+unsafe impl<A: Allocator + Sync> Sync for PlanArena<A> {}
 
 struct PassState {
     /// Live pass guards.
@@ -102,7 +104,7 @@ struct PassState {
     /// Counts passes; `used[i] == epoch`: slot `i` served this pass.
     epoch: u32,
     used: std::vec::Vec<u32>,
-    /// Per slot size: where in `Arena::by_size` to look first.
+    /// Per slot size: where in `PlanArena::by_size` to look first.
     cursors: HashMap<usize, usize>,
     /// Where the sequence goes on if the last request that re-synchronised
     /// but was not given the slot (it could have been an extra one) was in
@@ -233,7 +235,7 @@ impl<A: Allocator> Planned<A> {
             later.insert(start, end);
         }
         Self {
-            inner: Arc::new(Arena {
+            inner: Arc::new(PlanArena {
                 plan: plan.clone(),
                 by_size,
                 alone,
@@ -404,7 +406,7 @@ impl<A: Allocator + Send + Sync + 'static> Planned<A> {
 // plan's slot alignment is at least the request's, the arena's base at least
 // every slot's); other blocks come from the backing allocator and go back to
 // it. The arena lives as long as any handle. `resize` is the default.
-unsafe impl<A: Allocator> RawAllocator for Arena<A> {
+unsafe impl<A: Allocator> RawAllocator for PlanArena<A> {
     fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
         if layout.size() == 0 {
             return Ok(dangling(layout));
@@ -456,7 +458,7 @@ unsafe impl<A: Allocator> RawAllocator for Arena<A> {
     }
 }
 
-impl<A: Allocator> Arena<A> {
+impl<A: Allocator> PlanArena<A> {
     /// The arena range of a pointer, if it is in the arena.
     fn offset_of(&self, ptr: NonNull<u8>) -> Option<usize> {
         let base = self.base?.as_ptr() as usize;
@@ -610,7 +612,7 @@ impl<A: Allocator> Arena<A> {
     }
 }
 
-impl<A: Allocator> Arena<A> {
+impl<A: Allocator> PlanArena<A> {
     /// Among the first few slots of `len` bytes from the size's cursor on:
     /// the first not used this pass at or after `next` (the request's own
     /// if the pass skipped the recording's blocks before it), and the first
@@ -654,7 +656,7 @@ impl<A: Allocator> Arena<A> {
     }
 }
 
-impl<A: Allocator> Drop for Arena<A> {
+impl<A: Allocator> Drop for PlanArena<A> {
     fn drop(&mut self) {
         if let Some(base) = self.base {
             poison::unpoison(base, self.layout.size());

@@ -92,8 +92,12 @@ impl Config {
         match self.release_after {
             Some(Duration::MAX) => None,
             Some(window) => Some(window),
-            None if self.policy == SizePolicy::BestFit => Some(DEFAULT_RELEASE_AFTER),
-            None => None,
+            None => match Kind::of(self.policy) {
+                // Best fit gives free memory back after a quiet while by
+                // default; the free lists keep c10's semantics (never).
+                Kind::Arena => Some(DEFAULT_RELEASE_AFTER),
+                Kind::Lists => None,
+            },
         }
     }
 
@@ -105,22 +109,25 @@ impl Config {
     /// (per-CPU fronts hold no credit: their blocks count as in use, see
     /// `per_cpu.rs`).
     fn fronts(&self) -> Option<Fronts> {
-        let limit = match self.front_cache_bytes {
-            Some(limit) => limit,
-            None if self.policy == SizePolicy::BestFit => BEST_FIT_FRONT_BYTES,
-            None => 0,
-        };
-        if limit == 0 {
-            return None;
+        match Kind::of(self.policy) {
+            Kind::Lists => {
+                // None by default: c10's semantics.
+                let limit = self.front_cache_bytes.unwrap_or(0);
+                (limit > 0).then(|| Fronts::new(limit, self.evicts(), None))
+            }
+            Kind::Arena => {
+                let limit = self.front_cache_bytes.unwrap_or(BEST_FIT_FRONT_BYTES);
+                if limit == 0 {
+                    return None;
+                }
+                if !self.per_thread_fronts
+                    && let Some(per_cpu) = PerCpu::new()
+                {
+                    return Some(Fronts::new(limit, false, Some(per_cpu)));
+                }
+                (!self.evicts()).then(|| Fronts::new(limit, false, None))
+            }
         }
-        let best_fit = self.policy == SizePolicy::BestFit;
-        if best_fit
-            && !self.per_thread_fronts
-            && let Some(per_cpu) = PerCpu::new()
-        {
-            return Some(Fronts::new(limit, false, Some(per_cpu)));
-        }
-        (!(best_fit && self.evicts())).then(|| Fronts::new(limit, self.evicts(), None))
     }
 }
 

@@ -71,16 +71,19 @@ def shown(args):
     return " ".join(args)
 
 
-def run(args, dry_run, env=None):
+def target_dir():
+    """Cargo's target directory (CARGO_TARGET_DIR, or target/ at the root)."""
+    return os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"))
+
+
+def run(args, dry_run):
     """Runs `args` at the repository root; its stdout (None in a dry run)."""
     if dry_run:
         print(shown(args), flush=True)
         return None
     log("running: " + shown(args))
     started = time.monotonic()
-    result = subprocess.run(
-        args, cwd=ROOT, capture_output=True, text=True, env=env
-    )
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-4000:])
         raise SystemExit(f"[report] failed ({result.returncode}): {shown(args)}")
@@ -165,7 +168,7 @@ def replay_page(stamp, rows, runs):
 
 def step_replay(out, quick, dry_run):
     run(["cargo", "build", "--release", "-p", "replay"], dry_run)
-    binary = os.path.join(ROOT, "target", "release", "replay")
+    binary = os.path.join(target_dir(), "release", "replay")
     rows = []
     if os.path.exists(binary):  # built above (in a dry run: if it was built before)
         help_text = subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
@@ -288,7 +291,7 @@ def benches_page(stamp, runs):
 
 
 def step_benches(out, quick, dry_run):
-    criterion_dir = os.path.join(ROOT, "target", "criterion")
+    criterion_dir = os.path.join(target_dir(), "criterion")
     for bench in BENCHES:
         run(["cargo", "bench", "--bench", bench, "--no-run"], dry_run)  # build outside the stamp
     stamp = None if dry_run else Stamp.now(

@@ -9,11 +9,12 @@ Usage: python3 scripts/measure_burst.py [--release-after-ms 300] [--out docs]
 """
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
 import tempfile
+
+from stamp import Stamp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,23 +23,19 @@ def sh(*args):
     return subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True)
 
 
-def load():
-    with open("/proc/loadavg") as f:
-        return f.read().split()[0]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--release-after-ms", type=int, default=300)
     parser.add_argument("--burst-threads", type=int, default=4)
     parser.add_argument("--out", default=os.path.join(ROOT, "docs"))
     args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)  # --plot writes the SVGs there
 
     sh("cargo", "build", "--release", "-p", "replay")
-    commit = sh("git", "rev-parse", "--short", "HEAD").stdout.strip()
-    dirty = sh("git", "status", "--porcelain", "--untracked-files=no").stdout.strip()
-    start = datetime.datetime.now(datetime.timezone.utc)
-    load_before = load()
+    stamp = Stamp.now(
+        f"python3 scripts/measure_burst.py --release-after-ms {args.release_after_ms}"
+        + (f" --burst-threads {args.burst_threads}" if args.burst_threads != 4 else "")
+    )
     traces = sorted(name for name in os.listdir(os.path.join(ROOT, "traces")) if name.endswith(".trace"))
     results = {}
     for trace in traces:
@@ -53,15 +50,13 @@ def main():
                 os.path.join("traces", trace),
             )
             results[name] = json.load(open(tmp.name))
-    load_after = load()
+    stamp.finish()
 
     mib = lambda b: b / (1 << 20)
     lines = [
         "# Memory that comes back after a burst (issue 22): measured",
         "",
-        f"Written by `python3 scripts/measure_burst.py --release-after-ms {args.release_after_ms}` on "
-        f"{start:%Y-%m-%d %H:%M} UTC, commit `{commit}`{' (uncommitted changes)' if dirty else ''}, "
-        f"{os.cpu_count()} CPUs, load average {load_before} before and {load_after} after.",
+        stamp.text(),
         "",
         f"Each row is one child process: {args.burst_threads} threads replay the whole trace at once "
         f"(the burst), the process makes no call for {2 * args.release_after_ms} ms (twice the "
@@ -92,7 +87,6 @@ def main():
     for name in results:
         lines.append(f"![{name}: resident memory over a burst](burst-{name}.svg)")
         lines.append("")
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "burst.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))

@@ -14,12 +14,13 @@ compare ratios from one run, not figures across days.
 """
 
 import argparse
-import datetime
 import os
 import re
 import statistics
 import subprocess
 import tempfile
+
+from stamp import Stamp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIT = "hit_path/(cache|bestfit|bestfit_front)/(64B|64KiB)$"
@@ -30,11 +31,6 @@ def sh(*args, cwd=ROOT, env=None):
     return subprocess.run(
         args, cwd=cwd, check=True, capture_output=True, text=True, env=env
     ).stdout
-
-
-def load():
-    with open("/proc/loadavg") as f:
-        return f.read().split()[0]
 
 
 def bench(tree, target, name, filt):
@@ -63,8 +59,10 @@ def main():
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "history.md"))
     args = parser.parse_args()
 
-    start_load = load()
-    commit = sh("git", "rev-parse", "--short", "HEAD").strip()
+    stamp = Stamp.now(
+        f"python3 scripts/measure_history.py --runs {args.runs}"
+        + (f" --baseline {args.baseline}" if args.baseline else "")
+    )
     target = os.path.join(ROOT, "target")
     baseline_dir = None
     if args.baseline:
@@ -83,7 +81,7 @@ def main():
     finally:
         if baseline_dir:
             sh("git", "worktree", "remove", "--force", baseline_dir)
-    end_load = load()
+    stamp.finish()
     snap, hit = median_of(snapshot_runs), median_of(hit_runs)
     base = median_of(base_runs) if base_runs else None
 
@@ -91,12 +89,7 @@ def main():
     w = lines.append
     w("# What seeing the memory costs")
     w("")
-    w(
-        f"Written by `python3 scripts/measure_history.py --runs {args.runs}"
-        + (f" --baseline {args.baseline}`" if args.baseline else "`")
-        + f" on {datetime.date.today()}, commit {commit}, load average {start_load} before and"
-        f" {end_load} after, 2 cores. Medians of {args.runs} runs of criterion's medians."
-    )
+    w(f"{stamp.text()} Medians of {args.runs} runs of criterion's medians.")
     w("")
     w("| what | time |")
     w("|---|---|")

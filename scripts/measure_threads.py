@@ -12,7 +12,6 @@ one run, not figures across days.
 """
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -21,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 
+from stamp import Stamp
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = ["system", "mimalloc", "jemalloc"]
 ROWS = PEERS + ["cache-bestfit", "cache-bestfit-nofront"]
@@ -28,11 +29,6 @@ ROWS = PEERS + ["cache-bestfit", "cache-bestfit-nofront"]
 
 def sh(*args, **kwargs):
     return subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True, **kwargs)
-
-
-def load():
-    with open("/proc/loadavg") as f:
-        return f.read().split()[0]
 
 
 def replay(runs, *flags):
@@ -87,14 +83,8 @@ def main():
     args = parser.parse_args()
 
     sh("cargo", "build", "--release", "-p", "replay")
-    commit = sh("git", "rev-parse", "--short", "HEAD").stdout.strip()
-    dirty = sh("git", "status", "--porcelain", "--untracked-files=no").stdout.strip()
-    start = datetime.datetime.now(datetime.timezone.utc)
-    load_before = load()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        "?",
-    )
+    command = f"python3 scripts/measure_threads.py --runs {args.runs}"
+    stamp = Stamp.now(command + (" --skip-bench" if args.skip_bench else ""))
 
     runs = args.runs
     page = {t: replay(runs, "--threads", str(t)) for t in (1, 2, 8)}
@@ -102,15 +92,13 @@ def main():
     gap = replay(runs, "--gap-ms", "20")
     turns = {t: replay(1, "--threads", str(t), "--turns") for t in (2, 16)}
     hit = None if args.skip_bench else bench_hit_path()
-    load_after = load()
+    stamp.finish()
 
     lines = []
     w = lines.append
     w("# One best-fit cache shared by threads (issue 20): measured")
     w("")
-    w(f"Written by `python3 scripts/measure_threads.py --runs {runs}` on "
-      f"{start:%Y-%m-%d %H:%M} UTC, commit `{commit}`{' (uncommitted changes)' if dirty else ''}, "
-      f"{os.cpu_count()} CPUs ({cpu}), load average {load_before} before and {load_after} after. "
+    w(f"{stamp.text()} "
       f"Every replay cell is the median over {runs} runs of each run's median steady pass; "
       "`cache-bestfit` is `builder().size_policy(SizePolicy::BestFit).build()` (per-CPU fronts), "
       "`cache-bestfit-nofront` the same with `front_cache_bytes(0)`.")

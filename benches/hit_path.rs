@@ -11,7 +11,8 @@
 //!   pair of the whole process: 1 / throughput. The throughput ratio of two
 //!   threads to one is `1-thread time / 2-thread time`.
 //!
-//! See benches/README.md for commands and measured figures.
+//! See benches/README.md for commands and caveats; docs/benches.md for the
+//! figures (`python3 scripts/report.py --only benches` writes it).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;

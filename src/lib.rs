@@ -71,6 +71,12 @@ mod rseq;
 // Under loom only its model tests use it (the global allocator is std-only).
 #[cfg_attr(loom, allow(dead_code))]
 mod registry;
+/// The scope registry, for loom-tests/tests/registry.rs only: its models
+/// race a free through the registry against a cache's last handle. Exists
+/// only under `--cfg loom`; not part of the API.
+#[cfg(loom)]
+#[doc(hidden)]
+pub use registry::Registry as LoomRegistry;
 #[cfg(not(loom))]
 mod scope;
 mod size_bins;

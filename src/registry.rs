@@ -52,13 +52,22 @@ mod scope_blocks {
 }
 
 /// Live blocks by address, each with (a strong handle of) its owner `V`.
-pub(crate) struct Registry<V> {
+pub struct Registry<V> {
     blocks: ConcurrentMap<V>,
     live: AtomicUsize,
 }
 
+impl<V> core::fmt::Debug for Registry<V> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Registry")
+            .field("live", &self.live.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
 impl<V> Registry<V> {
-    pub(crate) fn new() -> Self {
+    /// An empty registry.
+    pub fn new() -> Self {
         Self {
             blocks: ConcurrentMap::new(),
             live: AtomicUsize::new(0),
@@ -69,7 +78,7 @@ impl<V> Registry<V> {
     /// block is returned to anyone. Returns the entry it replaced (none while
     /// every registered block is freed through `take`), for the caller to drop
     /// outside the registry.
-    pub(crate) fn insert(&self, addr: usize, owner: V) -> Option<V> {
+    pub fn insert(&self, addr: usize, owner: V) -> Option<V> {
         let replaced = self.blocks.insert(addr, owner);
         if replaced.is_none() {
             self.live.fetch_add(1, Ordering::Relaxed);
@@ -79,7 +88,7 @@ impl<V> Registry<V> {
 
     /// The owner of the block at `addr`, removed: the one caller that gets it
     /// frees the block.
-    pub(crate) fn take(&self, addr: usize) -> Option<V> {
+    pub fn take(&self, addr: usize) -> Option<V> {
         if self.is_empty() {
             return None;
         }
@@ -89,7 +98,7 @@ impl<V> Registry<V> {
     }
 
     /// Whether a registered block lives at `addr`.
-    pub(crate) fn contains(&self, addr: usize) -> bool {
+    pub fn contains(&self, addr: usize) -> bool {
         !self.is_empty() && self.blocks.contains(addr)
     }
 
@@ -102,114 +111,7 @@ impl<V> Registry<V> {
     /// block got it through some synchronisation after it was registered
     /// (the count was raised first), and so sees a count above zero.
     #[inline]
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.live.load(Ordering::Relaxed) == 0
-    }
-}
-
-#[cfg(all(test, loom))]
-mod loom_tests {
-    //! The registry's handoff, model-checked with real caches: the last
-    //! handle's drop racing a free through the registry, and two threads
-    //! freeing the last blocks of an orphaned cache. Run with
-    //! `RUSTFLAGS="--cfg loom" cargo test -p caching-allocator --lib --release registry`.
-
-    use core::alloc::Layout;
-    use core::ptr::NonNull;
-
-    use allocator_api2::alloc::{AllocError, Allocator, Global};
-
-    use super::Registry;
-    use crate::CachingAllocator;
-    use crate::sync::{Arc, AtomicUsize};
-
-    /// Counts live backing blocks (loom-visible).
-    #[derive(Clone)]
-    struct Live(Arc<AtomicUsize>);
-
-    // SAFETY: forwards to `Global` and only counts.
-    unsafe impl Allocator for Live {
-        fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-            let block = Global.allocate(layout)?;
-            self.0.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
-            Ok(block)
-        }
-
-        unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-            self.0.fetch_sub(1, core::sync::atomic::Ordering::SeqCst);
-            // SAFETY: the caller's contract; `allocate` took it from `Global`.
-            unsafe { Global.deallocate(ptr, layout) }
-        }
-    }
-
-    fn layout() -> Layout {
-        Layout::from_size_align(64, 8).unwrap()
-    }
-
-    /// A scope block registered to its cache, as `ScopedGlobal` does it.
-    fn scope_block(
-        registry: &Registry<CachingAllocator<Live>>,
-        cache: &CachingAllocator<Live>,
-    ) -> usize {
-        let block = cache.allocate(layout()).unwrap().cast::<u8>();
-        let addr = block.as_ptr() as usize;
-        registry.insert(addr, cache.clone());
-        addr
-    }
-
-    /// The free path of `ScopedGlobal::dealloc`.
-    fn free(registry: &Registry<CachingAllocator<Live>>, addr: usize) {
-        let owner = registry
-            .take(addr)
-            .expect("a registered block has an owner");
-        let block = NonNull::new(addr as *mut u8).unwrap();
-        // SAFETY: the registry entry proves `owner` handed out this live block
-        // for `layout()`; `take` gave the entry to this caller alone.
-        unsafe { owner.deallocate(block, layout()) };
-        drop(owner);
-    }
-
-    #[test]
-    fn a_free_elsewhere_races_the_last_handle_drop() {
-        loom::model(|| {
-            let live = Live(Arc::new(AtomicUsize::new(0)));
-            let registry = Arc::new(Registry::new());
-            let cache = CachingAllocator::new_in(live.clone());
-            let addr = scope_block(&registry, &cache);
-            let freer = {
-                let registry = Arc::clone(&registry);
-                loom::thread::spawn(move || free(&registry, addr))
-            };
-            drop(cache); // the last user handle, racing the free
-            freer.join().unwrap();
-            assert!(registry.is_empty());
-            // Whichever came last dropped the cache, which gave the block back.
-            assert_eq!(live.0.load(core::sync::atomic::Ordering::SeqCst), 0);
-        });
-    }
-
-    #[test]
-    fn two_threads_free_the_last_blocks_of_an_orphaned_cache() {
-        loom::model(|| {
-            let live = Live(Arc::new(AtomicUsize::new(0)));
-            let registry = Arc::new(Registry::new());
-            let cache = CachingAllocator::new_in(live.clone());
-            let first = scope_block(&registry, &cache);
-            let second = scope_block(&registry, &cache);
-            drop(cache);
-            let threads: std::vec::Vec<_> = [first, second]
-                .into_iter()
-                .map(|addr| {
-                    let registry = Arc::clone(&registry);
-                    loom::thread::spawn(move || free(&registry, addr))
-                })
-                .collect();
-            for thread in threads {
-                thread.join().unwrap();
-            }
-            assert!(registry.is_empty());
-            assert!(!registry.contains(first));
-            assert_eq!(live.0.load(core::sync::atomic::Ordering::SeqCst), 0);
-        });
     }
 }

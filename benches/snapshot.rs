@@ -6,7 +6,9 @@
 //!   held while its books are copied, the rest runs outside it.
 //! - `history/off` and `history/on`: a hit-and-free pair of 64 bytes on a
 //!   best-fit cache without and with `record_history` (each recorded event
-//!   is an atomic add and a few stores); with `--features backtrace`,
+//!   is an atomic add and a few stores); with `--features backtrace` (this
+//!   package's, which turns on the library's: `cargo bench -p
+//!   caching-allocator-benches --features backtrace --bench snapshot`),
 //!   `history/on_frames_16` also walks 16 frames of the stack an event.
 
 use std::hint::black_box;

@@ -12,16 +12,25 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[cfg(feature = "tool")]
 pub mod allocators;
+#[cfg(feature = "tool")]
 pub mod burst;
+#[cfg(feature = "tool")]
 pub mod engine;
+#[cfg(feature = "tool")]
 pub mod measure;
+#[cfg(feature = "tool")]
 pub mod page;
+#[cfg(feature = "tool")]
 pub mod plot;
+#[cfg(feature = "tool")]
 pub mod report;
 pub mod trace;
 
+#[cfg(feature = "tool")]
 pub use allocators::AllocatorKind;
+#[cfg(feature = "tool")]
 pub use engine::{Options, Outcome, Touch, replay};
 pub use trace::{Event, ParseError, Trace};
 

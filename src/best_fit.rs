@@ -14,7 +14,10 @@
 //!   systems, Miri): blocks taken from the backing allocator and given back
 //!   only whole. Their free bytes cannot be decommitted (the cache does not
 //!   own their pages): while a segment holds a live block, its free bytes are
-//!   *pinned* (`Stats::bytes_pinned`).
+//!   *pinned* (`Stats::bytes_pinned`). Each remembers the decay window a
+//!   block was last freed into it, so that decay gives back only the
+//!   segments wholly free a whole window ([`Arena::decay`]), never one that
+//!   was reused in it.
 //!
 //! A block is as long as its request rounded up to [`MIN_ALIGN`], so a free
 //! knows its length from the layout; the few blocks that hold more (a tail
@@ -83,6 +86,31 @@ pub(crate) struct Shed {
     pub(crate) unmapped: Vec<(usize, usize)>,
 }
 
+/// A fixed segment: what it was taken from the backing allocator with, and
+/// when it was last in use.
+#[derive(Clone, Copy, Debug)]
+struct Fixed {
+    layout: Layout,
+    /// The decay window ([`Arena::next_window`]) a block was last freed
+    /// into it (a quick-listed one: merged, which is in the same window),
+    /// or the one it was added in. Wholly free now and freed into before
+    /// the window that just closed means wholly free all of it: a block in
+    /// use at any moment of the window (carved in it, or carved before and
+    /// still live when it opened) is freed inside it.
+    freed_in: u64,
+}
+
+/// Which wholly free fixed segments a shed gives back.
+#[derive(Clone, Copy, Debug)]
+enum WholeSegments {
+    /// By address, until at most this many cached bytes stay: a trim, a
+    /// release, the cap, a budget.
+    DownTo(usize),
+    /// Every one wholly free the whole decay window that just closed,
+    /// whatever the target: decay.
+    IdleAWindow,
+}
+
 /// The memory an arena holds ([`Arena::held`]).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Held {
@@ -113,8 +141,11 @@ pub(crate) struct Arena {
     /// disjoint, each inside a free range of a reservation.
     decommitted: BTreeMap<usize, usize>,
     decommitted_bytes: usize,
-    /// `start -> layout` of every fixed segment.
-    fixed: BTreeMap<usize, Layout>,
+    /// Every fixed segment, by start.
+    fixed: BTreeMap<usize, Fixed>,
+    /// The decay window now open, counted from 0 ([`Arena::next_window`]);
+    /// stays 0 in a cache that does not decay.
+    window: u64,
     /// The reservations, oldest first; the last one grows.
     reservations: Vec<Reservation>,
     /// Whether to reserve address ranges (else: fixed segments only).
@@ -151,6 +182,7 @@ impl Arena {
             decommitted: BTreeMap::new(),
             decommitted_bytes: 0,
             fixed: BTreeMap::new(),
+            window: 0,
             reservations: Vec::new(),
             reserves,
         }
@@ -187,7 +219,7 @@ impl Arena {
         free.sort_unstable();
         let mut pinned = 0;
         // Fixed segments: all their free bytes, unless the segment is free.
-        for (&segment, layout) in &self.fixed {
+        for (&segment, &Fixed { layout, .. }) in &self.fixed {
             let end = segment + layout.size();
             let from = free.partition_point(|&(start, _)| start < segment);
             let bytes: usize = free[from..]
@@ -361,7 +393,9 @@ impl Arena {
     pub(crate) fn add_fixed(&mut self, start: usize, layout: Layout) {
         poison::poison_at(start, layout.size());
         self.ranges.add_segment(start, layout.size());
-        self.fixed.insert(start, layout);
+        // Taken for a block now: in use in this window.
+        let freed_in = self.window;
+        self.fixed.insert(start, Fixed { layout, freed_in });
     }
 
     /// Takes back the live block at `start`, carved for a request of `len`
@@ -373,9 +407,13 @@ impl Arena {
         }
         poison::poison_at(start, len);
         if len > QUICK_MAX {
+            freed_into(&mut self.fixed, start, self.window);
             self.ranges.give(start, len);
             return len;
         }
+        // A quick-listed block's segment learns of the free when the block
+        // merges (`flush`, at the latest when the window closes): the
+        // quick path stays two hash operations.
         let list = self
             .quick
             .entry(len)
@@ -385,15 +423,19 @@ impl Arena {
             self.quick_bytes += len;
             self.quick_blocks += 1;
         } else {
+            freed_into(&mut self.fixed, start, self.window);
             self.ranges.give(start, len);
         }
         len
     }
 
-    /// Merges every quick-listed block into the free ranges.
+    /// Merges every quick-listed block into the free ranges. Their fixed
+    /// segments count them freed in the window now open: exact, since the
+    /// quick lists are flushed every time a window closes (`next_window`).
     pub(crate) fn flush(&mut self) {
         for (len, list) in self.quick.iter_mut() {
             for start in list.drain(..) {
+                freed_into(&mut self.fixed, start, self.window);
                 self.ranges.give(start, *len);
             }
         }
@@ -446,27 +488,76 @@ impl Arena {
     }
 
     /// Gives free memory back until at most `target` cached bytes hold
-    /// memory: fixed segments with no live block (returned for the caller to
-    /// free), then the free tops of reservations (uncommitted), then the
-    /// pages inside the largest free ranges of reservations (decommitted).
-    /// Pinned bytes stay.
+    /// memory: fixed segments with no live block, by address (returned for
+    /// the caller to free), then the free tops of reservations
+    /// (uncommitted), then the pages inside the largest free ranges of
+    /// reservations (decommitted). Pinned bytes stay.
     pub(crate) fn shed(&mut self, target: usize) -> Shed {
         let mut shed = Shed::default();
         self.flush();
-        let cached = |arena: &Self| arena.held().cached;
-        // Whole fixed segments: no memory stays behind.
+        self.shed_fixed(WholeSegments::DownTo(target), &mut shed);
+        self.shed_reserved(target, &mut shed);
+        shed
+    }
+
+    /// Decay's shed, when a window closes: every fixed segment wholly free
+    /// all of that window (returned for the caller to free), however far
+    /// that goes past or short of `target`; then, as `shed`, the
+    /// reservations' free memory until at most `target` cached bytes hold
+    /// memory.
+    ///
+    /// A fixed segment goes back only whole, so the window's low-water mark
+    /// (the cache's `target`) cannot say which: it counts the never-used
+    /// tail of a segment reused in the window as much as a segment nobody
+    /// touched, and a trim to it takes the reused segment too (by address,
+    /// or largest first, whichever comes first). In an arena with both
+    /// sources (a reservation refused for address space), the reservations
+    /// may still shed a reused segment's tail's worth of pages.
+    pub(crate) fn decay(&mut self, target: usize) -> Shed {
+        let mut shed = Shed::default();
+        self.flush();
+        self.shed_fixed(WholeSegments::IdleAWindow, &mut shed);
+        self.shed_reserved(target, &mut shed);
+        shed
+    }
+
+    /// The decay window closed: frees from now on are in the next one.
+    /// Called once a window, after its decay shed. With fixed segments, the
+    /// quick lists merge first: a block on them was freed in the window
+    /// that closed (a reservation alone keeps them: nothing to count).
+    pub(crate) fn next_window(&mut self) {
+        if !self.fixed.is_empty() {
+            self.flush();
+        }
+        self.window += 1;
+    }
+
+    /// Gives back the fixed segments with no live block that `which` picks
+    /// (the caller flushed the quick lists), out of the index, into `shed`.
+    fn shed_fixed(&mut self, which: WholeSegments, shed: &mut Shed) {
+        // Last freed into before the window that is closing (`window`
+        // until `next_window`): no block was in use in it all window.
+        let idle = |segment: &Fixed| segment.freed_in < self.window;
         let free_fixed: Vec<usize> = self
             .fixed
-            .keys()
-            .copied()
-            .filter(|&start| self.ranges.is_segment_free(start))
+            .iter()
+            .filter(|&(&start, segment)| {
+                self.ranges.is_segment_free(start)
+                    && match which {
+                        WholeSegments::DownTo(_) => true,
+                        WholeSegments::IdleAWindow => idle(segment),
+                    }
+            })
+            .map(|(&start, _)| start)
             .collect();
         for start in free_fixed {
-            if cached(self) <= target {
+            if let WholeSegments::DownTo(target) = which
+                && self.held().cached <= target
+            {
                 break;
             }
             if self.ranges.remove_segment_if_free(start)
-                && let Some(layout) = self.fixed.remove(&start)
+                && let Some(Fixed { layout, .. }) = self.fixed.remove(&start)
             {
                 poison::unpoison_at(start, layout.size());
                 shed.segments.push((start, layout));
@@ -475,6 +566,13 @@ impl Arena {
                 shed.segment_frees += 1;
             }
         }
+    }
+
+    /// The reservations' part of a shed, down to `target` cached bytes:
+    /// their free tops uncommitted, then pages inside their largest free
+    /// ranges decommitted.
+    fn shed_reserved(&mut self, target: usize, shed: &mut Shed) {
+        let cached = |arena: &Self| arena.held().cached;
         // Free tops of reservations: uncommitted as far as needed, and
         // always past pages at the top that are already decommitted.
         for index in 0..self.reservations.len() {
@@ -536,7 +634,7 @@ impl Arena {
                 while high > from {
                     let excess = cached(self).saturating_sub(target);
                     if excess == 0 {
-                        return shed;
+                        return;
                     }
                     let below = self.decommitted_below(high);
                     if let Some((low, end)) = below
@@ -565,7 +663,6 @@ impl Arena {
                 }
             }
         }
-        shed
     }
 
     /// Every reservation, out of the arena; dropping one unmaps it.
@@ -589,9 +686,10 @@ impl Arena {
         let fixed = core::mem::take(&mut self.fixed);
         fixed
             .into_iter()
-            .inspect(|&(start, layout)| {
+            .map(|(start, Fixed { layout, .. })| {
                 self.ranges.remove_segment_if_free(start);
                 poison::unpoison_at(start, layout.size());
+                (start, layout)
             })
             .collect()
     }
@@ -677,7 +775,7 @@ impl Arena {
         self.fixed
             .range(..=addr)
             .next_back()
-            .is_some_and(|(&start, layout)| addr < start + layout.size())
+            .is_some_and(|(&start, segment)| addr < start + segment.layout.size())
     }
 
     fn reservation_of(&self, addr: usize) -> Option<&Reservation> {
@@ -781,6 +879,18 @@ impl core::fmt::Debug for Arena {
             .field("fixed_segments", &self.fixed.len())
             .field("reservations", &self.reservations.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// A block at `start` was freed in `window`: if a fixed segment holds it,
+/// the segment was in use in that window. A reservation alone (the usual
+/// arena on Linux) has no fixed segment to look up.
+#[inline]
+fn freed_into(fixed: &mut BTreeMap<usize, Fixed>, start: usize, window: u64) {
+    if !fixed.is_empty()
+        && let Some((_, segment)) = fixed.range_mut(..=start).next_back()
+    {
+        segment.freed_in = window;
     }
 }
 

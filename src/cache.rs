@@ -218,9 +218,16 @@ impl<A: Allocator> Cache<A> {
     }
 
     /// Closes the decay window if it is over: what stayed free all of it
-    /// goes back (oldest first, as a trim), and the fronts are drained so
-    /// that their blocks age in the shared cache. Returns the bytes given
-    /// back.
+    /// goes back, and the fronts are drained so that their blocks age in
+    /// the shared cache. Returns the bytes given back.
+    ///
+    /// What goes: the free lists' oldest blocks, as many bytes as the
+    /// window's low-water mark (a trim to it); best fit's reservations' free
+    /// pages down to the same mark, decommitted or uncommitted in place; and
+    /// best fit's fixed segments that were wholly free the whole window,
+    /// whole (`Arena::decay`): one reused in the window stays, however much
+    /// of it stayed free, since the mark cannot tell its never-used tail
+    /// from an idle segment.
     pub(crate) fn decay(&self) -> usize {
         let deadline = self.decay_deadline.load(Ordering::Acquire);
         let now = self.config.clock.now();
@@ -245,6 +252,8 @@ impl<A: Allocator> Cache<A> {
         };
 
         let mut panics = Deferred::new();
+        // The drained blocks were in use (in a front) in the window that
+        // closed: they join the next one (`restart_window`, below).
         let _ = self.drain_fronts(fronts::Drain::Live, &mut panics);
         let decayed = if unused == 0 {
             0

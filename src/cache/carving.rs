@@ -405,8 +405,10 @@ impl<A: Allocator> Cache<A> {
         budget.unreserve(surplus);
     }
 
-    /// Sheds free memory down to `target` cached bytes (see `Arena::shed`)
-    /// and gives the emptied fixed segments back; the bytes shed.
+    /// Sheds free memory down to `target` cached bytes (see `Arena::shed`;
+    /// a decay: `Arena::decay`, whose fixed segments are those idle a whole
+    /// window, whatever the target) and gives the emptied fixed segments
+    /// back; the bytes shed.
     pub(super) fn shed_carved(&self, target: usize, count: Count, panics: &mut Deferred) -> usize {
         let Shed {
             segments,
@@ -416,7 +418,10 @@ impl<A: Allocator> Cache<A> {
         } = {
             let mut state = self.state.lock();
             let _inside = reentry::inside();
-            let shed = state.arena().shed(target);
+            let shed = match count {
+                Count::Decay => state.arena().decay(target),
+                Count::Release | Count::Evict => state.arena().shed(target),
+            };
             state
                 .count()
                 .on_shed(count, shed.pieces, shed.bytes, shed.segment_frees);

@@ -362,11 +362,20 @@ impl State {
         unused
     }
 
-    /// What is free now ages from now (after a decay drained the fronts).
+    /// What is free now ages from now (after a decay drained the fronts
+    /// and gave back): the next window's low-water mark starts here, and
+    /// best fit's fixed segments count frees from here on as the next
+    /// window's (the blocks the drain just freed into them were in use in
+    /// the window that closed).
     pub(super) fn restart_window(&mut self) {
         let cached = self.stats.bytes_cached;
         if let Some(window) = &mut self.window {
             window.low_water = cached;
+        }
+        if let Backend::Arena(arena) = &mut self.backend {
+            // It merges the quick lists: the free ranges' tables allocate.
+            let _inside = reentry::inside();
+            arena.next_window();
         }
     }
 

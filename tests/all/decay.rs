@@ -84,6 +84,161 @@ fn memory_free_a_whole_window_goes_back_and_memory_reused_stays() {
     idle_goes_busy_stays(&cache, &clock, "BestFit");
     let stats = cache.stats();
     assert!(stats.bytes_reserved < 300_000, "{stats:?}");
+    // Best fit over fixed segments (a backing of the user's; Miri and other
+    // systems for `build` too): the idle block's segment goes whole, the
+    // busy block's stays.
+    let clock = Clock::manual();
+    let backing = Counting::new();
+    let cache = decaying(SizePolicy::BestFit, &clock)
+        .front_cache_bytes(0)
+        .build_in(backing.clone());
+    idle_goes_busy_stays(&cache, &clock, "BestFit over fixed segments");
+    assert_eq!(backing.live_blocks(), 1, "the busy segment stays");
+    drop(cache);
+    backing.assert_all_returned();
+}
+
+/// The layout of the ledger's live block (a fixed segment) that holds `addr`.
+fn segment_holding(backing: &Counting, addr: usize) -> std::alloc::Layout {
+    backing
+        .live_layouts()
+        .into_iter()
+        .find(|&(start, layout)| (start..start + layout.size()).contains(&addr))
+        .map(|(_, layout)| layout)
+        .expect("a live segment holds the block")
+}
+
+/// Best fit over fixed segments (`build_in`), with the fronts `builder`
+/// has: an `idle` block and a `reused` one, each in a segment of its own,
+/// both freed; every half window a block of `again` bytes (which best fit
+/// carves from the reused one's segment) is taken and freed. Decay is
+/// called by hand each half window, so that windows close also where a
+/// front serves the blocks without a slow path. After two windows exactly the
+/// idle block's segment has gone back, and the next `again` is served from
+/// the segment that stayed.
+fn only_the_idle_segment_goes(
+    builder: Builder,
+    clock: &Clock,
+    idle: usize,
+    reused: usize,
+    again: usize,
+    what: &str,
+) {
+    let backing = Counting::new();
+    let cache = builder
+        .size_policy(SizePolicy::BestFit)
+        .release_after(WINDOW)
+        .decay_clock(clock)
+        .build_in(backing.clone());
+    let idle = take(&cache, l(idle));
+    let reused = take(&cache, l(reused));
+    let idle_segment = segment_holding(&backing, idle.addr());
+    let reused_segment = segment_holding(&backing, reused.addr());
+    assert_eq!(backing.allocs(), 2, "{what}: a segment each");
+    give(&cache, idle);
+    give(&cache, reused);
+    let half_window = |cache: &CachingAllocator<Counting>| {
+        clock.advance(WINDOW / 2);
+        cache.decay();
+        give(cache, take(cache, l(again)));
+    };
+    for _ in 0..3 {
+        half_window(&cache);
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.decays, 1, "{what}: one window closed: {stats:?}");
+    assert_eq!(stats.bytes_decayed, 0, "{what}: both were freed inside it");
+    assert_eq!(
+        backing.allocs(),
+        2,
+        "{what}: {again} B fits the reused segment"
+    );
+    for _ in 0..2 {
+        half_window(&cache);
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.decays, 2, "{what}: {stats:?}");
+    assert_eq!(
+        stats.bytes_decayed,
+        idle_segment.size() as u64,
+        "{what}: the idle segment ({} B) went, the reused one ({} B) stayed: {stats:?}",
+        idle_segment.size(),
+        reused_segment.size()
+    );
+    assert_eq!(stats.backing_frees, 1, "{what}: {stats:?}");
+    assert_eq!(backing.frees(), 1, "{what}");
+    assert_eq!(
+        backing
+            .live_layouts()
+            .into_iter()
+            .map(|(_, layout)| layout)
+            .collect::<std::vec::Vec<_>>(),
+        [reused_segment],
+        "{what}: the reused segment is the one left"
+    );
+    assert_eq!(stats.evictions, 0, "{what}: decay is not eviction");
+    assert_eq!(stats.releases, 0, "{what}: decay is not a release");
+    let (hits, misses) = (stats.hits, stats.misses);
+    let block = take(&cache, l(again));
+    let stats = cache.stats();
+    assert_eq!(backing.allocs(), 2, "{what}: no new segment: {stats:?}");
+    assert_eq!(stats.misses, misses, "{what}: still cached: {stats:?}");
+    assert_eq!(stats.hits, hits + 1, "{what}: a hit: {stats:?}");
+    give(&cache, block);
+    drop(cache);
+    backing.assert_all_returned();
+}
+
+/// Best fit over fixed segments gives back a whole segment only when it was
+/// wholly free the whole window: a small segment idle beside one whose
+/// block is reused every half window goes alone (the free bytes that
+/// stayed free all window, the idle segment and the reused one's tail, are
+/// more than the idle segment, and no whole segment but the idle one may
+/// go). With no fronts, per-thread fronts (which hold both blocks and serve
+/// the reused one without a slow path until decay drains them) and the
+/// default fronts.
+#[test]
+fn best_fit_over_fixed_segments_gives_back_only_the_segment_idle_a_whole_window() {
+    let fronts = [
+        (
+            "no fronts",
+            CachingAllocator::builder().front_cache_bytes(0),
+        ),
+        (
+            "per-thread fronts",
+            CachingAllocator::builder().per_cpu_fronts(false),
+        ),
+        ("default fronts", CachingAllocator::builder()),
+    ];
+    for (what, builder) in fronts {
+        let clock = Clock::manual();
+        only_the_idle_segment_goes(builder, &clock, 300_000, 100_000, 100_000, what);
+    }
+    // A small block reused in the smaller segment: freed onto a quick list
+    // (best fit's exact-length lists of small blocks), it counts in its
+    // segment when it merges.
+    let clock = Clock::manual();
+    let no_fronts = CachingAllocator::builder().front_cache_bytes(0);
+    only_the_idle_segment_goes(no_fronts, &clock, 300_000, 100_000, 2_000, "quick list");
+}
+
+/// The mirror case: the idle segment is the small one, and the segment
+/// reused every half window is a large one whose front part alone is
+/// reused (most of it stays free all window, so the bytes free all window
+/// are far more than the idle segment). Only the wholly idle segment goes:
+/// a trim to the low-water mark by address takes the large one too (or
+/// alone), and largest first takes the large one first.
+#[test]
+fn best_fit_over_fixed_segments_keeps_a_large_segment_whose_front_part_is_reused() {
+    let clock = Clock::manual();
+    only_the_idle_segment_goes(
+        CachingAllocator::builder().front_cache_bytes(0),
+        &clock,
+        200_000,
+        1_000_000,
+        300_000,
+        "no fronts",
+    );
 }
 
 #[test]

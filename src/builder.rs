@@ -179,8 +179,10 @@ impl Builder {
 
     /// Free memory nobody reused for `window` goes back to the system without
     /// a call from the user: best fit decommits it in place (its pages go,
-    /// the addresses stay), the other policies give whole blocks back to the
-    /// backing allocator. Checked on the cache's slow paths (never on a front
+    /// the addresses stay), or, over fixed segments (`build_in`, Miri,
+    /// systems other than Linux), gives back the segments that were wholly
+    /// free the whole window; the other policies give whole blocks back to
+    /// the backing allocator. Checked on the cache's slow paths (never on a front
     /// hit) and, for a program that makes no calls at all while idle, by the
     /// thread [`decay::spawn`](crate::decay::spawn) starts. Counted in
     /// [`Stats::bytes_decayed`](crate::Stats::bytes_decayed).

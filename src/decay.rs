@@ -12,6 +12,16 @@
 //! cache for the next window. jemalloc's and mimalloc's decay of dirty pages
 //! is the anchor.
 //!
+//! Best fit over fixed segments (a cache built with `build_in`, and every
+//! best-fit cache under Miri and on systems other than Linux) can give a
+//! segment back only whole, and the low-water mark cannot say which: it
+//! counts the never-used tail of a segment reused every few seconds as
+//! much as a segment nobody touched. There, what goes back is every
+//! segment that was wholly free the whole window (no block was freed into
+//! it since before the window opened; a block drained from a front was
+//! in use until the drain), and a segment reused in the window stays,
+//! however much of it stayed free.
+//!
 //! **When it runs.** On the cache's own slow paths (a miss, a free that
 //! reaches the shared cache), which read a coarse clock once in 32
 //! calls (a read costs a few nanoseconds, a window lasts

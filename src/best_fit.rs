@@ -888,7 +888,10 @@ impl core::fmt::Debug for Arena {
 #[inline]
 fn freed_into(fixed: &mut BTreeMap<usize, Fixed>, start: usize, window: u64) {
     if !fixed.is_empty()
-        && let Some((_, segment)) = fixed.range_mut(..=start).next_back()
+        && let Some((&segment_start, segment)) = fixed.range_mut(..=start).next_back()
+        // Not a block of a reservation above the segment (an arena with
+        // both): that would keep an idle segment a window longer.
+        && start < segment_start + segment.layout.size()
     {
         segment.freed_in = window;
     }

@@ -246,21 +246,20 @@ impl Block {
         self.addr() + self.layout.size()
     }
 
-    /// Byte `i` of the block's pattern: `tag ^ pattern(0, ..)[i % TILE]`
-    /// (the fixture's pattern repeats every `TILE` bytes). The tag is XOR-ed
-    /// in, not an offset into the pattern, so two blocks of different tags
-    /// never hold the same bytes at any shift between them.
+    /// Byte `i` of the block's pattern.
     fn byte(&self, i: usize) -> u8 {
-        self.tag ^ pattern(0, TILE)[i % TILE]
+        self.tag ^ (i as u8).wrapping_mul(31) ^ ((i >> 8) as u8)
     }
 
-    /// The pattern's bytes in `TILE`-long pieces, as whole words where it
-    /// can: written and compared by `copy_from_slice` and 8 bytes at a time,
-    /// not byte by byte (Miri runs the plan tests several times faster).
-    fn for_each_tile(&self, len: usize, mut f: impl FnMut(usize, &[u8])) {
-        for offset in (0..len).step_by(TILE) {
-            f(offset, pattern(0, TILE.min(len - offset)));
-        }
+    /// Row `r` of the block's pattern (its bytes `256 r ..`). Row `s` of the
+    /// fixture's pattern is `k * 31 ^ s` for `k` in `0..256`, so XOR-ing the
+    /// tag into `byte` only reorders the fixture's rows: the block's row `r`
+    /// is the fixture's row `r ^ tag`. Written and compared a row at a time
+    /// (`copy_from_slice`, `==`), not byte by byte: under Miri the byte loops
+    /// were most of the plan tests' time.
+    fn row(&self, r: usize) -> &'static [u8] {
+        let from = ROW * usize::from(r as u8 ^ self.tag);
+        &pattern(0, ROW * 256)[from..from + ROW]
     }
 
     /// Writes the block's pattern over all its bytes.
@@ -268,19 +267,9 @@ impl Block {
         // SAFETY: the block is live and holds `layout.size()` bytes.
         let bytes =
             unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) };
-        let mask = u64::from_ne_bytes([self.tag; 8]);
-        self.for_each_tile(bytes.len(), |offset, base| {
-            let tile = &mut bytes[offset..offset + base.len()];
-            tile.copy_from_slice(base);
-            let mut words = tile.chunks_exact_mut(8);
-            for word in &mut words {
-                let tagged = u64::from_ne_bytes((&*word).try_into().unwrap()) ^ mask;
-                word.copy_from_slice(&tagged.to_ne_bytes());
-            }
-            for byte in words.into_remainder() {
-                *byte ^= self.tag;
-            }
-        });
+        for (r, chunk) in bytes.chunks_mut(ROW).enumerate() {
+            chunk.copy_from_slice(&self.row(r)[..chunk.len()]);
+        }
     }
 
     /// Asserts the block still holds its pattern.
@@ -288,25 +277,16 @@ impl Block {
     pub fn check(&self) {
         // SAFETY: as for `fill`.
         let bytes = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) };
-        let mask = u64::from_ne_bytes([self.tag; 8]);
-        let word = |b: &[u8]| u64::from_ne_bytes(b.try_into().unwrap());
-        let mut intact = true;
-        self.for_each_tile(bytes.len(), |offset, base| {
-            let tile = &bytes[offset..offset + base.len()];
-            intact &= tile
-                .chunks(8)
-                .zip(base.chunks(8))
-                .all(|(got, want)| match got.len() {
-                    8 => word(got) ^ mask == word(want),
-                    _ => got.iter().zip(want).all(|(&g, &w)| g ^ self.tag == w),
-                });
-        });
+        let intact = bytes
+            .chunks(ROW)
+            .enumerate()
+            .all(|(r, chunk)| chunk == &self.row(r)[..chunk.len()]);
         if intact {
             return;
         }
         let i = (0..bytes.len())
             .find(|&i| bytes[i] != self.byte(i))
-            .expect("a word differs, so a byte does");
+            .expect("a row differs, so a byte does");
         panic!(
             "block {:#x} ({:?}, tag {}) overwritten at byte {i}",
             self.addr(),
@@ -316,8 +296,9 @@ impl Block {
     }
 }
 
-/// The fixture's pattern repeats every 64 KiB: `(i as u8) * 31 ^ (i >> 8) as u8`.
-const TILE: usize = 1 << 16;
+/// A row of the pattern: `byte(i)` is `k * 31` XOR the row's number for
+/// `i = 256 * row + k`.
+const ROW: usize = 256;
 
 /// Allocates `(size, align)` from `alloc` and stamps it.
 #[track_caller]
@@ -462,5 +443,21 @@ unsafe impl<A: Allocator> Allocator for Watch<A> {
         self.remove(ptr, layout);
         // SAFETY: the caller's contract; `inner` handed the block out.
         unsafe { self.inner.deallocate(ptr, layout) }
+    }
+}
+
+/// `fill`'s rows are `byte`'s pattern (the pattern `check` names a
+/// mismatch by), over more than one period of the fixture's rows.
+#[test]
+fn a_blocks_rows_are_its_byte_pattern() {
+    let alloc = allocator_api2::alloc::Global;
+    for tag in [0, 1, 0x5a, 255] {
+        let block = take(&alloc, 70_001, 64, tag);
+        // SAFETY: live, `layout.size()` bytes, filled by `take`.
+        let bytes = unsafe { std::slice::from_raw_parts(block.ptr.as_ptr(), block.layout.size()) };
+        for (i, &b) in bytes.iter().enumerate() {
+            assert_eq!(b, block.byte(i), "tag {tag}, byte {i}");
+        }
+        give(&alloc, block);
     }
 }

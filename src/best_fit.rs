@@ -884,10 +884,13 @@ impl core::fmt::Debug for Arena {
 
 /// A block at `start` was freed in `window`: if a fixed segment holds it,
 /// the segment was in use in that window. A reservation alone (the usual
-/// arena on Linux) has no fixed segment to look up.
+/// arena on Linux) has no fixed segment to look up; in window 0 (every
+/// window of a cache that does not decay) every segment's stamp is 0
+/// already, so the free skips the lookup.
 #[inline]
 fn freed_into(fixed: &mut BTreeMap<usize, Fixed>, start: usize, window: u64) {
-    if !fixed.is_empty()
+    if window != 0
+        && !fixed.is_empty()
         && let Some((&segment_start, segment)) = fixed.range_mut(..=start).next_back()
         // Not a block of a reservation above the segment (an arena with
         // both): that would keep an idle segment a window longer.
